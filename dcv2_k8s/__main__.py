@@ -1,0 +1,3 @@
+from dcv2_k8s.cli import main
+
+raise SystemExit(main())
