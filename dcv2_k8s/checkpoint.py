@@ -1,0 +1,174 @@
+"""Checkpoints: every rank's memory bank, rank 0's model/optimizer/state, committed by a manifest written last.
+
+Layout under ``CHECKPOINT.DIR``::
+
+    step_000001250/state.pt          rank 0: model, optimizer, scaler, train state, assignments, RNG
+    step_000001250/bank_rank0003.pt  every rank: its memory bank, write pointer and RNG states
+    step_000001250/manifest.json     written after every part is in place: the commit marker
+    latest.json                      points to the newest committed checkpoint (replaced atomically)
+
+A checkpoint without a manifest (a crash mid-save) is never loaded. Files load with
+``torch.load(weights_only=True)``: tensors, numbers, strings, lists and dicts only.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from dcv2_k8s.storage import open_storage
+
+log = logging.getLogger("dcv2")
+
+
+def to_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def from_bytes(data: bytes) -> Any:
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict:
+    """RNG states of torch (CPU and CUDA), numpy and python as weights_only-safe values."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy_key": torch.from_numpy(np_state[1].astype(np.int64)),
+             "numpy_pos": int(np_state[2]), "numpy_gauss": [int(np_state[3]), float(np_state[4])],
+             "python": list(random.getstate()[1]), "python_gauss": random.getstate()[2]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy_key"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_gauss"][0], state["numpy_gauss"][1]))
+    random.setstate((3, tuple(state["python"]), state["python_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointManager:
+    """Save and find checkpoints of one run (see the module docstring for the layout)."""
+
+    def __init__(self, root: str, rank: int = 0, world_size: int = 1, keep_last: int = 3, keep_every_epochs: int = 0):
+        self.store = open_storage(root)
+        self.root = root
+        self.rank, self.world_size = rank, world_size
+        self.keep_last, self.keep_every_epochs = keep_last, keep_every_epochs
+
+    @staticmethod
+    def name_for(global_step: int) -> str:
+        return f"step_{global_step:09d}"
+
+    def save(self, name: str, main_state: dict | None, bank_state: dict, meta: dict,
+             barrier: Callable[[], None]) -> str:
+        """Write this rank's parts, wait for every rank, then (rank 0) commit. Returns the checkpoint path."""
+        ckpt = self.store.join(name)
+        t0 = time.time()
+        files = {f"bank_rank{self.rank:04d}.pt": to_bytes(bank_state)}
+        if self.rank == 0:
+            files["state.pt"] = to_bytes(main_state)
+        for fname, data in files.items():
+            self.store.put_bytes(f"{ckpt}/{fname}", data)
+        barrier()
+        if self.rank == 0:
+            parts = {"state.pt": self.store.size(f"{ckpt}/state.pt")}
+            for r in range(self.world_size):
+                fname = f"bank_rank{r:04d}.pt"
+                if not self.store.exists(f"{ckpt}/{fname}"):
+                    raise RuntimeError(f"checkpoint {ckpt}: rank {r}'s memory bank is missing; not committing")
+                parts[fname] = self.store.size(f"{ckpt}/{fname}")
+            manifest = dict(meta, name=name, world_size=self.world_size, files=parts, time=time.time())
+            self.store.put_bytes(f"{ckpt}/manifest.json", json.dumps(manifest, indent=1).encode())
+            self.store.put_bytes(self.store.join("latest.json"), json.dumps({"name": name}).encode())
+            self._retain()
+            log.info("checkpoint %s committed (%.1f MB, %.2f s)", ckpt, sum(parts.values()) / 1e6, time.time() - t0)
+        barrier()
+        return ckpt
+
+    def _manifest(self, name: str) -> dict | None:
+        path = self.store.join(name, "manifest.json")
+        if not self.store.exists(path):
+            return None
+        try:
+            manifest = json.loads(self.store.get_bytes(path))
+        except (ValueError, OSError):
+            return None
+        for fname, size in manifest.get("files", {}).items():
+            p = self.store.join(name, fname)
+            if not self.store.exists(p) or self.store.size(p) != size:
+                return None
+        return manifest
+
+    def committed(self) -> list[dict]:
+        """Committed checkpoints, oldest first."""
+        out = []
+        for d in self.store.list_dirs(self.root):
+            if d.startswith("step_"):
+                m = self._manifest(d)
+                if m is not None:
+                    out.append(m)
+        return out
+
+    def latest(self) -> dict | None:
+        """The manifest of the newest committed checkpoint, or None."""
+        ptr = self.store.join("latest.json")
+        if self.store.exists(ptr):
+            try:
+                m = self._manifest(json.loads(self.store.get_bytes(ptr))["name"])
+                if m is not None:
+                    return m
+            except (ValueError, KeyError, OSError):
+                pass
+            log.warning("%s points to a missing or incomplete checkpoint; scanning for the newest committed one", ptr)
+        found = self.committed()
+        return found[-1] if found else None
+
+    def load_state(self, manifest: dict) -> dict:
+        return from_bytes(self.store.get_bytes(self.store.join(manifest["name"], "state.pt")))
+
+    def load_bank(self, manifest: dict) -> dict | None:
+        """This rank's bank, or None when the checkpoint was written by another world size."""
+        if manifest["world_size"] != self.world_size:
+            return None
+        return from_bytes(self.store.get_bytes(self.store.join(manifest["name"], f"bank_rank{self.rank:04d}.pt")))
+
+    def _retain(self) -> None:
+        if self.keep_last <= 0:
+            return
+        found = self.committed()
+        keep = {m["name"] for m in found[-self.keep_last:]}
+        if self.keep_every_epochs > 0:
+            keep |= {m["name"] for m in found if m.get("epoch_end") and m["epoch"] % self.keep_every_epochs == 0}
+        for m in found:
+            if m["name"] not in keep:
+                self.store.delete_tree(self.store.join(m["name"]))
+
+
+def load_checkpoint_file(path: str) -> dict:
+    """Load a checkpoint directory (its state.pt), a ``state.pt`` file, or a run directory (its latest)."""
+    import os
+
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "state.pt")):
+            path = os.path.join(path, "state.pt")
+        else:
+            m = CheckpointManager(path).latest()
+            if m is None:
+                raise FileNotFoundError(f"{path}: no committed checkpoint found")
+            path = os.path.join(path, m["name"], "state.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    with open(path, "rb") as f:
+        return from_bytes(f.read())

@@ -1,0 +1,210 @@
+"""``dcv2``: one command, plain subcommands over the library.
+
+User mistakes (configuration, paths, environment) print one line each, ``dcv2: error: ...``, and exit 2
+before any process group forms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+EXIT_USAGE = 2
+
+
+def _fail(lines) -> int:
+    for line in lines if isinstance(lines, (list, tuple)) else [lines]:
+        print(f"dcv2: error: {line}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def resolve_for_run(tokens: list[str], need_data: bool = True):
+    """Resolve tokens for a run on this node: launcher world size and dataset size included."""
+    from dcv2_k8s.config import env_world, resolve
+    from dcv2_k8s.data.dataset import scan_image_folder
+
+    world, local = env_world()
+    first = resolve(tokens, world, local)
+    if not need_data:
+        return first
+    paths = list(first.cfg.DATA.TRAIN.DATA_PATHS)
+    if not paths:
+        from dcv2_k8s.config import ConfigError
+
+        raise ConfigError(["config.DATA.TRAIN.DATA_PATHS is empty; set config.DATA.TRAIN.DATA_PATHS=[/path/to/train] "
+                           "(an ImageFolder directory)"])
+    _, samples = scan_image_folder(paths[0])
+    limit = int(first.cfg.DATA.TRAIN.DATA_LIMIT)
+    n = min(len(samples), limit) if limit > 0 else len(samples)
+    return resolve(tokens, world, local, num_train_samples=n)
+
+
+# ------------------------------------------------------------------------------------------- commands
+def cmd_train(args) -> int:
+    from dcv2_k8s import distributed as D
+    from dcv2_k8s.config import ConfigError
+
+    try:
+        resolved = resolve_for_run(args.tokens)
+    except (ConfigError, FileNotFoundError) as e:
+        return _fail(e.lines if isinstance(e, ConfigError) else str(e))
+    dist_cfg = resolved.cfg.DISTRIBUTED
+    if not D.launched():
+        if int(dist_cfg.NUM_NODES) > 1:
+            return _fail(f"config.DISTRIBUTED.NUM_NODES={dist_cfg.NUM_NODES} needs a launcher on every node "
+                         "(torchrun or a PyTorchJob); on one machine set config.DISTRIBUTED.NUM_NODES=1")
+        if int(dist_cfg.NUM_PROC_PER_NODE) > 1:
+            return D.spawn_local(int(dist_cfg.NUM_PROC_PER_NODE), ["train", *args.tokens])
+    from dcv2_k8s.engine import TrainingError, train
+
+    try:
+        train(resolved)
+    except TrainingError as e:
+        print(f"dcv2: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_config_show(args) -> int:
+    from dcv2_k8s.config import ConfigError, env_world, resolve, to_yaml
+
+    try:
+        world, local = env_world()
+        r = resolve(args.tokens, world, local)
+    except ConfigError as e:
+        return _fail(e.lines)
+    for note in r.notes:
+        print(f"# note: {note}", file=sys.stderr)
+    sys.stdout.write(to_yaml(r.cfg))
+    return 0
+
+
+def cmd_config_list(args) -> int:
+    from dcv2_k8s.config import preset_names
+
+    for name in preset_names():
+        print(name)
+    return 0
+
+
+def cmd_data_synth(args) -> int:
+    from dcv2_k8s.data.synth import generate
+
+    try:
+        summary = generate(args.out_dir, args.classes, args.train_per_class, args.val_per_class, args.size,
+                           args.photo_like, args.seed)
+    except ValueError as e:
+        return _fail(str(e))
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_knn(args) -> int:
+    import torch
+
+    from dcv2_k8s.checkpoint import load_checkpoint_file
+    from dcv2_k8s.config import ConfigError, resolve
+    from dcv2_k8s.data.transforms import normalize_params
+    from dcv2_k8s.eval.knn import knn_eval
+    from dcv2_k8s.model import build_model
+
+    for d in (args.train, args.val):
+        if not os.path.isdir(d):
+            return _fail(f"{d}: no such directory (expected an ImageFolder tree)")
+    try:
+        state = None
+        tokens = list(args.tokens)
+        if args.checkpoint:
+            state = load_checkpoint_file(args.checkpoint)
+            import tempfile
+
+            with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+                f.write(state["config_yaml"])
+            tokens = [f"config={f.name}", *tokens]
+        r = resolve(tokens)
+    except ConfigError as e:
+        return _fail(e.lines)
+    except FileNotFoundError as e:
+        return _fail(str(e))
+    torch.manual_seed(int(r.cfg.SEED_VALUE))
+    model = build_model(r.cfg.MODEL)
+    if state is not None:
+        trunk_state = {k[len("trunk."):]: v for k, v in state["model"].items() if k.startswith("trunk.")}
+        model.trunk.load_state_dict(trunk_state)
+    transforms = [dict(t) for t in r.cfg.DATA.TRAIN.TRANSFORMS]
+    size = args.size or int(transforms[0]["size_crops"][0])
+    mean, std = normalize_params(transforms)
+    res = knn_eval(model.trunk, args.train, args.val, size, torch.device("cpu"), args.k, args.temperature,
+                   mean=mean, std=std, num_workers=args.workers, progress=sys.stderr.isatty())
+    res["weights"] = args.checkpoint or "random-init"
+    print(json.dumps(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from dcv2_k8s.demo import run_demo
+
+    return run_demo(args.out, args.epochs, args.minutes)
+
+
+# --------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dcv2", description="DeepClusterV2 pretraining (VISSL-compatible config)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train DCv2: dcv2 train config=NAME [config.KEY=VALUE ...]")
+    t.add_argument("tokens", nargs="*", help="config=..., config.A.B=V, +config.A.B=V, +config/GROUP=NAME")
+    t.set_defaults(fn=cmd_train)
+
+    c = sub.add_parser("config", help="show the resolved config or list presets")
+    csub = c.add_subparsers(dest="config_cmd", required=True)
+    cs = csub.add_parser("show", help="print the fully resolved config as YAML (dry run)")
+    cs.add_argument("tokens", nargs="*")
+    cs.set_defaults(fn=cmd_config_show)
+    cl = csub.add_parser("list", help="list preset and group files")
+    cl.set_defaults(fn=cmd_config_list)
+
+    d = sub.add_parser("data", help="dataset tools")
+    dsub = d.add_subparsers(dest="data_cmd", required=True)
+    ds = dsub.add_parser("synth", help="generate an ImageFolder of JPEGs with class structure")
+    ds.add_argument("out_dir")
+    ds.add_argument("--classes", type=int, default=10)
+    ds.add_argument("--train-per-class", type=int, default=100)
+    ds.add_argument("--val-per-class", type=int, default=20)
+    ds.add_argument("--size", type=int, default=64, help="image side in pixels")
+    ds.add_argument("--photo-like", action="store_true", help="500x375 noisy photos (ImageNet-like JPEGs)")
+    ds.add_argument("--seed", type=int, default=0)
+    ds.set_defaults(fn=cmd_data_synth)
+
+    k = sub.add_parser("knn", help="weighted k-NN accuracy of frozen trunk features")
+    k.add_argument("--train", required=True, help="ImageFolder used as the k-NN memory")
+    k.add_argument("--val", required=True, help="ImageFolder of queries")
+    k.add_argument("--checkpoint", help="checkpoint dir/run dir/state.pt; omit for random initialisation")
+    k.add_argument("--size", type=int, default=0, help="eval crop size (default: the large crop size)")
+    k.add_argument("--k", type=int, default=20)
+    k.add_argument("--temperature", type=float, default=0.07)
+    k.add_argument("--workers", type=int, default=2)
+    k.add_argument("--json", help="also write the result here")
+    k.add_argument("tokens", nargs="*", help="config tokens (model architecture for random init)")
+    k.set_defaults(fn=cmd_knn)
+
+    dm = sub.add_parser("demo", help="generate data, train with 2 CPU processes, compare k-NN vs random init")
+    dm.add_argument("--out", default="demo_out")
+    dm.add_argument("--epochs", type=int, default=0, help="override the demo preset's epochs")
+    dm.add_argument("--minutes", type=float, default=0, help="informational time budget")
+    dm.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Indexed datasets, multi-crop transforms, the resumable sampler and synthetic data."""

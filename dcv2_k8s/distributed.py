@@ -1,0 +1,138 @@
+"""The launcher contract (torchrun / Kubeflow PyTorchJob), process-group set-up and group helpers.
+
+Process ranks come from the variables torchrun gives each child (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+``LOCAL_WORLD_SIZE``). In a PyTorchJob pod the operator's pod-level ``RANK`` is the *node* rank; the trainer
+only trusts ``RANK`` when ``LOCAL_RANK`` is also set, i.e. when torchrun started it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def node_rank(self) -> int:
+        return self.rank // self.local_world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched() -> bool:
+    """True when a launcher (torchrun) set up per-process ranks for us."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def env_info() -> DistInfo:
+    if not launched():
+        return DistInfo()
+    world = int(os.environ["WORLD_SIZE"])
+    return DistInfo(rank=int(os.environ["RANK"]), world_size=world, local_rank=int(os.environ["LOCAL_RANK"]),
+                    local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+
+
+def pick_device(machine_device: str, local_rank: int) -> torch.device:
+    want = machine_device.lower()
+    if want in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError("config.MACHINE.DEVICE=gpu but no CUDA device is visible; set "
+                               "config.MACHINE.DEVICE=cpu (or auto)")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if want == "auto" and torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_process_group(info: DistInfo, backend: str, device: torch.device, timeout_s: float) -> None:
+    """Join the process group with a bounded timeout (init and every collective)."""
+    if not info.distributed or dist.is_initialized():
+        return
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend, init_method="env://", rank=info.rank, world_size=info.world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def destroy() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_gather_rows(out: torch.Tensor, inp: torch.Tensor, group=None) -> None:
+    """Every rank's equal-sized ``inp`` concatenated along dim 0 into ``out`` (rank order)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, inp.contiguous(), group=group)
+
+
+def ddp_options() -> dict:
+    """DDP settings: big buckets, gradients as bucket views, no per-forward buffer broadcast (BN statistics are
+    synchronised by SyncBN in its groups; the prototypes are identical on every rank by construction)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    opts = {"gradient_as_bucket_view": True, "bucket_cap_mb": 100}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        opts["forward_sync_buffers"] = False
+    else:
+        opts["broadcast_buffers"] = False
+    return opts
+
+
+def bn_group(group_size: int, info: DistInfo):
+    """The process group a BN layer of this rank synchronises over.
+
+    ``group_size``: -1 = the ranks of this node, 0 = every rank, >0 = consecutive blocks of that many ranks.
+    Returns None for the global group. Every rank must call this with the same arguments (``new_group`` is
+    collective), so it builds all blocks and keeps its own.
+    """
+    if group_size == 0 or not info.distributed:
+        return None
+    size = info.local_world_size if group_size < 0 else min(group_size, info.world_size)
+    if size >= info.world_size:
+        return None
+    mine = None
+    for start in range(0, info.world_size, size):
+        ranks = list(range(start, start + size))
+        g = dist.new_group(ranks)
+        if info.rank in ranks:
+            mine = g
+    return mine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_local(nproc: int, argv: list[str]) -> int:
+    """Start ``nproc`` copies of ``dcv2 <argv>`` on this node through torch's own launcher (torchrun)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "dcv2_k8s", *argv]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return subprocess.call(cmd, env=env)

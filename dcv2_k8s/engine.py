@@ -1,0 +1,361 @@
+"""The DeepClusterV2 training loop.
+
+Start-up: process group -> data -> model (SyncBN, DDP) -> optimizer -> resume -> fill the memory bank.
+Every epoch: ``sampler.set_epoch`` -> k-means over the banks (centroids + assignment table) -> steps.
+Every step: LR from the schedule, forward (AMP as configured), loss against the table, backward, LARC/SGD
+step, bank write. The only host synchronisation in a step is every ``LOG_FREQUENCY`` steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+from dcv2_k8s import distributed as D
+from dcv2_k8s.checkpoint import CheckpointManager, rng_state, set_rng_state
+from dcv2_k8s.config.loader import Resolved, to_yaml
+from dcv2_k8s.data.dataset import IndexedImageFolder, ResumableDistributedSampler
+from dcv2_k8s.data.transforms import MultiCrop, normalize_params
+from dcv2_k8s.dcv2.kmeans import cluster_memory
+from dcv2_k8s.dcv2.loss import dcv2_loss
+from dcv2_k8s.dcv2.memory_bank import MemoryBank
+from dcv2_k8s.dcv2.stats import head_stats
+from dcv2_k8s.model import build_model
+from dcv2_k8s.model.syncbn import convert_sync_bn
+from dcv2_k8s.optim import LRSchedule, build_optimizer
+
+log = logging.getLogger("dcv2")
+
+
+class TrainingError(RuntimeError):
+    """A failure the user can act on (message says what to do)."""
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0           # current epoch (0-based)
+    step_in_epoch: int = 0   # steps of this epoch already done
+    global_step: int = 0     # steps done in total
+
+
+def setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    fmt = f"%(asctime)s [dcv2 r{rank}] %(message)s"
+    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+
+
+def seed_everything(seed: int, rank: int, deterministic: bool) -> None:
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def amp_settings(amp_cfg, device: torch.device) -> tuple[bool, torch.dtype, bool]:
+    """(enabled, dtype, use GradScaler) from MODEL.AMP_PARAMS; AMP_TYPE apex O1/O2 maps to native autocast."""
+    if not amp_cfg.USE_AMP:
+        return False, torch.float32, False
+    level = str(dict(amp_cfg.AMP_ARGS).get("opt_level", "O1"))
+    if amp_cfg.AMP_TYPE == "apex" and level not in ("O1", "O2"):
+        if level == "O0":
+            return False, torch.float32, False
+        raise TrainingError(f"config.MODEL.AMP_PARAMS.AMP_ARGS.opt_level={level}: only O0, O1 and O2 are supported "
+                            "(O1/O2 run as native autocast float16 + GradScaler); use O1 or DTYPE=bfloat16")
+    dtype = torch.bfloat16 if amp_cfg.DTYPE == "bfloat16" else torch.float16
+    if device.type != "cuda" and dtype == torch.float16:
+        log.warning("mixed precision float16 needs CUDA; running float32 on %s (set "
+                    "config.MODEL.AMP_PARAMS.DTYPE=bfloat16 for CPU autocast)", device)
+        return False, torch.float32, False
+    return True, dtype, dtype == torch.float16
+
+
+def steps_per_epoch(num_samples: int, world_size: int, batch: int) -> int:
+    return math.ceil(num_samples / world_size) // batch
+
+
+class Trainer:
+    """Owns every piece of one training run; ``run()`` trains to the end (or MAX_STEPS)."""
+
+    def __init__(self, resolved: Resolved, info: D.DistInfo):
+        self.resolved, self.cfg, self.info = resolved, resolved.cfg, info
+        cfg = self.cfg
+        self.device = D.pick_device(cfg.MACHINE.DEVICE, info.local_rank)
+        D.init_process_group(info, cfg.DISTRIBUTED.BACKEND, self.device, float(cfg.DISTRIBUTED.TIMEOUT_SECONDS))
+        seed_everything(int(cfg.SEED_VALUE), info.rank, bool(cfg.TRAINER.DETERMINISTIC))
+        self.loss_cfg = cfg.LOSS.deepclusterv2_loss
+        self.batch = int(cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA)
+
+        # data
+        transforms = [dict(t) for t in cfg.DATA.TRAIN.TRANSFORMS]
+        self.dataset = IndexedImageFolder(cfg.DATA.TRAIN.DATA_PATHS[0], MultiCrop(transforms),
+                                          int(cfg.DATA.TRAIN.DATA_LIMIT), int(cfg.SEED_VALUE))
+        self.sampler = ResumableDistributedSampler(len(self.dataset), info.world_size, info.rank, True,
+                                                   int(cfg.SEED_VALUE))
+        workers = int(cfg.DATA.NUM_DATALOADER_WORKERS)
+        self.loader = DataLoader(self.dataset, batch_size=self.batch, sampler=self.sampler, drop_last=True,
+                                 num_workers=workers, pin_memory=bool(cfg.DATA.PIN_MEMORY) and self.device.type == "cuda",
+                                 prefetch_factor=int(cfg.DATA.PREFETCH_FACTOR) if workers else None,
+                                 persistent_workers=workers > 0)
+        self.steps_per_epoch = steps_per_epoch(len(self.dataset), info.world_size, self.batch)
+        self.epochs = int(cfg.OPTIMIZER.num_epochs)
+        self.total_steps = self.epochs * self.steps_per_epoch
+        self.large_size = int(transforms[0]["size_crops"][0]) if transforms[0]["name"] == "ImgPilToMultiCrop" \
+            else 224
+        self.norm = normalize_params(transforms)
+
+        # model
+        model = build_model(cfg.MODEL)
+        self.num_clusters = [int(k) for k in self.loss_cfg.num_clusters]
+        dim = int(self.loss_cfg.memory_params.embedding_dim)
+        for h, k in enumerate(self.num_clusters):  # non-trainable prototypes, overwritten by k-means each epoch
+            model.register_buffer(f"prototypes{h}", torch.zeros(k, dim))
+        model = model.to(self.device)
+        sbn = cfg.MODEL.SYNC_BN_CONFIG
+        if info.distributed and sbn.CONVERT_BN_TO_SYNC_BN:
+            group = D.bn_group(int(sbn.GROUP_SIZE), info)
+            model = convert_sync_bn(model, sbn.SYNC_BN_TYPE, group, self.device)
+        if cfg.MODEL.COMPILE:
+            model.trunk.compile()  # in place: state-dict keys stay torchvision's
+        self.model = model
+        self.ddp = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                       **D.ddp_options()) if info.distributed else model
+
+        # optimisation
+        self.optimizer = build_optimizer(model, cfg.OPTIMIZER)
+        self.amp, self.amp_dtype, use_scaler = amp_settings(cfg.MODEL.AMP_PARAMS, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        self.schedule = LRSchedule(dict(cfg.OPTIMIZER.param_schedulers.lr), self.total_steps, self.steps_per_epoch)
+
+        # method state, owned here
+        self.crops_for_mb = [int(c) for c in self.loss_cfg.memory_params.crops_for_mb]
+        self.bank = MemoryBank(len(self.crops_for_mb), self.steps_per_epoch * self.batch, dim, self.device)
+        self.table: torch.Tensor | None = None
+        self.prev_table: torch.Tensor | None = None
+        self.state = TrainState()
+        self.ckpt = CheckpointManager(str(cfg.CHECKPOINT.DIR), info.rank, info.world_size,
+                                      int(cfg.CHECKPOINT.KEEP_LAST), int(cfg.CHECKPOINT.KEEP_EVERY_EPOCHS))
+        self.metrics_file = os.path.join(str(cfg.CHECKPOINT.DIR), "metrics.jsonl") if info.is_main else None
+        self.progress = info.is_main and sys.stderr.isatty()
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def barrier(self) -> None:
+        if self.info.distributed:
+            dist.barrier()
+
+    def emit(self, kind: str, **values) -> None:
+        """One JSON line per event in CHECKPOINT.DIR/metrics.jsonl (rank 0), for reports and tests."""
+        if self.metrics_file is None:
+            return
+        os.makedirs(os.path.dirname(self.metrics_file) or ".", exist_ok=True)
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps({"kind": kind, "time": time.time(), **values}) + "\n")
+
+    def autocast(self):
+        if not self.amp:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def to_device(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [c.to(self.device, non_blocking=True) for c in crops]
+
+    def centroids(self) -> list[torch.Tensor]:
+        return [getattr(self.model, f"prototypes{h}") for h in range(len(self.num_clusters))]
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, epoch_end: bool) -> None:
+        s = self.state
+        main = None
+        if self.info.is_main:
+            main = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scaler": self.scaler.state_dict(), "train_state": asdict(s), "table": self.table.cpu(),
+                    "prev_table": None if self.prev_table is None else self.prev_table.cpu(),
+                    "rng": rng_state(), "config_yaml": to_yaml(self.cfg), "world_size": self.info.world_size}
+        bank = {"bank": self.bank.state_dict(), "rng": rng_state()}
+        meta = {"epoch": s.epoch, "step_in_epoch": s.step_in_epoch, "global_step": s.global_step,
+                "epoch_end": epoch_end}
+        t0 = time.time()
+        self.ckpt.save(CheckpointManager.name_for(s.global_step), main, bank, meta, self.barrier)
+        self.emit("checkpoint", global_step=s.global_step, seconds=time.time() - t0)
+
+    def resume(self) -> bool:
+        """Load the newest committed checkpoint of CHECKPOINT.DIR. Returns whether the bank was restored."""
+        manifest = self.ckpt.latest()
+        if manifest is None:
+            return False
+        st = self.ckpt.load_state(manifest)
+        self.model.load_state_dict(st["model"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scaler.load_state_dict(st["scaler"])
+        self.state = TrainState(**st["train_state"])
+        self.table = st["table"].to(self.device)
+        self.prev_table = None if st["prev_table"] is None else st["prev_table"].to(self.device)
+        bank = self.ckpt.load_bank(manifest)
+        log.info("resumed from %s (epoch %d, step %d of %d)", manifest["name"], self.state.epoch,
+                 self.state.step_in_epoch, self.steps_per_epoch)
+        if bank is None:
+            log.warning("the checkpoint was written by %d processes and this run has %d: the memory banks are "
+                        "re-initialised by a fill pass", manifest["world_size"], self.info.world_size)
+            set_rng_state(st["rng"])
+            return False
+        self.bank.load_state_dict(bank["bank"])
+        set_rng_state(bank["rng"])
+        return True
+
+    # ----------------------------------------------------------------------------------- method pieces
+    @torch.no_grad()
+    def fill_memory_bank(self) -> None:
+        """One no-grad pass in train mode over the epoch-0 sampler order (fresh augmentations)."""
+        t0 = time.time()
+        self.sampler.set_epoch(0, start=0, aug_tag=-1)
+        self.bank.ptr = 0
+        self.ddp.train()
+        for index, crops in self._iter(self.loader, "fill memory bank"):
+            crops = self.to_device(crops)
+            with self.autocast():
+                views = [self.ddp(crops[c]) for c in self.crops_for_mb]
+            self.bank.write(index.to(self.device), views)
+        log.info("memory bank filled: %d embeddings x %d views per rank (%.1f s)", self.bank.size,
+                 len(self.crops_for_mb), time.time() - t0)
+
+    def cluster(self, epoch: int) -> None:
+        t0 = time.time()
+        centroids, table = cluster_memory(self.bank, self.num_clusters, int(self.loss_cfg.kmeans_iters),
+                                          len(self.dataset), int(self.cfg.SEED_VALUE) * 100003 + epoch)
+        for c, buf in zip(centroids, self.centroids()):
+            buf.copy_(c)
+        self.prev_table, self.table = self.table, table
+        seconds = time.time() - t0
+        stats = head_stats(table, self.num_clusters, self.prev_table) if self.info.is_main else []
+        for s in stats:
+            log.info("epoch %d k-means head %d: %d empty clusters, size entropy %.3f, ignored %.1f%%%s", epoch,
+                     s["head"], s["empty_clusters"], s["size_entropy"], 100 * s["ignored_ratio"],
+                     f", NMI vs previous {s['nmi_prev']:.3f}" if "nmi_prev" in s else "")
+        log.info("epoch %d k-means: %.2f s for %d heads", epoch, seconds, len(self.num_clusters))
+        self.emit("kmeans", epoch=epoch, seconds=seconds, heads=stats)
+
+    def _iter(self, loader, desc: str):
+        if not self.progress:
+            return loader
+        from tqdm import tqdm
+
+        return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+
+    # ------------------------------------------------------------------------------------------- loop
+    def run(self) -> dict:
+        cfg, s = self.cfg, self.state
+        log.info("training %s: %d images, %d processes x batch %d, %d steps/epoch, %d epochs, device %s",
+                 self.resolved.name, len(self.dataset), self.info.world_size, self.batch, self.steps_per_epoch,
+                 self.epochs, self.device)
+        bank_ok = bool(cfg.CHECKPOINT.AUTO_RESUME) and self.resume()
+        s = self.state
+        if not bank_ok:
+            self.fill_memory_bank()
+            self.bank.ptr = s.step_in_epoch * self.batch
+        max_steps = int(cfg.TRAINER.MAX_STEPS)
+        iter_freq = int(cfg.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY)
+        epoch_freq = int(cfg.CHECKPOINT.CHECKPOINT_FREQUENCY)
+        last = {}
+        while s.epoch < self.epochs:
+            if s.step_in_epoch == 0:
+                self.cluster(s.epoch)
+                self.bank.ptr = 0
+            last = self.train_one_epoch(max_steps, iter_freq)
+            if s.step_in_epoch < self.steps_per_epoch:  # stopped early (MAX_STEPS)
+                self.save_checkpoint(epoch_end=False)
+                log.info("stopped after %d steps (config.TRAINER.MAX_STEPS)", s.global_step)
+                return last
+            s.epoch += 1
+            s.step_in_epoch = 0
+            if s.epoch % max(1, epoch_freq) == 0 or s.epoch == self.epochs:
+                self.save_checkpoint(epoch_end=True)
+        log.info("training finished: %d epochs, %d steps", self.epochs, s.global_step)
+        return last
+
+    def train_one_epoch(self, max_steps: int, iter_freq: int) -> dict:
+        s, cfg = self.state, self.cfg
+        self.sampler.set_epoch(s.epoch, start=s.step_in_epoch * self.batch)
+        self.ddp.train()
+        temperature = float(self.loss_cfg.temperature)
+        log_every = max(1, int(cfg.LOG_FREQUENCY))
+        loss_sum = torch.zeros((), device=self.device)
+        ignored_sum = torch.zeros((), device=self.device)
+        n_acc, data_wait, t_window, last = 0, 0.0, time.time(), {}
+        t_end = time.time()
+        for index, crops in self._iter(self.loader, f"epoch {s.epoch}"):
+            data_wait += time.time() - t_end
+            lr = self.schedule(s.global_step)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            crops = self.to_device(crops)
+            index = index.to(self.device, non_blocking=True)
+            with self.autocast():
+                z = self.ddp(crops)
+            loss, ignored = dcv2_loss(z.float(), index, self.centroids(), self.table, temperature)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            b = index.shape[0]
+            self.bank.write(index, [z[c * b:(c + 1) * b] for c in self.crops_for_mb])
+            loss_sum += loss.detach()
+            ignored_sum += ignored.detach()
+            n_acc += 1
+            s.global_step += 1
+            s.step_in_epoch += 1
+            if s.global_step % log_every == 0 or s.step_in_epoch == self.steps_per_epoch:
+                last = self._log_window(loss_sum, ignored_sum, n_acc, lr, data_wait, time.time() - t_window)
+                loss_sum.zero_()
+                ignored_sum.zero_()
+                n_acc, data_wait, t_window = 0, 0.0, time.time()
+            if iter_freq > 0 and s.global_step % iter_freq == 0 and s.step_in_epoch < self.steps_per_epoch:
+                self.save_checkpoint(epoch_end=False)
+            if 0 < max_steps <= s.global_step:
+                break
+            t_end = time.time()
+        return last
+
+    def _log_window(self, loss_sum, ignored_sum, n, lr, data_wait, seconds) -> dict:
+        loss = float(loss_sum) / max(1, n)  # the host sync of this window
+        if not math.isfinite(loss):
+            raise TrainingError(f"the loss is {loss} at step {self.state.global_step}; the last committed "
+                                f"checkpoint in {self.cfg.CHECKPOINT.DIR} is intact. Lower the learning rate "
+                                "or check the data")
+        images = n * self.batch * self.info.world_size
+        rec = {"epoch": self.state.epoch, "step": self.state.step_in_epoch, "global_step": self.state.global_step,
+               "loss": loss, "lr": lr, "images_per_s": images / max(seconds, 1e-9),
+               "data_wait_ratio": data_wait / max(seconds, 1e-9), "ignored_ratio": float(ignored_sum) / max(1, n)}
+        log.info("epoch %d step %d/%d loss %.4f lr %.4g %.1f img/s data-wait %.0f%% ignored %.1f%%", rec["epoch"],
+                 rec["step"], self.steps_per_epoch, loss, lr, rec["images_per_s"], 100 * rec["data_wait_ratio"],
+                 100 * rec["ignored_ratio"])
+        self.emit("step", **rec)
+        return rec
+
+
+def train(resolved: Resolved) -> dict:
+    info = D.env_info()
+    setup_logging(info.rank)
+    for note in resolved.notes:
+        if info.is_main:
+            log.info("config: %s", note)
+    try:
+        trainer = Trainer(resolved, info)
+        return trainer.run()
+    finally:
+        D.destroy()
