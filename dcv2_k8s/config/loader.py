@@ -352,7 +352,7 @@ def resolve(tokens: Iterable[str], world_size: int | None = None, local_world_si
             probe: dict = {}
             _set(probe, key, value)
             before = len(errors)
-            _check_keys(probe, defaults, f"config.{key}", errors, ignored, added)
+            _check_keys(probe, defaults, "the command line", errors, ignored, added)
             if len(errors) == before:
                 errors.append(f"config.{key}: no such key; use +config.{key}=... to add a new one")
             continue

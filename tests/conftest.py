@@ -1,0 +1,50 @@
+"""Shared fixtures: a small synthetic dataset, CLI runners and a free port."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = "config=pretrain/deepcluster_v2/deepclusterv2_demo_cpu"
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: str | None = None
+            ) -> subprocess.CompletedProcess:
+    """Run ``python -m dcv2_k8s ARGS`` in a fresh process (the way users run ``dcv2``)."""
+    full_env = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        full_env.pop(k, None)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "dcv2_k8s", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=cwd or str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory) -> Path:
+    """10 classes x 24 train + 6 val images of 48 px."""
+    from dcv2_k8s.data.synth import generate
+
+    out = tmp_path_factory.mktemp("synth")
+    generate(out, classes=10, train_per_class=24, val_per_class=6, size=48, progress=False)
+    return out
+
+
+def tiny_train_tokens(data: Path, ckpt: Path, *extra: str) -> list[str]:
+    """A seconds-long DCv2 run: resnet18 at 1/4 width, 2 x 32 px crops, batch 16, K = 3 x 12."""
+    return [DEMO, f"config.DATA.TRAIN.DATA_PATHS=[{data / 'train'}]", f"config.CHECKPOINT.DIR={ckpt}",
+            "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=16", "config.DATA.NUM_DATALOADER_WORKERS=0",
+            "config.MODEL.TRUNK.RESNETS.WIDTH_MULTIPLIER=0.25",
+            'config.MODEL.HEAD.PARAMS=[["mlp", {"dims": [128, 64], "use_relu": true, "use_bn": true, '
+            '"skip_last_layer_relu_bn": false}], ["mlp", {"dims": [64, 32]}]]',
+            "config.LOSS.deepclusterv2_loss.memory_params.embedding_dim=32",
+            "config.LOSS.deepclusterv2_loss.num_clusters=[12, 12, 12]",
+            "config.DATA.TRAIN.TRANSFORMS=[{name: ImgPilToMultiCrop, total_num_crops: 3, size_crops: [32, 16], "
+            "num_crops: [2, 1], crop_scales: [[0.3, 1], [0.1, 0.3]]}, {name: RandomHorizontalFlip, p: 0.5}, "
+            "{name: ImgPilColorDistortion, strength: 1.0}, {name: ToTensor}, "
+            "{name: Normalize, mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25]}]",
+            "config.LOG_FREQUENCY=1", *extra]

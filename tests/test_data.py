@@ -1,0 +1,67 @@
+"""Multi-crop transforms, the indexed dataset, the resumable sampler and synthetic data."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from dcv2_k8s.config import resolve
+from dcv2_k8s.data.dataset import IndexedImageFolder, ResumableDistributedSampler
+from dcv2_k8s.data.transforms import MultiCrop
+
+BASE = "config=pretrain/deepcluster_v2/deepclusterv2_2crops_resnet"
+
+
+def _multicrop(*tokens):
+    return MultiCrop([dict(t) for t in resolve([BASE, *tokens]).cfg.DATA.TRAIN.TRANSFORMS])
+
+
+def test_multicrop_shapes_2x160_4x96():
+    mc = _multicrop("+config/pretrain/deepcluster_v2/transforms=multicrop_2x160_4x96")
+    crops = mc(Image.new("RGB", (500, 375), (120, 30, 200)))
+    assert [tuple(c.shape) for c in crops] == [(3, 160, 160)] * 2 + [(3, 96, 96)] * 4
+    assert all(c.dtype == torch.float32 for c in crops)
+
+
+def test_multicrop_shapes_2x224_6x96_and_default():
+    crops = _multicrop("+config/pretrain/deepcluster_v2/transforms=multicrop_2x224_6x96")(Image.new("RGB", (300, 200)))
+    assert [c.shape[-1] for c in crops] == [224, 224] + [96] * 6
+    assert [c.shape[-1] for c in _multicrop()(Image.new("RGB", (300, 200)))] == [224, 224]
+
+
+def test_dataset_is_sorted_and_augmentation_is_seeded(synth_data):
+    mc = MultiCrop([{"name": "ImgPilToMultiCrop", "total_num_crops": 2, "num_crops": [2], "size_crops": [24],
+                     "crop_scales": [[0.2, 1]]}, {"name": "ImgPilColorDistortion", "strength": 1.0},
+                    {"name": "ToTensor"}])
+    ds = IndexedImageFolder(synth_data / "train", mc, seed=3)
+    assert len(ds) == 240 and ds.samples == sorted(ds.samples, key=lambda s: (s[1], s[0]))
+    i, a = ds[(5, 17)]
+    _, b = ds[(5, 17)]
+    _, c = ds[(6, 17)]
+    assert i == 17 and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])  # another epoch, other crops
+    assert not torch.equal(a[0], a[1])  # the two crops differ
+    assert len(IndexedImageFolder(synth_data / "train", limit=50)) == 50
+
+
+def test_sampler_pads_splits_and_resumes():
+    s0 = ResumableDistributedSampler(10, num_replicas=4, rank=0, seed=1)
+    s3 = ResumableDistributedSampler(10, num_replicas=4, rank=3, seed=1)
+    s0.set_epoch(2)
+    s3.set_epoch(2)
+    all0, all3 = list(s0), list(s3)
+    assert len(all0) == len(all3) == 3 and all(tag == 2 for tag, _ in all0)
+    s0.set_epoch(2, start=1)
+    assert list(s0) == all0[1:] and len(s0) == 2
+    s0.set_epoch(3)
+    assert list(s0) != all0
+    s0.set_epoch(0, aug_tag=-1)  # the fill pass: epoch-0 order, its own augmentation tag
+    ref = ResumableDistributedSampler(10, 4, 0, seed=1)
+    assert [i for _, i in s0] == [i for _, i in ref] and all(t == -1 for t, _ in s0)
+
+
+def test_synth_has_classes_and_varied_images(synth_data):
+    ds = IndexedImageFolder(synth_data / "train")
+    assert len(ds.classes) == 10 and ds.classes[0].startswith("c00_")
+    a, b = torch.tensor(list(ds.load(0).getdata())), torch.tensor(list(ds.load(1).getdata()))
+    assert a.shape == b.shape and not torch.equal(a, b)
