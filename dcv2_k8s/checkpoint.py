@@ -4,7 +4,8 @@ Layout under ``CHECKPOINT.DIR``::
 
     step_000001250/state.pt          rank 0: model, optimizer, scaler, train state, assignments, RNG
     step_000001250/bank_rank0003.pt  every rank: its memory bank, write pointer and RNG states
-    step_000001250/manifest.json     written after every part is in place: the commit marker
+    step_000001250/done_rank0003.json  every rank, after its part is uploaded: the part sizes
+    step_000001250/manifest.json     rank 0, after every rank's part is in place: the commit marker
     latest.json                      points to the newest committed checkpoint (replaced atomically)
 
 A checkpoint without a manifest (a crash mid-save) is never loaded. Files load with
@@ -17,8 +18,9 @@ import io
 import json
 import logging
 import random
+import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,43 +61,98 @@ def set_rng_state(state: dict) -> None:
 
 
 class CheckpointManager:
-    """Save and find checkpoints of one run (see the module docstring for the layout)."""
+    """Save and find checkpoints of one run (see the module docstring for the layout).
 
-    def __init__(self, root: str, rank: int = 0, world_size: int = 1, keep_last: int = 3, keep_every_epochs: int = 0):
+    ``save`` serialises this rank's part in memory (the snapshot: training may change the tensors right after)
+    and uploads it in a background thread, then writes ``done_rankRRRR.json``. Rank 0 commits once every rank's
+    marker is present (bounded by ``commit_timeout``): ``manifest.json``, then ``latest.json``. At most one
+    checkpoint is in flight per rank: the next ``save`` (or ``wait``) waits for the previous one and re-raises
+    its error.
+    """
+
+    def __init__(self, root: str, rank: int = 0, world_size: int = 1, keep_last: int = 3,
+                 keep_every_epochs: int = 0, background: bool = True, commit_timeout: float = 600.0):
         self.store = open_storage(root)
         self.root = root
         self.rank, self.world_size = rank, world_size
         self.keep_last, self.keep_every_epochs = keep_last, keep_every_epochs
+        self.background, self.commit_timeout = background, commit_timeout
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_result: dict = {}
 
     @staticmethod
     def name_for(global_step: int) -> str:
         return f"step_{global_step:09d}"
 
-    def save(self, name: str, main_state: dict | None, bank_state: dict, meta: dict,
-             barrier: Callable[[], None]) -> str:
-        """Write this rank's parts, wait for every rank, then (rank 0) commit. Returns the checkpoint path."""
-        ckpt = self.store.join(name)
+    def save(self, name: str, main_state: dict | None, bank_state: dict, meta: dict) -> None:
+        """Snapshot this rank's part now; upload and (rank 0) commit in the background."""
+        self.wait()
         t0 = time.time()
         files = {f"bank_rank{self.rank:04d}.pt": to_bytes(bank_state)}
         if self.rank == 0:
             files["state.pt"] = to_bytes(main_state)
-        for fname, data in files.items():
-            self.store.put_bytes(f"{ckpt}/{fname}", data)
-        barrier()
-        if self.rank == 0:
-            parts = {"state.pt": self.store.size(f"{ckpt}/state.pt")}
-            for r in range(self.world_size):
-                fname = f"bank_rank{r:04d}.pt"
-                if not self.store.exists(f"{ckpt}/{fname}"):
-                    raise RuntimeError(f"checkpoint {ckpt}: rank {r}'s memory bank is missing; not committing")
-                parts[fname] = self.store.size(f"{ckpt}/{fname}")
-            manifest = dict(meta, name=name, world_size=self.world_size, files=parts, time=time.time())
-            self.store.put_bytes(f"{ckpt}/manifest.json", json.dumps(manifest, indent=1).encode())
-            self.store.put_bytes(self.store.join("latest.json"), json.dumps({"name": name}).encode())
-            self._retain()
-            log.info("checkpoint %s committed (%.1f MB, %.2f s)", ckpt, sum(parts.values()) / 1e6, time.time() - t0)
-        barrier()
-        return ckpt
+        snapshot_s = time.time() - t0
+        if self.background:
+            self._thread = threading.Thread(target=self._write, args=(name, files, meta, snapshot_s),
+                                            name=f"checkpoint-{name}", daemon=True)
+            self._thread.start()
+        else:
+            self._write(name, files, meta, snapshot_s)
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the in-flight checkpoint of this rank is written (and committed, on rank 0)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    @property
+    def in_flight(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _write(self, name: str, files: dict[str, bytes], meta: dict, snapshot_s: float) -> None:
+        try:
+            t0 = time.time()
+            ckpt = self.store.join(name)
+            for fname, data in files.items():
+                self.store.put_bytes(f"{ckpt}/{fname}", data)
+            sizes = {f: len(d) for f, d in files.items()}
+            self.store.put_bytes(f"{ckpt}/done_rank{self.rank:04d}.json", json.dumps(sizes).encode())
+            if self.rank == 0:
+                self._commit(name, meta)
+            self.last_result = {"name": name, "bytes": sum(sizes.values()), "seconds": time.time() - t0 + snapshot_s,
+                                "time": time.time()}
+        except BaseException as e:  # surfaced by the next wait()
+            self._error = e
+
+    def _commit(self, name: str, meta: dict) -> None:
+        ckpt = self.store.join(name)
+        deadline = time.time() + self.commit_timeout
+        parts: dict[str, int] = {}
+        pending = set(range(self.world_size))
+        while pending:
+            for r in sorted(pending):
+                marker = f"{ckpt}/done_rank{r:04d}.json"
+                if self.store.exists(marker):
+                    parts.update(json.loads(self.store.get_bytes(marker)))
+                    pending.discard(r)
+            if pending:
+                if time.time() > deadline:
+                    raise RuntimeError(f"checkpoint {ckpt}: ranks {sorted(pending)} did not write their parts within "
+                                       f"{self.commit_timeout:.0f} s; not committing (the previous checkpoint stays latest)")
+                time.sleep(0.2)
+        for fname, size in parts.items():
+            if self.store.size(f"{ckpt}/{fname}") != size:
+                raise RuntimeError(f"checkpoint {ckpt}: {fname} has the wrong size; not committing")
+        manifest = dict(meta, name=name, world_size=self.world_size, files=parts, time=time.time())
+        self.store.put_bytes(f"{ckpt}/manifest.json", json.dumps(manifest, indent=1).encode())
+        self.store.put_bytes(self.store.join("latest.json"), json.dumps({"name": name}).encode())
+        self._retain()
+        log.info("checkpoint %s committed (%.1f MB)", ckpt, sum(parts.values()) / 1e6)
 
     def _manifest(self, name: str) -> dict | None:
         path = self.store.join(name, "manifest.json")

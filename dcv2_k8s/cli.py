@@ -24,6 +24,7 @@ def resolve_for_run(tokens: list[str], need_data: bool = True):
     """Resolve tokens for a run on this node: launcher world size and dataset size included."""
     from dcv2_k8s.config import env_world, resolve
     from dcv2_k8s.data.dataset import scan_image_folder
+    from dcv2_k8s.data.stage import local_data_dir
 
     world, local = env_world()
     first = resolve(tokens, world, local)
@@ -35,20 +36,29 @@ def resolve_for_run(tokens: list[str], need_data: bool = True):
 
         raise ConfigError(["config.DATA.TRAIN.DATA_PATHS is empty; set config.DATA.TRAIN.DATA_PATHS=[/path/to/train] "
                            "(an ImageFolder directory)"])
-    _, samples = scan_image_folder(paths[0])
+    _, samples = scan_image_folder(local_data_dir(first.cfg))
     limit = int(first.cfg.DATA.TRAIN.DATA_LIMIT)
     n = min(len(samples), limit) if limit > 0 else len(samples)
     return resolve(tokens, world, local, num_train_samples=n)
+
+
+def preflight(cfg) -> None:
+    """Reach the checkpoint store before any process group forms (one line on failure)."""
+    from dcv2_k8s.storage import open_storage
+
+    open_storage(str(cfg.CHECKPOINT.DIR)).check()
 
 
 # ------------------------------------------------------------------------------------------- commands
 def cmd_train(args) -> int:
     from dcv2_k8s import distributed as D
     from dcv2_k8s.config import ConfigError
+    from dcv2_k8s.storage import StorageError
 
     try:
         resolved = resolve_for_run(args.tokens)
-    except (ConfigError, FileNotFoundError) as e:
+        preflight(resolved.cfg)
+    except (ConfigError, FileNotFoundError, StorageError) as e:
         return _fail(e.lines if isinstance(e, ConfigError) else str(e))
     dist_cfg = resolved.cfg.DISTRIBUTED
     if not D.launched():
@@ -57,14 +67,46 @@ def cmd_train(args) -> int:
                          "(torchrun or a PyTorchJob); on one machine set config.DISTRIBUTED.NUM_NODES=1")
         if int(dist_cfg.NUM_PROC_PER_NODE) > 1:
             return D.spawn_local(int(dist_cfg.NUM_PROC_PER_NODE), ["train", *args.tokens])
-    from dcv2_k8s.engine import TrainingError, train
+    from dcv2_k8s.engine import EXIT_PREEMPTED, Preempted, TrainingError, train
 
     try:
         train(resolved)
-    except TrainingError as e:
+    except Preempted:
+        return EXIT_PREEMPTED
+    except (TrainingError, StorageError) as e:
         print(f"dcv2: error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_stage(args) -> int:
+    from dcv2_k8s.data.stage import stage, verify
+    from dcv2_k8s.storage import StorageError
+
+    if args.verify:
+        problems = verify(args.dest)
+        for line in problems[:50]:
+            print(line)
+        if len(problems) > 50:
+            print(f"... and {len(problems) - 50} more")
+        print(f"{args.dest}: {'intact' if not problems else f'{len(problems)} differences'}")
+        return 0 if not problems else 1
+    if not args.src:
+        return _fail("dcv2 stage SRC DEST (or dcv2 stage --verify DEST)")
+    try:
+        m = stage(args.src, args.dest, workers=args.workers, progress=sys.stderr.isatty() or args.progress,
+                  checksum=not args.no_checksum)
+    except StorageError as e:
+        return _fail(str(e))
+    print(json.dumps({k: m[k] for k in ("source", "num_files", "transferred", "skipped", "bytes")} |
+                     {"classes": len(m["classes"])}))
+    return 0
+
+
+def cmd_s3_serve(args) -> int:
+    from dcv2_k8s.s3server import serve
+
+    return serve(args.host, args.port, args.bucket)
 
 
 def cmd_config_show(args) -> int:
@@ -94,7 +136,7 @@ def cmd_data_synth(args) -> int:
 
     try:
         summary = generate(args.out_dir, args.classes, args.train_per_class, args.val_per_class, args.size,
-                           args.photo_like, args.seed)
+                           args.photo_like, args.seed, kind=args.kind)
     except ValueError as e:
         return _fail(str(e))
     print(json.dumps(summary))
@@ -179,7 +221,27 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--size", type=int, default=64, help="image side in pixels")
     ds.add_argument("--photo-like", action="store_true", help="500x375 noisy photos (ImageNet-like JPEGs)")
     ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--kind", choices=["textures", "shapes"], default="textures",
+                    help="what defines a class: a texture family (default) or a shape")
     ds.set_defaults(fn=cmd_data_synth)
+
+    st = sub.add_parser("stage", help="copy/extract a dataset from s3:// (or a directory) to a local directory")
+    st.add_argument("src", nargs="?", help="s3://bucket/prefix/ holding CLASS/IMAGE objects or .tar archives")
+    st.add_argument("dest", help="local directory (node-local disk, emptyDir or PVC)")
+    st.add_argument("--workers", type=int, default=16, help="parallel transfers")
+    st.add_argument("--verify", action="store_true", help="re-check DEST against its manifest and report differences")
+    st.add_argument("--progress", action="store_true", help="progress bar even when not on a terminal")
+    st.add_argument("--no-checksum", action="store_true",
+                    help="on resume, trust a present file of the right size without comparing its MD5 to the ETag")
+    st.set_defaults(fn=cmd_stage)
+
+    s3 = sub.add_parser("s3", help="embedded S3 endpoint for local runs")
+    s3sub = s3.add_subparsers(dest="s3_cmd", required=True)
+    sv = s3sub.add_parser("serve", help="serve an in-memory S3 API on 127.0.0.1 until interrupted")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=9000)
+    sv.add_argument("--bucket", action="append", default=[], help="create this bucket (repeatable)")
+    sv.set_defaults(fn=cmd_s3_serve)
 
     k = sub.add_parser("knn", help="weighted k-NN accuracy of frozen trunk features")
     k.add_argument("--train", required=True, help="ImageFolder used as the k-NN memory")

@@ -13,7 +13,9 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -28,6 +30,7 @@ from dcv2_k8s import distributed as D
 from dcv2_k8s.checkpoint import CheckpointManager, rng_state, set_rng_state
 from dcv2_k8s.config.loader import Resolved, to_yaml
 from dcv2_k8s.data.dataset import IndexedImageFolder, ResumableDistributedSampler
+from dcv2_k8s.data.stage import local_data_dir
 from dcv2_k8s.data.transforms import MultiCrop, normalize_params
 from dcv2_k8s.dcv2.kmeans import cluster_memory
 from dcv2_k8s.dcv2.loss import dcv2_loss
@@ -40,8 +43,15 @@ from dcv2_k8s.optim import LRSchedule, build_optimizer
 log = logging.getLogger("dcv2")
 
 
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: a committed checkpoint was written; restarting the job resumes it
+
+
 class TrainingError(RuntimeError):
     """A failure the user can act on (message says what to do)."""
+
+
+class Preempted(Exception):
+    """SIGTERM received: a checkpoint was committed and the process should exit with EXIT_PREEMPTED."""
 
 
 @dataclass
@@ -104,7 +114,7 @@ class Trainer:
 
         # data
         transforms = [dict(t) for t in cfg.DATA.TRAIN.TRANSFORMS]
-        self.dataset = IndexedImageFolder(cfg.DATA.TRAIN.DATA_PATHS[0], MultiCrop(transforms),
+        self.dataset = IndexedImageFolder(local_data_dir(cfg), MultiCrop(transforms),
                                           int(cfg.DATA.TRAIN.DATA_LIMIT), int(cfg.SEED_VALUE))
         self.sampler = ResumableDistributedSampler(len(self.dataset), info.world_size, info.rank, True,
                                                    int(cfg.SEED_VALUE))
@@ -150,15 +160,28 @@ class Trainer:
         self.prev_table: torch.Tensor | None = None
         self.state = TrainState()
         self.ckpt = CheckpointManager(str(cfg.CHECKPOINT.DIR), info.rank, info.world_size,
-                                      int(cfg.CHECKPOINT.KEEP_LAST), int(cfg.CHECKPOINT.KEEP_EVERY_EPOCHS))
+                                      int(cfg.CHECKPOINT.KEEP_LAST), int(cfg.CHECKPOINT.KEEP_EVERY_EPOCHS),
+                                      commit_timeout=float(cfg.DISTRIBUTED.TIMEOUT_SECONDS))
         self.metrics_file = os.path.join(str(cfg.CHECKPOINT.DIR), "metrics.jsonl") if info.is_main else None
         self.progress = info.is_main and sys.stderr.isatty()
+        self.stop_reason = ""           # "", "max_steps" or "preempted"
+        self._signalled = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if not self._signalled:
+            log.warning("SIGTERM: finishing the current step, then committing a checkpoint and exiting")
+        self._signalled = True
+
+    def agree_to_stop(self) -> bool:
+        """Whether any rank got SIGTERM; every rank calls this at the same step, so all stop together."""
+        flag = torch.tensor([1.0 if self._signalled else 0.0], device=self.device)
+        if self.info.distributed:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     # ------------------------------------------------------------------------------------------ helpers
-    def barrier(self) -> None:
-        if self.info.distributed:
-            dist.barrier()
-
     def emit(self, kind: str, **values) -> None:
         """One JSON line per event in CHECKPOINT.DIR/metrics.jsonl (rank 0), for reports and tests."""
         if self.metrics_file is None:
@@ -191,8 +214,8 @@ class Trainer:
         meta = {"epoch": s.epoch, "step_in_epoch": s.step_in_epoch, "global_step": s.global_step,
                 "epoch_end": epoch_end}
         t0 = time.time()
-        self.ckpt.save(CheckpointManager.name_for(s.global_step), main, bank, meta, self.barrier)
-        self.emit("checkpoint", global_step=s.global_step, seconds=time.time() - t0)
+        self.ckpt.save(CheckpointManager.name_for(s.global_step), main, bank, meta)
+        self.emit("checkpoint", global_step=s.global_step, snapshot_seconds=time.time() - t0)
 
     def resume(self) -> bool:
         """Load the newest committed checkpoint of CHECKPOINT.DIR. Returns whether the bank was restored."""
@@ -277,14 +300,22 @@ class Trainer:
                 self.cluster(s.epoch)
                 self.bank.ptr = 0
             last = self.train_one_epoch(max_steps, iter_freq)
-            if s.step_in_epoch < self.steps_per_epoch:  # stopped early (MAX_STEPS)
-                self.save_checkpoint(epoch_end=False)
+            epoch_done = s.step_in_epoch == self.steps_per_epoch
+            if epoch_done:
+                s.epoch += 1
+                s.step_in_epoch = 0
+            if self.stop_reason:
+                self.save_checkpoint(epoch_end=epoch_done)
+                self.ckpt.wait()
+                if self.stop_reason == "preempted":
+                    log.warning("checkpoint committed at step %d; exiting with code %d (restart to resume)",
+                                s.global_step, EXIT_PREEMPTED)
+                    raise Preempted()
                 log.info("stopped after %d steps (config.TRAINER.MAX_STEPS)", s.global_step)
                 return last
-            s.epoch += 1
-            s.step_in_epoch = 0
             if s.epoch % max(1, epoch_freq) == 0 or s.epoch == self.epochs:
                 self.save_checkpoint(epoch_end=True)
+        self.ckpt.wait()
         log.info("training finished: %d epochs, %d steps", self.epochs, s.global_step)
         return last
 
@@ -326,7 +357,11 @@ class Trainer:
                 n_acc, data_wait, t_window = 0, 0.0, time.time()
             if iter_freq > 0 and s.global_step % iter_freq == 0 and s.step_in_epoch < self.steps_per_epoch:
                 self.save_checkpoint(epoch_end=False)
+            if s.global_step % log_every == 0 and self.agree_to_stop():
+                self.stop_reason = "preempted"
+                break
             if 0 < max_steps <= s.global_step:
+                self.stop_reason = "max_steps"
                 break
             t_end = time.time()
         return last

@@ -1,15 +1,33 @@
-"""One small interface over local directories (and, behind the same calls, object storage).
+"""One small interface over local directories and S3-compatible object storage.
 
-Paths are strings: a local path or a URI. Writes are atomic: a reader sees the old object or the new one,
-never a partial one (local: write a temporary file, fsync, rename).
+Paths are strings: a local path or an ``s3://bucket/prefix`` URI. Writes are atomic: a reader sees the old
+object or the new one, never a partial one (local: temporary file, fsync, rename; S3: a PUT or a completed
+multipart upload is atomic by itself).
+
+S3 settings come from the standard environment (a Kubernetes Secret through ``envFrom``):
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL_S3`` /
+``AWS_ENDPOINT_URL`` (MinIO, SeaweedFS, Ceph RGW, the embedded server), and these of ours:
+
+- ``DCV2_S3_ADDRESSING``: ``path`` (default when an endpoint is set; MinIO/SeaweedFS want it) or ``virtual``;
+- ``DCV2_S3_RETRY_MODE`` (``standard``/``adaptive``, default standard) and ``DCV2_S3_MAX_ATTEMPTS`` (default 5);
+- ``DCV2_S3_CONNECT_TIMEOUT`` / ``DCV2_S3_READ_TIMEOUT`` seconds (default 10 / 60);
+- ``AWS_REQUEST_CHECKSUM_CALCULATION=when_required`` and ``AWS_RESPONSE_CHECKSUM_VALIDATION=when_required`` for
+  stores that reject boto3's newer default checksum headers (botocore reads them itself).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+MiB = 2 ** 20
+
+
+class StorageError(RuntimeError):
+    """A storage failure a user can act on; the message names the URI and the fix."""
 
 
 class LocalStorage:
@@ -53,10 +71,187 @@ class LocalStorage:
     def delete_tree(self, path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
+    def check(self) -> None:
+        try:
+            os.makedirs(self.root, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"{self.root}: cannot create the directory ({e.strerror}); pick a writable path") from None
 
-def open_storage(root: str) -> LocalStorage:
-    """The backend for ``root`` (a local path; ``s3://`` URIs are served by the object-storage backend)."""
+
+def split_s3(uri: str) -> tuple[str, str]:
+    rest = uri[len("s3://"):]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise StorageError(f"{uri}: no bucket in the URI; write s3://BUCKET/PREFIX")
+    return bucket, key
+
+
+def transfer_config(size_hint: int = 0):
+    """Multipart settings for multi-GB objects: 64 MiB parts (a 600 GiB object stays under 10,000 parts)."""
+    from boto3.s3.transfer import TransferConfig
+
+    chunk = 64 * MiB
+    while size_hint and size_hint / chunk > 9000:
+        chunk *= 2
+    return TransferConfig(multipart_threshold=64 * MiB, multipart_chunksize=chunk,
+                          max_concurrency=int(os.environ.get("DCV2_S3_CONCURRENCY", "10")), use_threads=True)
+
+
+def s3_client():
+    """A boto3 S3 client configured from the environment (see the module docstring)."""
+    import boto3
+    from botocore.config import Config
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    addressing = os.environ.get("DCV2_S3_ADDRESSING", "path" if endpoint else "auto")
+    cfg = Config(retries={"mode": os.environ.get("DCV2_S3_RETRY_MODE", "standard"),
+                          "max_attempts": int(os.environ.get("DCV2_S3_MAX_ATTEMPTS", "5"))},
+                 connect_timeout=float(os.environ.get("DCV2_S3_CONNECT_TIMEOUT", "10")),
+                 read_timeout=float(os.environ.get("DCV2_S3_READ_TIMEOUT", "60")),
+                 s3={"addressing_style": "virtual" if addressing == "virtual" else addressing},
+                 max_pool_connections=32)
+    return boto3.client("s3", endpoint_url=endpoint or None, config=cfg)
+
+
+def explain_s3_error(uri: str, err: Exception) -> StorageError:
+    """One line naming the URI and what to do, for the mistakes users make."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the AWS default"
+    if isinstance(err, NoCredentialsError):
+        return StorageError(f"{uri}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (in a "
+                            "Kubernetes Secret referenced by envFrom)")
+    if isinstance(err, EndpointConnectionError) or type(err).__name__ in ("ConnectTimeoutError", "ReadTimeoutError",
+                                                                          "ConnectionClosedError"):
+        return StorageError(f"{uri}: cannot reach the S3 endpoint {endpoint}; check AWS_ENDPOINT_URL(_S3) and that "
+                            "the object store is running")
+    if isinstance(err, ClientError):
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        if code in ("NoSuchBucket", "404", "NotFound"):
+            return StorageError(f"{uri}: the bucket does not exist at {endpoint}; create it or fix the URI")
+        if code in ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return StorageError(f"{uri}: access denied ({code}); check the credentials and the bucket policy")
+        if "checksum" in str(err).lower() or code == "InvalidArgument":
+            return StorageError(f"{uri}: the store rejected the request ({code}); for S3-compatible stores set "
+                                "AWS_REQUEST_CHECKSUM_CALCULATION=when_required AWS_RESPONSE_CHECKSUM_VALIDATION=when_required")
+        return StorageError(f"{uri}: S3 error {code}: {err}")
+    return StorageError(f"{uri}: {type(err).__name__}: {err}")
+
+
+class S3Storage:
+    """Objects under ``s3://bucket/prefix``; "directories" are key prefixes."""
+
+    def __init__(self, root: str, client=None):
+        self.root = root.rstrip("/")
+        self.bucket, self.prefix = split_s3(self.root)
+        self._client = client
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = s3_client()
+        return self._client
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.root, *[p.strip("/") for p in parts]])
+
+    def _key(self, path: str) -> str:
+        bucket, key = split_s3(path)
+        if bucket != self.bucket:
+            raise StorageError(f"{path}: outside the bucket {self.bucket}")
+        return key
+
+    def _call(self, path: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except StorageError:
+            raise
+        except Exception as e:  # botocore errors become one actionable line
+            raise explain_s3_error(path, e) from e
+
+    def put_bytes(self, path: str, data: bytes) -> None:
+        self._call(path, self.client.upload_fileobj, io.BytesIO(data), self.bucket, self._key(path),
+                   Config=transfer_config(len(data)))
+
+    def upload_file(self, local: str, path: str) -> None:
+        self._call(path, self.client.upload_file, local, self.bucket, self._key(path),
+                   Config=transfer_config(os.path.getsize(local)))
+
+    def download_file(self, path: str, local: str) -> None:
+        Path(local).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{local}.part"
+        self._call(path, self.client.download_file, self.bucket, self._key(path), tmp, Config=transfer_config())
+        os.replace(tmp, local)
+
+    def get_bytes(self, path: str) -> bytes:
+        buf = io.BytesIO()
+        self._call(path, self.client.download_fileobj, self.bucket, self._key(path), buf, Config=transfer_config())
+        return buf.getvalue()
+
+    def head(self, path: str) -> dict | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(path))
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise explain_s3_error(path, e) from e
+        except Exception as e:
+            raise explain_s3_error(path, e) from e
+
+    def exists(self, path: str) -> bool:
+        return self.head(path) is not None
+
+    def size(self, path: str) -> int:
+        h = self.head(path)
+        if h is None:
+            raise StorageError(f"{path}: no such object")
+        return int(h["ContentLength"])
+
+    def list_objects(self, path: str) -> list[dict]:
+        """Every object under ``path`` (recursive): dicts with Key (relative to path), Size and ETag."""
+        prefix = self._key(path).rstrip("/")
+        prefix = f"{prefix}/" if prefix else ""
+        out = []
+        pages = self._call(path, self.client.get_paginator("list_objects_v2").paginate, Bucket=self.bucket,
+                           Prefix=prefix)
+        try:
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    out.append({"Key": obj["Key"][len(prefix):], "Size": obj["Size"],
+                                "ETag": obj.get("ETag", "").strip('"')})
+        except Exception as e:
+            raise explain_s3_error(path, e) from e
+        return out
+
+    def list_dirs(self, path: str) -> list[str]:
+        prefix = self._key(path).rstrip("/")
+        prefix = f"{prefix}/" if prefix else ""
+        out = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix,
+                                                                               Delimiter="/"):
+                out += [cp["Prefix"][len(prefix):].rstrip("/") for cp in page.get("CommonPrefixes", [])]
+        except Exception as e:
+            raise explain_s3_error(path, e) from e
+        return sorted(out)
+
+    def delete_tree(self, path: str) -> None:
+        keys = [self._key(path).rstrip("/") + "/" + o["Key"] for o in self.list_objects(path)]
+        for i in range(0, len(keys), 1000):
+            self._call(path, self.client.delete_objects, Bucket=self.bucket,
+                       Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+
+    def check(self) -> None:
+        """Fail fast, with one line, when the bucket cannot be reached or used."""
+        self._call(self.root, self.client.head_bucket, Bucket=self.bucket)
+
+
+def open_storage(root: str) -> LocalStorage | S3Storage:
+    """The backend for ``root``: ``s3://...`` -> :class:`S3Storage`, anything else a local path."""
+    if root.startswith("s3://"):
+        return S3Storage(root)
     if "://" in root:
-        scheme = root.split("://", 1)[0]
-        raise ValueError(f"{root}: storage scheme {scheme}:// is not supported by this build; use a local path")
+        raise StorageError(f"{root}: unsupported scheme {root.split('://', 1)[0]}://; use a local path or s3://")
     return LocalStorage(root)

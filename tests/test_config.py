@@ -223,7 +223,7 @@ def test_crop_list_lengths():
 
 
 def test_crops_for_mb_must_be_large_crops():
-    lines = errors_of([BASE, f"+config/pretrain/deepcluster_v2/transforms=multicrop_2x160_4x96",
+    lines = errors_of([BASE, "+config/pretrain/deepcluster_v2/transforms=multicrop_2x160_4x96",
                        f"{LOSS}.memory_params.crops_for_mb=[0, 3]"])
     assert any("crops_for_mb=[0, 3] must index the large crops" in l for l in lines)
 

@@ -6,6 +6,7 @@ the same index to the same image: the memory bank and the k-means assignment tab
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -19,8 +20,18 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 
 def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
-    """Sorted classes and ``(relative path, class index)`` samples of an ImageFolder tree."""
+    """Sorted classes and ``(relative path, class index)`` samples of an ImageFolder tree.
+
+    A staged directory's manifest (``.dcv2_manifest.json``, written by ``dcv2 stage``) is the file list when
+    present, so indices do not depend on what else appears in the directory later.
+    """
     root = Path(root)
+    manifest = root / ".dcv2_manifest.json"
+    if manifest.is_file():
+        files = sorted(rel for rel, _ in json.loads(manifest.read_text())["files"])
+        classes = sorted({Path(rel).parts[0] for rel in files})
+        index = {c: i for i, c in enumerate(classes)}
+        return classes, [(rel, index[Path(rel).parts[0]]) for rel in files]
     if not root.is_dir():
         raise FileNotFoundError(f"dataset directory {root} does not exist; set config.DATA.TRAIN.DATA_PATHS=[DIR] "
                                 "(or stage it with `dcv2 stage`)")

@@ -1,8 +1,10 @@
 """Generate an ImageFolder of JPEGs with real class structure, for demos, tests and benchmarks.
 
-A class is a shape (circle, ring, square, ...; with ``--classes`` above 10 the outlined variants are added).
-Everything else is a nuisance drawn per image: object and background colours, background gradient and noise,
-position, scale, rotation and a little clutter. Colour and position dominate raw pixels, so features that
+``textures`` (default): a class is a pattern family (stripes, checker, dots, rings, ...); colours, period,
+phase, angle and a shape drawn on top are nuisances. ``shapes``: a class is a shape (circle, ring, square, ...;
+above 10 classes the outlined variants are added); colours, position, scale and rotation are nuisances.
+Colour dominates raw pixels in both, so features that ignore it (which multi-crop + colour distortion
+teaches) are needed to tell the classes apart. Colour and position dominate raw pixels, so features that
 ignore them (which multi-crop + colour distortion teaches) are needed to tell classes apart.
 """
 
@@ -82,23 +84,85 @@ def _far_color(rng: np.random.Generator, other: tuple) -> tuple[int, int, int]:
     return tuple(255 - v for v in other)
 
 
+TEXTURES = ["stripes", "checker", "dots", "rings", "zigzag", "grid", "waves", "blobs", "hatch", "bricks"]
+
+
+def texture_mask(kind: str, rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """A boolean pattern of family ``kind`` with random period, phase, rotation (and centre for rings)."""
+    side = min(width, height)
+    period = side / rng.uniform(4.0, 6.0)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    a = rng.uniform(0, np.pi)
+    u = (xx * np.cos(a) + yy * np.sin(a)) / period * 2 * np.pi + rng.uniform(0, 2 * np.pi)
+    v = (-xx * np.sin(a) + yy * np.cos(a)) / period * 2 * np.pi + rng.uniform(0, 2 * np.pi)
+    if kind == "stripes":
+        return np.sin(u) > 0
+    if kind == "checker":
+        return np.sin(u) * np.sin(v) > 0
+    if kind == "dots":
+        fu, fv = (u / (2 * np.pi)) % 1 - 0.5, (v / (2 * np.pi)) % 1 - 0.5
+        return fu * fu + fv * fv < 0.07
+    if kind == "rings":
+        cx, cy = rng.uniform(0, width), rng.uniform(0, height)
+        return np.sin(np.hypot(xx - cx, yy - cy) / period * 2 * np.pi) > 0
+    if kind == "zigzag":
+        tri = np.abs((v / np.pi) % 2 - 1)
+        return np.sin(u + 2.5 * tri) > 0
+    if kind == "grid":
+        return (np.cos(u) > 0.8) | (np.cos(v) > 0.8)
+    if kind == "waves":
+        return np.sin(u + 1.5 * np.sin(v * 0.5)) > 0
+    if kind == "blobs":
+        low = rng.normal(0, 1, (max(2, height // 10), max(2, width // 10)))
+        img = Image.fromarray(((low - low.min()) / (np.ptp(low) + 1e-6) * 255).astype(np.uint8))
+        return np.asarray(img.resize((width, height), Image.BICUBIC)) > 128
+    if kind == "hatch":
+        return (np.sin(u) > 0.6) | (np.sin((u + v) * 0.7071) > 0.6)
+    if kind == "bricks":
+        row = np.floor(v / (2 * np.pi))
+        shifted = u + np.pi * (row % 2)
+        return ((v / (2 * np.pi)) % 1 > 0.15) & ((shifted / (2 * np.pi)) % 1 > 0.12)
+    raise ValueError(kind)
+
+
+def make_texture_image(cls: int, rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """One image of texture class ``cls``: the class's pattern family in two random colours, at a random
+    period, phase and angle, with noise, under a random shape in a third colour (a nuisance)."""
+    c1 = np.array(_random_color(rng), dtype=np.float32)
+    c2 = np.array(_far_color(rng, tuple(int(v) for v in c1)), dtype=np.float32)
+    mask = texture_mask(TEXTURES[cls % len(TEXTURES)], rng, width, height)[..., None]
+    arr = np.where(mask, c1, c2) + rng.normal(0, 8, (height, width, 3))
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    side = min(width, height)
+    r = side * rng.uniform(0.1, 0.2)
+    cx, cy = rng.uniform(r, width - r), rng.uniform(r, height - r)
+    draw_shape(ImageDraw.Draw(img), SHAPES[int(rng.integers(0, len(SHAPES)))], cx, cy, r,
+               rng.uniform(0, 2 * math.pi), _random_color(rng), tuple(int(v) for v in c2), False)
+    return img
+
+
 def make_image(cls: int, rng: np.random.Generator, width: int, height: int, photo_like: bool = False) -> Image.Image:
+    """One image of class ``cls``: the class's shape in a random colour, at a random place, size and angle, on a
+    random flat background with noise. Only the shape is shared within a class: backgrounds carry no structure
+    (a gradient or clutter would be a cue that survives cropping and colour distortion, easier than shape).
+    ``photo_like`` adds gradients, clutter, blur and grain for ImageNet-like file sizes (benchmarks)."""
     shape = SHAPES[cls % len(SHAPES)]
     outline_only = cls >= len(SHAPES)
     bg = _random_color(rng)
-    bg2 = _random_color(rng)
-    # background: a linear gradient between two random colours plus noise
-    t = np.linspace(0, 1, width)[None, :, None] * rng.uniform(0.2, 1.0)
-    arr = (np.array(bg)[None, None, :] * (1 - t) + np.array(bg2)[None, None, :] * t).repeat(height, 0)
-    noise = rng.normal(0, 25 if photo_like else 12, (height, width, 3))
-    img = Image.fromarray(np.clip(arr + noise, 0, 255).astype(np.uint8))
+    arr = np.broadcast_to(np.array(bg, dtype=np.float32), (height, width, 3)).copy()
+    if photo_like:
+        t = np.linspace(0, 1, width, dtype=np.float32)[None, :, None] * rng.uniform(0.2, 1.0)
+        arr = arr * (1 - t) + np.array(_random_color(rng), dtype=np.float32) * t
+    arr += rng.normal(0, 25 if photo_like else 8, (height, width, 3))
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
     side = min(width, height)
-    for _ in range(int(rng.integers(0, 4))):  # clutter
-        x, y = rng.uniform(0, width), rng.uniform(0, height)
-        s = side * rng.uniform(0.03, 0.08)
-        draw.rectangle([x - s, y - s, x + s, y + s], fill=_random_color(rng))
-    r = side * rng.uniform(0.17, 0.32)
+    if photo_like:
+        for _ in range(int(rng.integers(0, 4))):  # clutter
+            x, y = rng.uniform(0, width), rng.uniform(0, height)
+            s = side * rng.uniform(0.03, 0.08)
+            draw.rectangle([x - s, y - s, x + s, y + s], fill=_random_color(rng))
+    r = side * rng.uniform(0.2, 0.34)
     cx, cy = rng.uniform(r * 1.2, width - r * 1.2), rng.uniform(r * 1.2, height - r * 1.2)
     draw_shape(draw, shape, cx, cy, r, rng.uniform(0, 2 * math.pi), _far_color(rng, bg), tuple(bg), outline_only)
     if photo_like:
@@ -108,34 +172,42 @@ def make_image(cls: int, rng: np.random.Generator, width: int, height: int, phot
     return img
 
 
-def class_name(cls: int) -> str:
+def class_name(cls: int, kind: str = "shapes") -> str:
+    if kind == "textures":
+        return f"c{cls:02d}_{TEXTURES[cls]}"
     shape = SHAPES[cls % len(SHAPES)]
     return f"c{cls:02d}_{shape}{'_outline' if cls >= len(SHAPES) else ''}"
 
 
 def generate(out_dir: str | Path, classes: int = 10, train_per_class: int = 100, val_per_class: int = 20,
              size: int = 64, photo_like: bool = False, seed: int = 0, quality: int = 90,
-             progress: bool = True) -> dict:
+             progress: bool = True, kind: str = "textures") -> dict:
     """Write ``out_dir/train/CLASS/*.jpg`` and ``out_dir/val/CLASS/*.jpg``; return a summary dict.
 
-    ``photo_like`` makes 500x375 noisy photos (ImageNet-like sizes, ~100 KB JPEGs) instead of ``size`` squares.
+    ``kind``: ``textures`` (a class is a pattern family: stripes, checks, dots, ...; the default) or ``shapes``
+    (a class is a shape). ``photo_like`` makes 500x375 noisy photos (ImageNet-like sizes, ~100 KB JPEGs).
     """
+    if kind not in ("textures", "shapes"):
+        raise ValueError(f"--kind {kind}: choose textures or shapes")
     from tqdm import tqdm
 
-    if not 2 <= classes <= 2 * len(SHAPES):
-        raise ValueError(f"--classes must be between 2 and {2 * len(SHAPES)}")
+    limit = len(TEXTURES) if kind == "textures" else 2 * len(SHAPES)
+    if not 2 <= classes <= limit:
+        raise ValueError(f"--classes must be between 2 and {limit} for --kind {kind}")
     out = Path(out_dir)
     width, height = (500, 375) if photo_like else (size, size)
     jobs = [(split, c, i) for split, n in (("train", train_per_class), ("val", val_per_class))
             for c in range(classes) for i in range(n)]
     for split, c, i in tqdm(jobs, desc="synth", unit="img", disable=not progress, mininterval=1.0):
-        path = out / split / class_name(c) / f"{split}_{c:02d}_{i:05d}.jpg"
+        path = out / split / class_name(c, kind) / f"{split}_{c:02d}_{i:05d}.jpg"
         if path.exists():
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng([seed, c, i, 0 if split == "train" else 1])
-        make_image(c, rng, width, height, photo_like).save(path, quality=quality)
-    summary = {"classes": classes, "train": classes * train_per_class, "val": classes * val_per_class,
+        img = make_texture_image(c, rng, width, height) if kind == "textures" and not photo_like \
+            else make_image(c, rng, width, height, photo_like)
+        img.save(path, quality=quality)
+    summary = {"kind": kind, "classes": classes, "train": classes * train_per_class, "val": classes * val_per_class,
                "width": width, "height": height, "seed": seed}
     (out / "synth.json").write_text(json.dumps(summary, indent=1))
     return summary
