@@ -36,6 +36,7 @@ from dcv2_k8s.dcv2.kmeans import cluster_memory
 from dcv2_k8s.dcv2.loss import dcv2_loss
 from dcv2_k8s.dcv2.memory_bank import MemoryBank
 from dcv2_k8s.dcv2.stats import head_stats
+from dcv2_k8s.eval.knn import knn_eval
 from dcv2_k8s.model import build_model
 from dcv2_k8s.model.syncbn import convert_sync_bn
 from dcv2_k8s.optim import LRSchedule, build_optimizer
@@ -273,6 +274,20 @@ class Trainer:
         log.info("epoch %d k-means: %.2f s for %d heads", epoch, seconds, len(self.num_clusters))
         self.emit("kmeans", epoch=epoch, seconds=seconds, heads=stats)
 
+    def knn_monitor(self) -> dict | None:
+        """Weighted k-NN of the frozen trunk: DATA.TRAIN as memory, DATA.TEST as queries (all ranks)."""
+        test = list(self.cfg.DATA.TEST.DATA_PATHS)
+        if not test:
+            return None
+        t0 = time.time()
+        res = knn_eval(self.model.trunk, self.dataset.root, test[0], self.large_size, self.device,
+                       int(self.cfg.MONITOR.KNN_K), float(self.cfg.MONITOR.KNN_TEMPERATURE), self.info.rank,
+                       self.info.world_size, num_workers=0, mean=self.norm[0], std=self.norm[1])
+        log.info("epoch %d k-NN: top-1 %.2f%% top-5 %.2f%% (%.1f s)", self.state.epoch, res["top1"], res["top5"],
+                 time.time() - t0)
+        self.emit("knn", epoch=self.state.epoch, **res)
+        return res
+
     def _iter(self, loader, desc: str):
         if not self.progress:
             return loader
@@ -315,6 +330,9 @@ class Trainer:
                 return last
             if s.epoch % max(1, epoch_freq) == 0 or s.epoch == self.epochs:
                 self.save_checkpoint(epoch_end=True)
+            knn_every = int(cfg.MONITOR.KNN_FREQUENCY)
+            if knn_every > 0 and (s.epoch % knn_every == 0 or s.epoch == self.epochs):
+                self.knn_monitor()
         self.ckpt.wait()
         log.info("training finished: %d epochs, %d steps", self.epochs, s.global_step)
         return last

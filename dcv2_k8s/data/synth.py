@@ -126,18 +126,24 @@ def texture_mask(kind: str, rng: np.random.Generator, width: int, height: int) -
 
 
 def make_texture_image(cls: int, rng: np.random.Generator, width: int, height: int) -> Image.Image:
-    """One image of texture class ``cls``: the class's pattern family in two random colours, at a random
-    period, phase and angle, with noise, under a random shape in a third colour (a nuisance)."""
-    c1 = np.array(_random_color(rng), dtype=np.float32)
-    c2 = np.array(_far_color(rng, tuple(int(v) for v in c1)), dtype=np.float32)
+    """One image of texture class ``cls``: the class's pattern family at a random period, phase and angle,
+    coloured per region (3-5 large Voronoi cells, each with its own random colour pair), with noise, under a
+    random shape (a nuisance). Colour changes across an image, so two crops of one image share the texture but
+    not the colours: colour is not an image property a method could cluster on."""
+    cells = int(rng.integers(3, 6))
+    seeds = rng.uniform(0, 1, (cells, 2)) * np.array([width, height])
+    yy, xx = np.mgrid[0:height, 0:width]
+    owner = np.argmin((xx[..., None] - seeds[:, 0]) ** 2 + (yy[..., None] - seeds[:, 1]) ** 2, axis=-1)
+    c1 = np.array([_random_color(rng) for _ in range(cells)], dtype=np.float32)
+    c2 = np.array([_far_color(rng, tuple(int(v) for v in c)) for c in c1], dtype=np.float32)
     mask = texture_mask(TEXTURES[cls % len(TEXTURES)], rng, width, height)[..., None]
-    arr = np.where(mask, c1, c2) + rng.normal(0, 8, (height, width, 3))
+    arr = np.where(mask, c1[owner], c2[owner]) + rng.normal(0, 8, (height, width, 3))
     img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     side = min(width, height)
     r = side * rng.uniform(0.1, 0.2)
     cx, cy = rng.uniform(r, width - r), rng.uniform(r, height - r)
     draw_shape(ImageDraw.Draw(img), SHAPES[int(rng.integers(0, len(SHAPES)))], cx, cy, r,
-               rng.uniform(0, 2 * math.pi), _random_color(rng), tuple(int(v) for v in c2), False)
+               rng.uniform(0, 2 * math.pi), _random_color(rng), tuple(int(v) for v in c2[0]), False)
     return img
 
 
