@@ -32,7 +32,7 @@ def run_demo(out: str, epochs: int = 0, minutes: float = 0) -> int:
     _run(dcv2 + ["data", "synth", str(data), "--classes", "10", "--train-per-class", "100", "--val-per-class", "30",
                  "--size", "64"])
     tokens = [f"config={DEMO_PRESET}", f"config.DATA.TRAIN.DATA_PATHS=[{data / 'train'}]",
-              f"config.CHECKPOINT.DIR={run}"]
+              f"config.DATA.TEST.DATA_PATHS=[{data / 'val'}]", f"config.CHECKPOINT.DIR={run}"]
     if epochs:
         tokens.append(f"config.OPTIMIZER.num_epochs={epochs}")
     _run(dcv2 + ["train", *tokens])
@@ -48,6 +48,9 @@ def run_demo(out: str, epochs: int = 0, minutes: float = 0) -> int:
     print(f"  random init : top-1 {random_init['top1']:5.1f} %   top-5 {random_init['top5']:5.1f} %")
     print(f"  DCv2 trained: top-1 {trained['top1']:5.1f} %   top-5 {trained['top5']:5.1f} %")
     print(f"  margin      : {result['margin_top1']:+.1f} points top-1 (chance is 10 %)")
+    curve = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"knn"' in l]
+    if curve:
+        print("  k-NN top-1 during training: " + ", ".join(f"ep {c['epoch']}: {c['top1']:.0f}%" for c in curve))
     print(f"  checkpoints : {run}")
     print(f"  result      : {out_dir / 'demo_result.json'} ({result['seconds']:.0f} s in all)")
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -135,4 +136,19 @@ def spawn_local(nproc: int, argv: list[str]) -> int:
            "-m", "dcv2_k8s", *argv]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(cmd, env=env)
+    child = subprocess.Popen(cmd, env=env)
+    forwarded = []
+
+    def forward(signum, frame):  # SIGTERM/SIGINT go to torchrun, which passes them to the workers
+        forwarded.append(signum)
+        child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = child.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if code != 0 and signal.SIGTERM in forwarded:
+        return 143  # preempted: the workers committed a checkpoint (or the previous one stays latest)
+    return code

@@ -37,6 +37,7 @@ from dcv2_k8s.dcv2.loss import dcv2_loss
 from dcv2_k8s.dcv2.memory_bank import MemoryBank
 from dcv2_k8s.dcv2.stats import head_stats
 from dcv2_k8s.eval.knn import knn_eval
+from dcv2_k8s.metrics import Metrics
 from dcv2_k8s.model import build_model
 from dcv2_k8s.model.syncbn import convert_sync_bn
 from dcv2_k8s.optim import LRSchedule, build_optimizer
@@ -101,6 +102,13 @@ def steps_per_epoch(num_samples: int, world_size: int, batch: int) -> int:
     return math.ceil(num_samples / world_size) // batch
 
 
+def _loader_worker_init(worker_id: int) -> None:
+    """Each DataLoader worker leaves its rank's process group: on preemption torchrun signals the rank's whole
+    group, and the rank must keep its workers while it finishes the step and commits a checkpoint. The rank
+    still shuts its workers down normally, and they exit by themselves if the rank dies."""
+    os.setpgrp()
+
+
 class Trainer:
     """Owns every piece of one training run; ``run()`` trains to the end (or MAX_STEPS)."""
 
@@ -123,7 +131,7 @@ class Trainer:
         self.loader = DataLoader(self.dataset, batch_size=self.batch, sampler=self.sampler, drop_last=True,
                                  num_workers=workers, pin_memory=bool(cfg.DATA.PIN_MEMORY) and self.device.type == "cuda",
                                  prefetch_factor=int(cfg.DATA.PREFETCH_FACTOR) if workers else None,
-                                 persistent_workers=workers > 0)
+                                 persistent_workers=workers > 0, worker_init_fn=_loader_worker_init)
         self.steps_per_epoch = steps_per_epoch(len(self.dataset), info.world_size, self.batch)
         self.epochs = int(cfg.OPTIMIZER.num_epochs)
         self.total_steps = self.epochs * self.steps_per_epoch
@@ -165,6 +173,10 @@ class Trainer:
                                       commit_timeout=float(cfg.DISTRIBUTED.TIMEOUT_SECONDS))
         self.metrics_file = os.path.join(str(cfg.CHECKPOINT.DIR), "metrics.jsonl") if info.is_main else None
         self.progress = info.is_main and sys.stderr.isatty()
+        mc = cfg.METRICS
+        self.metrics = Metrics(str(cfg.RUN_NAME) or resolved.name.replace("/", "_"), info.node_rank,
+                               bool(mc.ENABLED) and info.local_rank == 0, int(mc.PORT), str(mc.ADDR), resolved.name)
+        self._ckpt_reported = None
         self.stop_reason = ""           # "", "max_steps" or "preempted"
         self._signalled = False
         if threading.current_thread() is threading.main_thread():
@@ -215,8 +227,28 @@ class Trainer:
         meta = {"epoch": s.epoch, "step_in_epoch": s.step_in_epoch, "global_step": s.global_step,
                 "epoch_end": epoch_end}
         t0 = time.time()
-        self.ckpt.save(CheckpointManager.name_for(s.global_step), main, bank, meta)
+        try:
+            self.ckpt.save(CheckpointManager.name_for(s.global_step), main, bank, meta)
+        except BaseException:  # the previous checkpoint's upload failed
+            self.metrics.checkpoint_failed()
+            raise
         self.emit("checkpoint", global_step=s.global_step, snapshot_seconds=time.time() - t0)
+
+    def wait_checkpoint(self) -> None:
+        """Wait for the in-flight checkpoint; export its figures; count a failure before re-raising it."""
+        try:
+            self.ckpt.wait()
+        except BaseException:
+            self.metrics.checkpoint_failed()
+            raise
+        self.report_checkpoint()
+
+    def report_checkpoint(self) -> None:
+        res = self.ckpt.last_result
+        if res and res is not self._ckpt_reported:
+            self._ckpt_reported = res
+            self.metrics.checkpoint(res["seconds"], res["bytes"], res["time"])
+            self.emit("checkpoint_done", **res)
 
     def resume(self) -> bool:
         """Load the newest committed checkpoint of CHECKPOINT.DIR. Returns whether the bank was restored."""
@@ -272,6 +304,7 @@ class Trainer:
                      s["head"], s["empty_clusters"], s["size_entropy"], 100 * s["ignored_ratio"],
                      f", NMI vs previous {s['nmi_prev']:.3f}" if "nmi_prev" in s else "")
         log.info("epoch %d k-means: %.2f s for %d heads", epoch, seconds, len(self.num_clusters))
+        self.metrics.kmeans(seconds, stats, self.num_clusters)
         self.emit("kmeans", epoch=epoch, seconds=seconds, heads=stats)
 
     def knn_monitor(self) -> dict | None:
@@ -286,6 +319,7 @@ class Trainer:
         log.info("epoch %d k-NN: top-1 %.2f%% top-5 %.2f%% (%.1f s)", self.state.epoch, res["top1"], res["top5"],
                  time.time() - t0)
         self.emit("knn", epoch=self.state.epoch, **res)
+        self.metrics.knn(res["top1"], res["top5"])
         return res
 
     def _iter(self, loader, desc: str):
@@ -321,7 +355,7 @@ class Trainer:
                 s.step_in_epoch = 0
             if self.stop_reason:
                 self.save_checkpoint(epoch_end=epoch_done)
-                self.ckpt.wait()
+                self.wait_checkpoint()
                 if self.stop_reason == "preempted":
                     log.warning("checkpoint committed at step %d; exiting with code %d (restart to resume)",
                                 s.global_step, EXIT_PREEMPTED)
@@ -333,7 +367,7 @@ class Trainer:
             knn_every = int(cfg.MONITOR.KNN_FREQUENCY)
             if knn_every > 0 and (s.epoch % knn_every == 0 or s.epoch == self.epochs):
                 self.knn_monitor()
-        self.ckpt.wait()
+        self.wait_checkpoint()
         log.info("training finished: %d epochs, %d steps", self.epochs, s.global_step)
         return last
 
@@ -347,8 +381,11 @@ class Trainer:
         ignored_sum = torch.zeros((), device=self.device)
         n_acc, data_wait, t_window, last = 0, 0.0, time.time(), {}
         t_end = time.time()
+        node_images = self.batch * self.info.local_world_size
         for index, crops in self._iter(self.loader, f"epoch {s.epoch}"):
-            data_wait += time.time() - t_end
+            t_start = time.time()
+            wait = t_start - t_end
+            data_wait += wait
             lr = self.schedule(s.global_step)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
@@ -365,6 +402,7 @@ class Trainer:
             self.bank.write(index, [z[c * b:(c + 1) * b] for c in self.crops_for_mb])
             loss_sum += loss.detach()
             ignored_sum += ignored.detach()
+            self.metrics.step(node_images, time.time() - t_end, wait)
             n_acc += 1
             s.global_step += 1
             s.step_in_epoch += 1
@@ -386,6 +424,9 @@ class Trainer:
 
     def _log_window(self, loss_sum, ignored_sum, n, lr, data_wait, seconds) -> dict:
         loss = float(loss_sum) / max(1, n)  # the host sync of this window
+        self.metrics.window(loss, lr, self.state.epoch, self.state.global_step, self.total_steps,
+                            float(ignored_sum) / max(1, n))
+        self.report_checkpoint()
         if not math.isfinite(loss):
             raise TrainingError(f"the loss is {loss} at step {self.state.global_step}; the last committed "
                                 f"checkpoint in {self.cfg.CHECKPOINT.DIR} is intact. Lower the learning rate "
@@ -407,8 +448,11 @@ def train(resolved: Resolved) -> dict:
     for note in resolved.notes:
         if info.is_main:
             log.info("config: %s", note)
+    trainer = None
     try:
         trainer = Trainer(resolved, info)
         return trainer.run()
     finally:
+        if trainer is not None:
+            trainer.metrics.close()
         D.destroy()

@@ -20,7 +20,7 @@ import torch
 from dcv2_k8s.checkpoint import CheckpointManager, from_bytes
 from dcv2_k8s.data.stage import UnsafeArchive, stage, verify
 from dcv2_k8s.s3server import EmbeddedS3
-from dcv2_k8s.storage import S3Storage, StorageError, open_storage
+from dcv2_k8s.storage import S3Storage, open_storage
 from tests.conftest import ROOT, run_cli, tiny_train_tokens
 
 pytestmark = pytest.mark.slow

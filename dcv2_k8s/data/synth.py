@@ -87,12 +87,12 @@ def _far_color(rng: np.random.Generator, other: tuple) -> tuple[int, int, int]:
 TEXTURES = ["stripes", "checker", "dots", "rings", "zigzag", "grid", "waves", "blobs", "hatch", "bricks"]
 
 
-def texture_mask(kind: str, rng: np.random.Generator, width: int, height: int) -> np.ndarray:
-    """A boolean pattern of family ``kind`` with random period, phase, rotation (and centre for rings)."""
+def texture_mask(kind: str, rng: np.random.Generator, width: int, height: int, angle: float) -> np.ndarray:
+    """A boolean pattern of family ``kind`` at ``angle`` with a random period and phase (and centre for rings)."""
     side = min(width, height)
-    period = side / rng.uniform(4.0, 6.0)
+    period = side / rng.uniform(3.0, 4.0)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    a = rng.uniform(0, np.pi)
+    a = angle
     u = (xx * np.cos(a) + yy * np.sin(a)) / period * 2 * np.pi + rng.uniform(0, 2 * np.pi)
     v = (-xx * np.sin(a) + yy * np.cos(a)) / period * 2 * np.pi + rng.uniform(0, 2 * np.pi)
     if kind == "stripes":
@@ -126,24 +126,24 @@ def texture_mask(kind: str, rng: np.random.Generator, width: int, height: int) -
 
 
 def make_texture_image(cls: int, rng: np.random.Generator, width: int, height: int) -> Image.Image:
-    """One image of texture class ``cls``: the class's pattern family at a random period, phase and angle,
-    coloured per region (3-5 large Voronoi cells, each with its own random colour pair), with noise, under a
-    random shape (a nuisance). Colour changes across an image, so two crops of one image share the texture but
-    not the colours: colour is not an image property a method could cluster on."""
-    cells = int(rng.integers(3, 6))
-    seeds = rng.uniform(0, 1, (cells, 2)) * np.array([width, height])
-    yy, xx = np.mgrid[0:height, 0:width]
-    owner = np.argmin((xx[..., None] - seeds[:, 0]) ** 2 + (yy[..., None] - seeds[:, 1]) ** 2, axis=-1)
-    c1 = np.array([_random_color(rng) for _ in range(cells)], dtype=np.float32)
-    c2 = np.array([_far_color(rng, tuple(int(v) for v in c)) for c in c1], dtype=np.float32)
-    mask = texture_mask(TEXTURES[cls % len(TEXTURES)], rng, width, height)[..., None]
-    arr = np.where(mask, c1[owner], c2[owner]) + rng.normal(0, 8, (height, width, 3))
+    """One image of texture class ``cls``: the class's pattern family at the class's angle, a random period
+    and phase, in two random grey levels with noise, under a random coloured shape (a nuisance).
+
+    Only the pattern is shared within a class. The grey levels are random per image (colour distortion
+    scrambles them) and the angle is fixed per class: a per-image random angle would be an image property that
+    survives cropping, which a clustering method could group on instead of the pattern."""
+    lo, hi = sorted(rng.uniform(0, 255, 2))
+    if hi - lo < 60:
+        lo, hi = max(0.0, lo - 30), min(255.0, hi + 30)
+    angle = np.pi * cls / len(TEXTURES)
+    mask = texture_mask(TEXTURES[cls % len(TEXTURES)], rng, width, height, angle)
+    arr = np.where(mask, hi, lo)[..., None].repeat(3, -1) + rng.normal(0, 8, (height, width, 3))
     img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     side = min(width, height)
-    r = side * rng.uniform(0.1, 0.2)
+    r = side * rng.uniform(0.1, 0.18)
     cx, cy = rng.uniform(r, width - r), rng.uniform(r, height - r)
     draw_shape(ImageDraw.Draw(img), SHAPES[int(rng.integers(0, len(SHAPES)))], cx, cy, r,
-               rng.uniform(0, 2 * math.pi), _random_color(rng), tuple(int(v) for v in c2[0]), False)
+               rng.uniform(0, 2 * math.pi), _random_color(rng), (int(lo),) * 3, False)
     return img
 
 

@@ -1,0 +1,144 @@
+"""Prometheus metrics of the trainer (prometheus-client), one exporter per pod.
+
+Only local rank 0 of each node serves ``/metrics`` (several ranks of a pod would collide on one port); it
+reports its node's throughput (``local world size x batch`` per step) so that a sum over pods is the job's
+rate. Labels are few and bounded: ``run`` (RUN_NAME) and ``node_rank`` (plus ``head`` for cluster metrics);
+``job``, ``namespace``, ``pod`` and the training operator's labels come from Prometheus' target labels.
+Updating a metric is a dictionary write; serving runs in prometheus-client's own thread, so exporting never
+blocks training, and a failure to bind the port is logged once, never raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+
+import torch
+
+log = logging.getLogger("dcv2")
+
+STEP_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """All trainer metrics in one registry. ``enabled=False`` gives a no-op object with the same methods."""
+
+    def __init__(self, run: str, node_rank: int, enabled: bool = True, port: int = 8000, addr: str = "0.0.0.0",
+                 config_name: str = ""):
+        self.enabled = enabled
+        self.server = None
+        if not enabled:
+            return
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+        self.registry = r = CollectorRegistry()
+        base = ["run", "node_rank"]
+        self.labels = {"run": run, "node_rank": str(node_rank)}
+
+        def g(name, doc, extra=()):
+            return Gauge(name, doc, base + list(extra), registry=r)
+
+        self.samples = Counter("dcv2_train_samples", "Images processed by this node's ranks", base, registry=r)
+        self.steps = Counter("dcv2_train_steps", "Optimizer steps", base, registry=r)
+        self.step_seconds = Histogram("dcv2_train_step_duration_seconds", "Wall time of one training step", base,
+                                      buckets=STEP_BUCKETS, registry=r)
+        self.data_wait = Histogram("dcv2_data_wait_seconds", "Time a step waited for its batch", base,
+                                   buckets=WAIT_BUCKETS, registry=r)
+        self.loss = g("dcv2_train_loss", "Mean loss over the last logging window")
+        self.loss_nonfinite = g("dcv2_train_loss_nonfinite", "1 when the last loss was NaN or infinite")
+        self.lr = g("dcv2_learning_rate", "Learning rate")
+        self.epoch = g("dcv2_epoch", "Current epoch (0-based)")
+        self.iteration = g("dcv2_iteration", "Global step")
+        self.progress = g("dcv2_progress_ratio", "Share of all training steps done")
+        self.total_steps = g("dcv2_total_steps", "Steps of the whole run")
+        self.ignored = g("dcv2_ignored_targets_ratio", "Share of crops without a k-means target in the last window")
+        self.kmeans_seconds = g("dcv2_kmeans_duration_seconds", "Duration of the last k-means pass (all heads)")
+        self.clusters = g("dcv2_kmeans_clusters", "Clusters (K) of each head", ["head"])
+        self.empty = g("dcv2_kmeans_empty_clusters", "Empty clusters after the last k-means", ["head"])
+        self.entropy = g("dcv2_kmeans_cluster_size_entropy_ratio", "Cluster-size entropy / log K", ["head"])
+        self.nmi = g("dcv2_kmeans_nmi_previous_ratio", "NMI of assignments vs the previous epoch", ["head"])
+        self.ckpt_seconds = g("dcv2_checkpoint_save_duration_seconds", "Duration of the last checkpoint save")
+        self.ckpt_bytes = g("dcv2_checkpoint_bytes", "Bytes of the last checkpoint part(s) written here")
+        self.ckpt_time = g("dcv2_last_checkpoint_timestamp_seconds", "Unix time of the last committed checkpoint")
+        self.ckpt_failures = Counter("dcv2_checkpoint_failures", "Checkpoint saves that failed", base, registry=r)
+        self.knn_top1 = g("dcv2_knn_top1_ratio", "k-NN top-1 accuracy of the frozen trunk")
+        self.knn_top5 = g("dcv2_knn_top5_ratio", "k-NN top-5 accuracy of the frozen trunk")
+        self.gpu_alloc = g("dcv2_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated")
+        self.gpu_reserved = g("dcv2_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved")
+        for counter in (self.samples, self.steps, self.ckpt_failures):
+            counter.labels(**self.labels)  # exported as 0 from the start, so rate()/increase() see the series
+        self.info = Info("dcv2_build", "Versions and configuration", base, registry=r)
+        from dcv2_k8s import __version__
+
+        self.info.labels(**self.labels).info({
+            "version": __version__, "torch": torch.__version__, "cuda": str(torch.version.cuda or "none"),
+            "python": platform.python_version(), "config": config_name})
+        try:
+            from prometheus_client import start_http_server
+
+            self.server, _ = start_http_server(port, addr=addr, registry=r)
+            log.info("metrics on http://%s:%d/metrics", addr, port)
+        except OSError as e:
+            log.warning("metrics endpoint %s:%d not started (%s); training continues without it", addr, port, e)
+
+    def _l(self, metric, **extra):
+        return metric.labels(**self.labels, **extra)
+
+    def step(self, images: int, seconds: float, data_wait: float) -> None:
+        if not self.enabled:
+            return
+        self._l(self.samples).inc(images)
+        self._l(self.steps).inc()
+        self._l(self.step_seconds).observe(seconds)
+        self._l(self.data_wait).observe(data_wait)
+
+    def window(self, loss: float, lr: float, epoch: int, global_step: int, total_steps: int, ignored: float) -> None:
+        if not self.enabled:
+            return
+        finite = loss == loss and abs(loss) != float("inf")
+        self._l(self.loss_nonfinite).set(0 if finite else 1)
+        if finite:
+            self._l(self.loss).set(loss)
+        self._l(self.lr).set(lr)
+        self._l(self.epoch).set(epoch)
+        self._l(self.iteration).set(global_step)
+        self._l(self.total_steps).set(total_steps)
+        self._l(self.progress).set(global_step / max(1, total_steps))
+        self._l(self.ignored).set(ignored)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            self._l(self.gpu_alloc).set(torch.cuda.memory_allocated())
+            self._l(self.gpu_reserved).set(torch.cuda.memory_reserved())
+
+    def kmeans(self, seconds: float, heads: list[dict], num_clusters: list[int]) -> None:
+        if not self.enabled:
+            return
+        self._l(self.kmeans_seconds).set(seconds)
+        for h, k in enumerate(num_clusters):
+            self._l(self.clusters, head=str(h)).set(k)
+        for h in heads:
+            self._l(self.empty, head=str(h["head"])).set(h["empty_clusters"])
+            self._l(self.entropy, head=str(h["head"])).set(h["size_entropy"])
+            if "nmi_prev" in h:
+                self._l(self.nmi, head=str(h["head"])).set(h["nmi_prev"])
+
+    def checkpoint(self, seconds: float, nbytes: int, when: float) -> None:
+        if not self.enabled:
+            return
+        self._l(self.ckpt_seconds).set(seconds)
+        self._l(self.ckpt_bytes).set(nbytes)
+        self._l(self.ckpt_time).set(when)
+
+    def checkpoint_failed(self) -> None:
+        if self.enabled:
+            self._l(self.ckpt_failures).inc()
+
+    def knn(self, top1: float, top5: float) -> None:
+        if self.enabled:
+            self._l(self.knn_top1).set(top1 / 100)
+            self._l(self.knn_top5).set(top5 / 100)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None

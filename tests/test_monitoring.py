@@ -1,0 +1,206 @@
+"""Observability against a real Prometheus: the trainer's metrics, every dashboard query, the alert rules."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dcv2_k8s import dashboard
+from dcv2_k8s.distributed import free_port
+from tests.conftest import ROOT, tiny_train_tokens
+
+pytestmark = pytest.mark.slow
+MON = ROOT / "manifests" / "monitoring"
+
+
+def _bin(name: str) -> str:
+    path = shutil.which(name)
+    assert path, f"{name} not found: install Debian's prometheus package (.ci/run does)"
+    return path
+
+
+@pytest.fixture()
+def prometheus(tmp_path):
+    """Start Prometheus on 127.0.0.1 with a temporary config; yields (url, set_targets)."""
+    port = free_port()
+    cfg = tmp_path / "prometheus.yml"
+    proc = None
+
+    def start(targets: list[str]) -> str:
+        nonlocal proc
+        cfg.write_text(yaml.safe_dump({
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": [{"job_name": "dcv2", "static_configs": [{"targets": targets}]}]}))
+        proc = subprocess.Popen([_bin("prometheus"), f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                                 f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                                stderr=open(tmp_path / "prometheus.log", "w"))
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/-/ready", timeout=2)
+                return url
+            except OSError:
+                assert time.time() < deadline and proc.poll() is None, (tmp_path / "prometheus.log").read_text()
+                time.sleep(0.3)
+
+    yield start
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # stopped by its PID, also when the test failed
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def query(url: str, expr: str) -> tuple[int, dict]:
+    q = urllib.parse.urlencode({"query": expr})
+    try:
+        with urllib.request.urlopen(f"{url}/api/v1/query?{q}", timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def substitute(expr: str) -> str:
+    return expr.replace("$namespace", ".*").replace("$job", ".*").replace("$__rate_interval", "20s")
+
+
+def test_dashboard_file_is_current():
+    committed = json.loads((MON / "dashboards" / "dcv2-training.json").read_text())
+    assert committed == dashboard.render(), "re-render: python -m dcv2_k8s.dashboard > manifests/monitoring/..."
+    kust = yaml.safe_load((MON / "kustomization.yaml").read_text())
+    gen = kust["configMapGenerator"][0]
+    assert gen["options"]["labels"] == {"grafana_dashboard": "1"}
+    assert {v["name"] for v in committed["templating"]["list"]} == {"datasource", "namespace", "job"}
+
+
+def test_metrics_dashboard_queries_against_real_prometheus(prometheus, synth_data, tmp_path):
+    mport = free_port()
+    url = prometheus([f"127.0.0.1:{mport}"])
+    ckpt = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dcv2_k8s", "train",
+           *tiny_train_tokens(synth_data, ckpt, "config.OPTIMIZER.num_epochs=200", "config.METRICS.ENABLED=true",
+                              f"config.METRICS.PORT={mport}", "config.METRICS.ADDR=127.0.0.1",
+                              f"config.DATA.TEST.DATA_PATHS=[{synth_data / 'val'}]", "config.MONITOR.KNN_FREQUENCY=1",
+                              "config.RUN_NAME=promtest")]
+    log = open(tmp_path / "train.log", "w")
+    train = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT),
+                             env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")})
+    try:
+        deadline = time.time() + 240
+        needed = ["dcv2_checkpoint_bytes", "dcv2_knn_top1_ratio", "dcv2_kmeans_nmi_previous_ratio"]
+        while True:
+            have = [m for m in needed if query(url, m)[1].get("data", {}).get("result")]
+            if len(have) == len(needed) and time.time() > deadline - 200:
+                break
+            assert time.time() < deadline and train.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
+            time.sleep(1)
+        time.sleep(3)
+        # the exporter: one endpoint, conventional names, bounded labels
+        _, up = query(url, "up")
+        assert [r["value"][1] for r in up["data"]["result"]] == ["1"]
+        _, info = query(url, "dcv2_build_info")
+        assert info["data"]["result"][0]["metric"]["config"] == "pretrain/deepcluster_v2/deepclusterv2_demo_cpu"
+        _, series = query(url, '{__name__=~"dcv2_.*"}')
+        for s in series["data"]["result"]:
+            assert set(s["metric"]) <= {"__name__", "instance", "job", "run", "node_rank", "head", "le", "version",
+                                        "torch", "cuda", "python", "config"}, s["metric"]
+        empty = []
+        for panel in dashboard.PANELS:
+            for expr, _ in panel.exprs:
+                status, body = query(url, substitute(expr))
+                assert status == 200 and body["status"] == "success", (panel.title, expr, body)
+                if panel.source == "trainer" and not body["data"]["result"]:
+                    empty.append(panel.title)
+        assert not empty, f"panels without data: {empty}"
+        status, _ = query(url, "sum(rate(dcv2_train_samples_total[1m])")  # the server rejects bad PromQL
+        assert status == 400
+    finally:
+        train.send_signal(signal.SIGTERM)
+        try:
+            train.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            train.kill()
+        log.close()
+    assert train.returncode == 143  # preempted: committed a checkpoint and exited with the retryable code
+
+
+def _rules_file(tmp_path: Path) -> Path:
+    rule = yaml.safe_load((MON / "prometheusrule.yaml").read_text())
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    return path
+
+
+def _expected(alert: str, labels: dict) -> str:
+    """The alert's labels and its annotations rendered for ``labels`` (checks the templates too)."""
+    rule = next(r for g in yaml.safe_load((MON / "prometheusrule.yaml").read_text())["spec"]["groups"]
+                for r in g["rules"] if r["alert"] == alert)
+    notes = {}
+    for k, v in rule.get("annotations", {}).items():
+        for name, value in labels.items():
+            v = v.replace("{{ $labels.%s }}" % name, value)
+        notes[k] = v
+    return json.dumps({"exp_labels": dict(rule["labels"], **labels), "exp_annotations": notes})
+
+
+def test_alert_rules_check_and_unit_tests(tmp_path):
+    rules = _rules_file(tmp_path)
+    p = subprocess.run([_bin("promtool"), "check", "rules", str(rules)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lbl = 'namespace="ml", training_kubeflow_org_job_name="r50"'
+    job = {"namespace": "ml", "training_kubeflow_org_job_name": "r50"}
+    tests = tmp_path / "rules_test.yaml"
+    tests.write_text(textwrap.dedent(f"""\
+        rule_files: [rules.yaml]
+        evaluation_interval: 1m
+        tests:
+          - interval: 1m
+            input_series:
+              - series: 'dcv2_train_loss_nonfinite{{{lbl}, node_rank="0"}}'
+                values: '0 0 0 1 1'
+            alert_rule_test:
+              - {{eval_time: 2m, alertname: DCv2LossNotFinite, exp_alerts: []}}
+              - eval_time: 4m
+                alertname: DCv2LossNotFinite
+                exp_alerts:
+                  - {_expected("DCv2LossNotFinite", job)}
+          - interval: 1m
+            input_series:
+              - series: 'dcv2_iteration{{{lbl}, node_rank="0"}}'
+                values: '0+10x20 200x40'
+            alert_rule_test:
+              - {{eval_time: 20m, alertname: DCv2TrainingStalled, exp_alerts: []}}
+              - eval_time: 45m
+                alertname: DCv2TrainingStalled
+                exp_alerts:
+                  - {_expected("DCv2TrainingStalled", job)}
+          - interval: 1m
+            input_series:
+              - series: 'dcv2_kmeans_empty_clusters{{{lbl}, node_rank="0", head="1"}}'
+                values: '0 50 400'
+              - series: 'dcv2_kmeans_clusters{{{lbl}, node_rank="0", head="1"}}'
+                values: '3000 3000 3000'
+            alert_rule_test:
+              - {{eval_time: 1m, alertname: DCv2EmptyClusters, exp_alerts: []}}
+              - eval_time: 2m
+                alertname: DCv2EmptyClusters
+                exp_alerts:
+                  - {_expected("DCv2EmptyClusters", dict(job, head="1"))}
+        """))
+    p = subprocess.run([_bin("promtool"), "test", "rules", str(tests)], capture_output=True, text=True,
+                       cwd=str(tmp_path))
+    assert p.returncode == 0, p.stdout + p.stderr
