@@ -188,6 +188,18 @@ def cmd_knn(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from dcv2_k8s.report import render
+    from dcv2_k8s.storage import StorageError
+
+    try:
+        page = render(args.run, args.out or os.path.join(args.run if "://" not in args.run else ".", "report"))
+    except (FileNotFoundError, ValueError, StorageError) as e:
+        return _fail(str(e))
+    print(page)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from dcv2_k8s.demo import run_demo
 
@@ -254,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--json", help="also write the result here")
     k.add_argument("tokens", nargs="*", help="config tokens (model architecture for random init)")
     k.set_defaults(fn=cmd_knn)
+
+    rp = sub.add_parser("report", help="PNG plots and an HTML page of a run's logged metrics")
+    rp.add_argument("run", help="the run's CHECKPOINT.DIR (local or s3://)")
+    rp.add_argument("--out", default="", help="output directory (default RUN/report)")
+    rp.set_defaults(fn=cmd_report)
 
     dm = sub.add_parser("demo", help="generate data, train with 2 CPU processes, compare k-NN vs random init")
     dm.add_argument("--out", default="demo_out")

@@ -204,3 +204,23 @@ def test_alert_rules_check_and_unit_tests(tmp_path):
     p = subprocess.run([_bin("promtool"), "test", "rules", str(tests)], capture_output=True, text=True,
                        cwd=str(tmp_path))
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_report_renders_plots_and_html(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    events = [{"kind": "step", "epoch": e, "global_step": 10 * e + 10, "loss": 3.4 - 0.1 * e, "lr": 0.1,
+               "images_per_s": 100.0, "data_wait_ratio": 0.05, "ignored_ratio": 0.0} for e in range(4)]
+    events += [{"kind": "kmeans", "epoch": e, "seconds": 0.1,
+                "heads": [{"head": 0, "empty_clusters": 0, "size_entropy": 0.9, "nmi_prev": 0.5}]} for e in range(4)]
+    events += [{"kind": "knn", "epoch": 2, "top1": 40.0, "top5": 80.0}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(e) for e in events))
+    from tests.conftest import run_cli
+
+    p = run_cli("report", str(run), timeout=120)
+    assert p.returncode == 0, p.stderr
+    page = Path(p.stdout.strip())
+    assert page.name == "report.html" and "data:image/png;base64," in page.read_text()
+    assert len(list(page.parent.glob("*.png"))) >= 8
+    p = run_cli("report", str(tmp_path / "nothing"), timeout=120)
+    assert p.returncode == 2 and "no metrics log" in p.stderr

@@ -1,0 +1,118 @@
+"""``dcv2 report RUN``: the run's logged metrics as PNG plots and one self-contained HTML page.
+
+Reads ``RUN/metrics.jsonl`` (written by rank 0 during training; ``RUN`` is the CHECKPOINT.DIR, local or
+``s3://``) and draws loss, learning rate, throughput and data-wait share, k-means time, cluster health (empty
+clusters, size entropy, NMI vs the previous epoch) and k-NN accuracy. For people without Grafana, and the
+pipeline's HTML artifact.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from pathlib import Path
+
+from dcv2_k8s.storage import open_storage
+
+
+def load_events(run: str) -> list[dict]:
+    store = open_storage(run)
+    path = store.join("metrics.jsonl")
+    if not store.exists(path):
+        raise FileNotFoundError(f"{path}: no metrics log (is {run} a CHECKPOINT.DIR of a run?)")
+    return [json.loads(line) for line in store.get_bytes(path).decode().splitlines() if line.strip()]
+
+
+def _series(events: list[dict], kind: str, x: str, y: str) -> tuple[list, list]:
+    pts = [(e[x], e[y]) for e in events if e.get("kind") == kind and y in e and x in e]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _figures(events: list[dict]) -> list[tuple[str, "object"]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = []
+
+    def fig(title: str):
+        f, ax = plt.subplots(figsize=(6.4, 3.4), dpi=100)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        figs.append((title, f))
+        return ax
+
+    ax = fig("Loss")
+    ax.plot(*_series(events, "step", "global_step", "loss"))
+    ax.set_xlabel("step")
+    ax = fig("Learning rate")
+    ax.plot(*_series(events, "step", "global_step", "lr"))
+    ax.set_xlabel("step")
+    ax = fig("Throughput (images/s, all ranks)")
+    ax.plot(*_series(events, "step", "global_step", "images_per_s"))
+    ax2 = ax.twinx()
+    xs, ys = _series(events, "step", "global_step", "data_wait_ratio")
+    ax2.plot(xs, [100 * v for v in ys], color="tab:orange", alpha=0.6)
+    ax2.set_ylabel("data wait %", color="tab:orange")
+    ax.set_xlabel("step")
+    ax = fig("k-means time per epoch (s)")
+    ax.plot(*_series(events, "kmeans", "epoch", "seconds"), marker=".")
+    ax.set_xlabel("epoch")
+    kms = [e for e in events if e.get("kind") == "kmeans"]
+    heads = sorted({h["head"] for e in kms for h in e.get("heads", [])})
+    for title, key, scale in (("Empty clusters", "empty_clusters", 1), ("Cluster-size entropy / log K", "size_entropy", 1),
+                              ("NMI vs previous epoch", "nmi_prev", 1)):
+        ax = fig(title)
+        for h in heads:
+            pts = [(e["epoch"], hh[key] * scale) for e in kms for hh in e.get("heads", []) if hh["head"] == h and key in hh]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=f"head {h}")
+        if heads:
+            ax.legend(fontsize=8)
+        ax.set_xlabel("epoch")
+    knn = [e for e in events if e.get("kind") == "knn"]
+    if knn:
+        ax = fig("k-NN accuracy of the frozen trunk (%)")
+        ax.plot([e["epoch"] for e in knn], [e["top1"] for e in knn], marker="o", label="top-1")
+        ax.plot([e["epoch"] for e in knn], [e["top5"] for e in knn], marker="o", label="top-5")
+        ax.legend(fontsize=8)
+        ax.set_xlabel("epoch")
+    return figs
+
+
+def render(run: str, out_dir: str) -> str:
+    """Write ``out_dir/*.png`` and ``out_dir/report.html``; return the HTML path."""
+    import matplotlib.pyplot as plt
+
+    events = load_events(run)
+    if not any(e.get("kind") == "step" for e in events):
+        raise ValueError(f"{run}: the metrics log has no training steps yet")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = [e for e in events if e.get("kind") == "step"]
+    knn = [e for e in events if e.get("kind") == "knn"]
+    last = steps[-1]
+    summary = {"epochs logged": last["epoch"] + 1, "steps": last["global_step"], "last loss": f"{last['loss']:.4f}",
+               "median images/s": f"{sorted(s['images_per_s'] for s in steps)[len(steps) // 2]:.1f}"}
+    if knn:
+        summary["last k-NN top-1"] = f"{knn[-1]['top1']:.2f} %"
+    parts = [f"<h1>DeepClusterV2 run report</h1><p>{html.escape(run)}</p><table>"]
+    parts += [f"<tr><th align=left>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items()]
+    parts.append("</table>")
+    for i, (title, f) in enumerate(_figures(events)):
+        png = out / f"{i:02d}_{title.split(' (')[0].lower().replace(' ', '_').replace('/', '')}.png"
+        f.tight_layout()
+        buf = io.BytesIO()
+        f.savefig(buf, format="png")
+        plt.close(f)
+        png.write_bytes(buf.getvalue())
+        data = base64.b64encode(buf.getvalue()).decode()
+        parts.append(f"<h3>{html.escape(title)}</h3><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>")
+    page = out / "report.html"
+    page.write_text("<!doctype html><html><head><meta charset='utf-8'><title>DCv2 report</title></head><body>"
+                    + "\n".join(parts) + "</body></html>")
+    return os.fspath(page)
