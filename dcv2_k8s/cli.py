@@ -200,6 +200,43 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_k8s_run_local(args) -> int:
+    from dcv2_k8s.k8s.local import run_local
+
+    if not os.path.isfile(args.manifest):
+        return _fail(f"{args.manifest}: no such file")
+    try:
+        return run_local(args.manifest, args.set, args.nproc_per_node, args.timeout)
+    except (ValueError, KeyError) as e:
+        return _fail(f"{args.manifest}: {e}")
+
+
+def cmd_k8s_render(args) -> int:
+    from dcv2_k8s.k8s.manifests import write
+
+    for path in write(args.out):
+        print(path)
+    return 0
+
+
+def cmd_k8s_validate(args) -> int:
+    import yaml
+
+    from dcv2_k8s.k8s.validate import validate_builtin, validate_pytorchjob
+
+    problems = 0
+    for f in args.files:
+        for doc in yaml.safe_load_all(open(f)):
+            if not doc or doc.get("kind") == "Kustomization":
+                continue
+            errs = validate_pytorchjob(doc) if doc.get("kind") == "PyTorchJob" else validate_builtin(doc)
+            for e in errs:
+                print(f"{f}: {e}")
+            problems += len(errs)
+    print(f"{len(args.files)} files, {problems} problems")
+    return 1 if problems else 0
+
+
 def cmd_demo(args) -> int:
     from dcv2_k8s.demo import run_demo
 
@@ -271,6 +308,22 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run", help="the run's CHECKPOINT.DIR (local or s3://)")
     rp.add_argument("--out", default="", help="output directory (default RUN/report)")
     rp.set_defaults(fn=cmd_report)
+
+    k8 = sub.add_parser("k8s", help="Kubernetes: render and validate manifests, run a PyTorchJob locally")
+    k8sub = k8.add_subparsers(dest="k8s_cmd", required=True)
+    rl = k8sub.add_parser("run-local", help="run a PyTorchJob's replicas as local processes with the operator's env")
+    rl.add_argument("manifest")
+    rl.add_argument("--set", action="append", default=[], metavar="config.KEY=VALUE",
+                    help="appended to the trainer command (repeatable)")
+    rl.add_argument("--nproc-per-node", type=int, default=None, help="override nprocPerNode (GPUs) for a CPU run")
+    rl.add_argument("--timeout", type=float, default=0, help="kill every replica after this many seconds")
+    rl.set_defaults(fn=cmd_k8s_run_local)
+    rr = k8sub.add_parser("render", help="write the manifests rendered from dcv2_k8s/k8s/manifests.py")
+    rr.add_argument("out", nargs="?", default="manifests")
+    rr.set_defaults(fn=cmd_k8s_render)
+    rv = k8sub.add_parser("validate", help="validate manifests strictly against the API types (offline)")
+    rv.add_argument("files", nargs="+")
+    rv.set_defaults(fn=cmd_k8s_validate)
 
     dm = sub.add_parser("demo", help="generate data, train with 2 CPU processes, compare k-NN vs random init")
     dm.add_argument("--out", default="demo_out")
