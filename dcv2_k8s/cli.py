@@ -93,11 +93,19 @@ def cmd_stage(args) -> int:
         return 0 if not problems else 1
     if not args.src:
         return _fail("dcv2 stage SRC DEST (or dcv2 stage --verify DEST)")
+    exporter = None
+    if args.metrics_port:
+        from dcv2_k8s.metrics import StageMetrics
+
+        exporter = StageMetrics(args.src, args.metrics_port)
     try:
         m = stage(args.src, args.dest, workers=args.workers, progress=sys.stderr.isatty() or args.progress,
-                  checksum=not args.no_checksum)
+                  checksum=not args.no_checksum, on_event=exporter)
     except StorageError as e:
         return _fail(str(e))
+    finally:
+        if exporter is not None:
+            exporter.close()
     print(json.dumps({k: m[k] for k in ("source", "num_files", "transferred", "skipped", "bytes")} |
                      {"classes": len(m["classes"])}))
     return 0
@@ -280,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--workers", type=int, default=16, help="parallel transfers")
     st.add_argument("--verify", action="store_true", help="re-check DEST against its manifest and report differences")
     st.add_argument("--progress", action="store_true", help="progress bar even when not on a terminal")
+    st.add_argument("--metrics-port", type=int, default=0,
+                    help="serve staging progress as Prometheus metrics on this port while staging")
     st.add_argument("--no-checksum", action="store_true",
                     help="on resume, trust a present file of the right size without comparing its MD5 to the ETag")
     st.set_defaults(fn=cmd_stage)

@@ -84,12 +84,8 @@ def amp_settings(amp_cfg, device: torch.device) -> tuple[bool, torch.dtype, bool
     """(enabled, dtype, use GradScaler) from MODEL.AMP_PARAMS; AMP_TYPE apex O1/O2 maps to native autocast."""
     if not amp_cfg.USE_AMP:
         return False, torch.float32, False
-    level = str(dict(amp_cfg.AMP_ARGS).get("opt_level", "O1"))
-    if amp_cfg.AMP_TYPE == "apex" and level not in ("O1", "O2"):
-        if level == "O0":
-            return False, torch.float32, False
-        raise TrainingError(f"config.MODEL.AMP_PARAMS.AMP_ARGS.opt_level={level}: only O0, O1 and O2 are supported "
-                            "(O1/O2 run as native autocast float16 + GradScaler); use O1 or DTYPE=bfloat16")
+    if str(dict(amp_cfg.AMP_ARGS).get("opt_level", "O1")) == "O0":  # O3 is refused by config validation
+        return False, torch.float32, False
     dtype = torch.bfloat16 if amp_cfg.DTYPE == "bfloat16" else torch.float16
     if device.type != "cuda" and dtype == torch.float16:
         log.warning("mixed precision float16 needs CUDA; running float32 on %s (set "

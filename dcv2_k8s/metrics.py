@@ -142,3 +142,32 @@ class Metrics:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
+
+
+class StageMetrics:
+    """Progress of ``dcv2 stage --metrics-port N``: bytes and files done and to do (an exporter of its own)."""
+
+    def __init__(self, source: str, port: int, addr: str = "0.0.0.0"):
+        from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+        r = CollectorRegistry()
+        labels = {"source": source}
+        self.bytes_done = Gauge("dcv2_stage_bytes_done", "Bytes staged so far", ["source"], registry=r).labels(**labels)
+        self.bytes_total = Gauge("dcv2_stage_bytes_total", "Bytes to stage", ["source"], registry=r).labels(**labels)
+        self.files_done = Gauge("dcv2_stage_files_done", "Files staged so far", ["source"], registry=r).labels(**labels)
+        self.objects_total = Gauge("dcv2_stage_objects_total", "Objects to fetch", ["source"], registry=r).labels(**labels)
+        self.complete = Gauge("dcv2_stage_complete", "1 when staging finished", ["source"], registry=r).labels(**labels)
+        self.server, _ = start_http_server(port, addr=addr, registry=r)
+
+    def __call__(self, event: str, **v) -> None:
+        if event == "start":
+            self.bytes_total.set(v["bytes"])
+            self.objects_total.set(v["objects"])
+        elif event == "object":
+            self.bytes_done.inc(v["bytes"])
+            self.files_done.inc(v["files"])
+        elif event == "done":
+            self.complete.set(1)
+
+    def close(self) -> None:
+        self.server.shutdown()

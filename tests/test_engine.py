@@ -125,3 +125,17 @@ def test_missing_data_path_is_one_clear_line(tmp_path):
     assert p.stderr.strip().count("\n") == 0 and "does not exist" in p.stderr
     p = run_cli("train", "config=pretrain/deepcluster_v2/deepclusterv2_demo_cpu", timeout=120)
     assert p.returncode == 2 and "DATA_PATHS is empty" in p.stderr
+
+
+def test_bf16_autocast_training_on_cpu(synth_data, tmp_path):
+    p = run_cli("train", *tiny_train_tokens(synth_data, tmp_path / "run", "config.OPTIMIZER.num_epochs=1",
+                                            "config.DISTRIBUTED.NUM_PROC_PER_NODE=1", "config.MODEL.AMP_PARAMS.USE_AMP=true",
+                                            "config.MODEL.AMP_PARAMS.DTYPE=bfloat16"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    losses = [e["loss"] for e in _events(tmp_path / "run", "step")]
+    assert losses and all(math.isfinite(l) for l in losses)
+    p = run_cli("train", *tiny_train_tokens(synth_data, tmp_path / "run2", "config.OPTIMIZER.num_epochs=1",
+                                            "config.DISTRIBUTED.NUM_PROC_PER_NODE=1", "config.MODEL.AMP_PARAMS.USE_AMP=true",
+                                            "config.MODEL.AMP_PARAMS.AMP_TYPE=apex",
+                                            "config.MODEL.AMP_PARAMS.AMP_ARGS={opt_level: O3}"))
+    assert p.returncode == 2 and "opt_level=O3" in p.stderr and p.stderr.count("dcv2: error") == 1

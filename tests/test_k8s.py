@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import copy
 import re
-import tomllib
 from pathlib import Path
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 
 import pytest
 import yaml

@@ -106,6 +106,25 @@ def _tar_bytes(members: dict[str, bytes], links: dict[str, str] | None = None) -
     return buf.getvalue()
 
 
+def test_stage_progress_metrics(s3, synth_data, tmp_path):
+    import urllib.request
+
+    from dcv2_k8s.distributed import free_port
+    from dcv2_k8s.metrics import StageMetrics
+
+    _upload_folder(s3, synth_data / "val", "metrics-src")
+    port = free_port()
+    sm = StageMetrics("s3://data/metrics-src", port, "127.0.0.1")
+    try:
+        stage("s3://data/metrics-src", str(tmp_path / "m"), progress=False, on_event=sm)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        sm.close()
+    values = {l.split("{")[0]: float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith("dcv2_stage")}
+    assert values["dcv2_stage_files_done"] == 60 and values["dcv2_stage_complete"] == 1
+    assert values["dcv2_stage_bytes_done"] == values["dcv2_stage_bytes_total"] > 0
+
+
 def test_stage_tar_archives(s3, synth_data, tmp_path):
     c = _client(s3)
     imgs = sorted((synth_data / "train").rglob("*.jpg"))

@@ -193,6 +193,10 @@ def _check_distributed(cfg: dict, world_size: int | None, local_world_size: int 
     amp = _get(cfg, "MODEL.AMP_PARAMS")
     if amp["AMP_TYPE"] not in ("pytorch", "apex"):
         errors.append(f"config.MODEL.AMP_PARAMS.AMP_TYPE={amp['AMP_TYPE']!r}: choose pytorch or apex")
+    level = str((amp.get("AMP_ARGS") or {}).get("opt_level", "O1"))
+    if amp["USE_AMP"] and level not in ("O0", "O1", "O2"):
+        errors.append(f"config.MODEL.AMP_PARAMS.AMP_ARGS.opt_level={level}: only O0, O1 and O2 are supported (O1/O2 "
+                      "run as native autocast float16 + GradScaler); use O1, or DTYPE=bfloat16")
     if amp["DTYPE"] not in ("float16", "bfloat16"):
         errors.append(f"config.MODEL.AMP_PARAMS.DTYPE={amp['DTYPE']!r}: choose float16 or bfloat16")
     return world

@@ -119,8 +119,14 @@ def _complete(local: Path, obj: dict, checksum: bool) -> bool:
     return True
 
 
-def stage(src: str, dest: str, workers: int = 16, progress: bool = True, checksum: bool = True) -> dict:
-    """Copy/extract ``src`` into ``dest`` (resumable); return the manifest."""
+def stage(src: str, dest: str, workers: int = 16, progress: bool = True, checksum: bool = True,
+          on_event=None) -> dict:
+    """Copy/extract ``src`` into ``dest`` (resumable); return the manifest.
+
+    ``on_event(kind, **values)`` (optional) is told ``start`` (bytes, objects), each finished ``object``
+    (bytes, files) and ``done``: the staging progress metrics use it.
+    """
+    notify = on_event or (lambda *a, **k: None)
     from tqdm import tqdm
 
     dest_p = Path(dest)
@@ -145,6 +151,7 @@ def stage(src: str, dest: str, workers: int = 16, progress: bool = True, checksu
             continue
         todo.append(o)
     total = sum(o["Size"] for o in todo)
+    notify("start", bytes=total, objects=len(todo))
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"stage {len(todo)} objects",
                disable=not progress, mininterval=1.0, dynamic_ncols=True)
 
@@ -170,6 +177,7 @@ def stage(src: str, dest: str, workers: int = 16, progress: bool = True, checksu
                 tmp.write_text(json.dumps(done_archives))
                 os.replace(tmp, state_path)
             files_done += len(written)
+            notify("object", bytes=o["Size"], files=len(written))
             bar.update(o["Size"])
             bar.set_postfix(files=files_done, refresh=False)
     bar.close()
@@ -179,6 +187,7 @@ def stage(src: str, dest: str, workers: int = 16, progress: bool = True, checksu
     tmp.write_text(json.dumps(manifest))
     os.replace(tmp, dest_p / MANIFEST)
     (dest_p / MARKER).write_text(json.dumps({"time": time.time(), "num_files": manifest["num_files"]}))
+    notify("done")
     return manifest
 
 

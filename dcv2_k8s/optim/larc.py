@@ -23,12 +23,12 @@ class LARC:
 
     Args:
         optimizer: the inner optimizer; its param groups' ``weight_decay`` is folded into the trust ratio.
-        trust_coefficient: eta in the formula above (apex default 0.02; DCv2 uses 0.001).
-        clip: clip mode (``min(local / lr, 1)``) instead of scale mode.
+        trust_coefficient: eta in the formula above (DCv2's 0.001; apex's own default is 0.02).
+        clip: clip mode (``min(local / lr, 1)``) instead of scale mode (DCv2 uses scale mode).
         eps: added to the denominator.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, trust_coefficient: float = 0.02, clip: bool = True,
+    def __init__(self, optimizer: torch.optim.Optimizer, trust_coefficient: float = 0.001, clip: bool = False,
                  eps: float = 1e-8):
         self.optim = optimizer
         self.trust_coefficient = trust_coefficient
