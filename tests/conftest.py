@@ -47,4 +47,4 @@ def tiny_train_tokens(data: Path, ckpt: Path, *extra: str) -> list[str]:
             "num_crops: [2, 1], crop_scales: [[0.3, 1], [0.1, 0.3]]}, {name: RandomHorizontalFlip, p: 0.5}, "
             "{name: ImgPilColorDistortion, strength: 1.0}, {name: ToTensor}, "
             "{name: Normalize, mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25]}]",
-            "config.LOG_FREQUENCY=1", *extra]
+            "config.LOG_FREQUENCY=1", "config.CHECKPOINT.CHECKPOINT_FREQUENCY=1", *extra]

@@ -41,7 +41,7 @@ def test_all_ignored_batch_gives_zero_not_nan():
     z = F.normalize(torch.randn(4, 3), dim=1).requires_grad_()
     loss, ignored = dcv2_loss(z, torch.tensor([0, 1]), [F.normalize(torch.randn(2, 3), dim=1)],
                               torch.full((1, 5), IGNORE), 0.1)
-    assert float(loss) == 0.0 and float(ignored) == 1.0
+    assert loss.item() == 0.0 and ignored.item() == 1.0
     loss.backward()
     assert torch.isfinite(z.grad).all()
 
