@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import logging
 import random
 import threading
@@ -58,6 +59,15 @@ def set_rng_state(state: dict) -> None:
     random.setstate((3, tuple(state["python"]), state["python_gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _lower_thread_priority(niceness: int = 10) -> None:
+    """Background uploads yield the CPU to training: on Linux niceness is per thread and the upload's worker
+    threads (s3transfer) inherit it. Best effort; a no-op where not permitted or not supported."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError):
+        pass
 
 
 class CheckpointManager:
@@ -115,6 +125,8 @@ class CheckpointManager:
         return self._thread is not None and self._thread.is_alive()
 
     def _write(self, name: str, files: dict[str, bytes], meta: dict, snapshot_s: float) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            _lower_thread_priority()
         try:
             t0 = time.time()
             ckpt = self.store.join(name)
@@ -215,8 +227,6 @@ class CheckpointManager:
 
 def load_checkpoint_file(path: str) -> dict:
     """Load a checkpoint directory (its state.pt), a ``state.pt`` file, or a run directory (its latest)."""
-    import os
-
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "state.pt")):
             path = os.path.join(path, "state.pt")

@@ -87,13 +87,14 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 
 def transfer_config(size_hint: int = 0):
-    """Multipart settings for multi-GB objects: 64 MiB parts (a 600 GiB object stays under 10,000 parts)."""
+    """Multipart settings: 8 MiB parts (many parts in parallel), doubled as often as needed to keep an object
+    under 9,000 parts (S3 allows 10,000), so multi-GB checkpoints upload in parts of 8-64+ MiB."""
     from boto3.s3.transfer import TransferConfig
 
-    chunk = 64 * MiB
+    chunk = 8 * MiB
     while size_hint and size_hint / chunk > 9000:
         chunk *= 2
-    return TransferConfig(multipart_threshold=64 * MiB, multipart_chunksize=chunk,
+    return TransferConfig(multipart_threshold=8 * MiB, multipart_chunksize=chunk,
                           max_concurrency=int(os.environ.get("DCV2_S3_CONCURRENCY", "10")), use_threads=True)
 
 
