@@ -151,6 +151,21 @@ def cmd_data_synth(args) -> int:
     return 0
 
 
+def cmd_data_check(args) -> int:
+    from dcv2_k8s.data.check import check_dataset
+
+    try:
+        res = check_dataset(args.dir, args.workers, progress=sys.stderr.isatty())
+    except FileNotFoundError as e:
+        return _fail(str(e))
+    for path, why in res["bad"]:
+        print(f"bad: {path}: {why}")
+    for what, n in sorted(res["converted"].items()):
+        print(f"converted to RGB on the fly: {n} {what} images")
+    print(f"{res['images']} images, {len(res['bad'])} unusable (training replaces each by the next good image)")
+    return 1 if res["bad"] else 0
+
+
 def cmd_knn(args) -> int:
     import torch
 
@@ -301,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=9000)
     sv.add_argument("--bucket", action="append", default=[], help="create this bucket (repeatable)")
     sv.set_defaults(fn=cmd_s3_serve)
+
+    dc = dsub.add_parser("check", help="decode every image of a dataset and list the unusable ones")
+    dc.add_argument("dir")
+    dc.add_argument("--workers", type=int, default=4)
+    dc.set_defaults(fn=cmd_data_check)
 
     k = sub.add_parser("knn", help="weighted k-NN accuracy of frozen trunk features")
     k.add_argument("--train", required=True, help="ImageFolder used as the k-NN memory")

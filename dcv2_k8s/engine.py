@@ -173,6 +173,7 @@ class Trainer:
         self.metrics = Metrics(str(cfg.RUN_NAME) or resolved.name.replace("/", "_"), info.node_rank,
                                bool(mc.ENABLED) and info.local_rank == 0, int(mc.PORT), str(mc.ADDR), resolved.name)
         self._ckpt_reported = None
+        self._bad_reported = 0
         self.stop_reason = ""           # "", "max_steps" or "preempted"
         self._signalled = False
         if threading.current_thread() is threading.main_thread():
@@ -422,6 +423,9 @@ class Trainer:
         loss = float(loss_sum) / max(1, n)  # the host sync of this window
         self.metrics.window(loss, lr, self.state.epoch, self.state.global_step, self.total_steps,
                             float(ignored_sum) / max(1, n))
+        bad = self.dataset.bad_count.value
+        self.metrics.bad_images_seen(bad - self._bad_reported)
+        self._bad_reported = bad
         self.report_checkpoint()
         if not math.isfinite(loss):
             raise TrainingError(f"the loss is {loss} at step {self.state.global_step}; the last committed "
@@ -430,7 +434,8 @@ class Trainer:
         images = n * self.batch * self.info.world_size
         rec = {"epoch": self.state.epoch, "step": self.state.step_in_epoch, "global_step": self.state.global_step,
                "loss": loss, "lr": lr, "images_per_s": images / max(seconds, 1e-9),
-               "data_wait_ratio": data_wait / max(seconds, 1e-9), "ignored_ratio": float(ignored_sum) / max(1, n)}
+               "data_wait_ratio": data_wait / max(seconds, 1e-9), "ignored_ratio": float(ignored_sum) / max(1, n),
+               "bad_images": bad}
         log.info("epoch %d step %d/%d loss %.4f lr %.4g %.1f img/s data-wait %.0f%% ignored %.1f%%", rec["epoch"],
                  rec["step"], self.steps_per_epoch, loss, lr, rec["images_per_s"], 100 * rec["data_wait_ratio"],
                  100 * rec["ignored_ratio"])

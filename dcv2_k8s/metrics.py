@@ -62,11 +62,13 @@ class Metrics:
         self.ckpt_bytes = g("dcv2_checkpoint_bytes", "Bytes of the last checkpoint part(s) written here")
         self.ckpt_time = g("dcv2_last_checkpoint_timestamp_seconds", "Unix time of the last committed checkpoint")
         self.ckpt_failures = Counter("dcv2_checkpoint_failures", "Checkpoint saves that failed", base, registry=r)
+        self.bad_images = Counter("dcv2_data_bad_images", "Unusable images replaced (once per file and loader process)",
+                                  base, registry=r)
         self.knn_top1 = g("dcv2_knn_top1_ratio", "k-NN top-1 accuracy of the frozen trunk")
         self.knn_top5 = g("dcv2_knn_top5_ratio", "k-NN top-5 accuracy of the frozen trunk")
         self.gpu_alloc = g("dcv2_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated")
         self.gpu_reserved = g("dcv2_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved")
-        for counter in (self.samples, self.steps, self.ckpt_failures):
+        for counter in (self.samples, self.steps, self.ckpt_failures, self.bad_images):
             counter.labels(**self.labels)  # exported as 0 from the start, so rate()/increase() see the series
         self.info = Info("dcv2_build", "Versions and configuration", base, registry=r)
         from dcv2_k8s import __version__
@@ -132,6 +134,10 @@ class Metrics:
     def checkpoint_failed(self) -> None:
         if self.enabled:
             self._l(self.ckpt_failures).inc()
+
+    def bad_images_seen(self, n: int) -> None:
+        if self.enabled and n > 0:
+            self._l(self.bad_images).inc(n)
 
     def knn(self, top1: float, top5: float) -> None:
         if self.enabled:

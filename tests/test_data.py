@@ -64,5 +64,63 @@ def test_sampler_pads_splits_and_resumes():
 def test_synth_has_classes_and_varied_images(synth_data):
     ds = IndexedImageFolder(synth_data / "train")
     assert len(ds.classes) == 10 and ds.classes[0].startswith("c00_")
-    a, b = torch.from_numpy(np.asarray(ds.load(0))), torch.from_numpy(np.asarray(ds.load(1)))
+    a, b = torch.from_numpy(np.array(ds.load(0))), torch.from_numpy(np.array(ds.load(1)))
     assert a.shape == b.shape and not torch.equal(a, b)
+
+
+def _bad_folder(root, good_jpeg: bytes):
+    """One class of every kind of bad or odd file, plus good images around them."""
+    import io
+    import os
+
+    from PIL import Image
+
+    d = root / "c0"
+    d.mkdir(parents=True)
+    (d / "a_good.jpg").write_bytes(good_jpeg)
+    (d / "b_truncated.jpg").write_bytes(good_jpeg[: len(good_jpeg) // 2])
+    (d / "c_empty.jpg").write_bytes(b"")
+    (d / "d_text.JPEG").write_text("this is not an image\n")
+    buf = io.BytesIO()
+    Image.new("CMYK", (40, 30), (10, 200, 30, 0)).save(buf, "JPEG")
+    (d / "e_cmyk.jpg").write_bytes(buf.getvalue())
+    buf = io.BytesIO()
+    Image.new("L", (40, 30), 128).save(buf, "JPEG")
+    (d / "f_gray.jpg").write_bytes(buf.getvalue())
+    Image.new("RGBA", (40, 30), (255, 0, 0, 0)).save(d / "g_alpha.png")
+    Image.new("1", (12000, 10000)).save(d / "h_huge.png")  # 120 MP in a few KB: a decompression bomb
+    os.symlink(root / "does-not-exist.jpg", d / "i_unreadable.jpg")
+    (d / "j_good.jpg").write_bytes(good_jpeg)
+    return root
+
+
+def test_bad_images_never_crash_and_keep_indices(synth_data, tmp_path):
+    good = next((synth_data / "train").rglob("*.jpg")).read_bytes()
+    root = _bad_folder(tmp_path / "bad", good)
+    mc = MultiCrop([{"name": "ImgPilToMultiCrop", "total_num_crops": 2, "num_crops": [2], "size_crops": [16],
+                     "crop_scales": [[0.5, 1]]}, {"name": "ToTensor"}])
+    ds = IndexedImageFolder(root, mc)
+    assert len(ds) == 10
+    for i in range(len(ds)):
+        index, crops = ds[(0, i)]
+        assert index == i and [tuple(c.shape) for c in crops] == [(3, 16, 16)] * 2
+    assert ds.bad_count.value == 5  # truncated, empty, text, huge, unreadable; each counted once
+    white_alpha = ds.load(6)  # transparent red composited on white
+    assert white_alpha.mode == "RGB" and white_alpha.getpixel((0, 0)) == (255, 255, 255)
+    assert ds.load(4).mode == "RGB" and ds.load(5).mode == "RGB"  # CMYK and greyscale converted
+    # a bad image is replaced deterministically by the next good one
+    torch.testing.assert_close(ds[(3, 1)][1][0], ds[(3, 1)][1][0])
+
+
+def test_data_check_lists_unusable_files(synth_data, tmp_path):
+    from tests.conftest import run_cli
+
+    good = next((synth_data / "train").rglob("*.jpg")).read_bytes()
+    root = _bad_folder(tmp_path / "bad", good)
+    p = run_cli("data", "check", str(root), "--workers", "2", timeout=300)
+    assert p.returncode == 1
+    bad = sorted(l.split(": ")[1].rsplit("/", 1)[1] for l in p.stdout.splitlines() if l.startswith("bad: "))
+    assert bad == ["b_truncated.jpg", "c_empty.jpg", "d_text.JPEG", "h_huge.png", "i_unreadable.jpg"]
+    assert "10 images, 5 unusable" in p.stdout and "CMYK" in p.stdout and "with alpha" in p.stdout
+    p = run_cli("data", "check", str(synth_data / "val"), timeout=300)
+    assert p.returncode == 0 and "60 images, 0 unusable" in p.stdout

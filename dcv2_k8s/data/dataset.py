@@ -12,9 +12,17 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator
 
+import logging
+import multiprocessing
+import warnings
+
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
+
+log = logging.getLogger("dcv2")
+MAX_IMAGE_PIXELS = 100_000_000  # larger images are refused as decompression bombs (ImageNet's largest: ~20 MP)
+MAX_REPLACEMENT_TRIES = 64
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -50,6 +58,41 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[st
     return classes, samples
 
 
+class BadImage(Exception):
+    """An image that cannot be used: unreadable, truncated, not an image, or too large."""
+
+
+def to_rgb(img: Image.Image) -> tuple[Image.Image, str]:
+    """RGB version of ``img`` and what was converted ('' when it was RGB). Alpha is composited on white."""
+    mode = img.mode
+    if mode == "RGB":
+        return img, ""
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB"), f"{mode} with alpha"
+    return img.convert("RGB"), mode
+
+
+def open_rgb(path: str | os.PathLike) -> tuple[Image.Image, str]:
+    """Decode ``path`` fully as RGB; raise :class:`BadImage` with the reason when it cannot be used."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    raise BadImage(f"{img.width}x{img.height} pixels is above the {MAX_IMAGE_PIXELS} limit")
+                img.load()  # decode now: a truncated file fails here, not later in a transform
+                rgb, converted = to_rgb(img)
+                return rgb.copy() if rgb is img else rgb, converted
+    except BadImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage(f"decompression-bomb limit: {e}") from None
+    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as e:
+        raise BadImage(f"{type(e).__name__}: {e}") from None
+
+
 def sample_seed(seed: int, tag: int, index: int) -> int:
     """A per-sample augmentation seed: the same (seed, epoch tag, index) always gives the same crops."""
     return (seed * 1_000_003 + (tag + 2) * 2_147_483_659 + index * 6_364_136_223_846_793) % (2 ** 63)
@@ -70,17 +113,46 @@ class IndexedImageFolder(Dataset):
         self.targets = [c for _, c in self.samples]
         self.transform = transform
         self.seed = seed
+        # images replaced so far, shared by every DataLoader worker (forked after this is created)
+        self.bad_count = multiprocessing.get_context("fork").Value("i", 0)
+        self._reported: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def load(self, index: int) -> Image.Image:
-        with Image.open(self.root / self.samples[index][0]) as img:
-            return img.convert("RGB")
+        return open_rgb(self.root / self.samples[index][0])[0]
+
+    def load_or_replace(self, index: int) -> Image.Image:
+        """The image at ``index``; a bad one is replaced by the next good image (deterministic), counted in
+        ``bad_count`` and logged once per file in each process. The sample keeps its own index."""
+        for k in range(MAX_REPLACEMENT_TRIES):
+            j = (index + k) % len(self.samples)
+            try:
+                return self.load(j)
+            except BadImage as e:
+                if j not in self._reported:
+                    self._reported.add(j)
+                    with self.bad_count.get_lock():
+                        self.bad_count.value += 1
+                    log.warning("bad image %s (%s): using the next image in its place; run `dcv2 data check` "
+                                "to list all", self.samples[j][0], e)
+        raise RuntimeError(f"{MAX_REPLACEMENT_TRIES} consecutive unusable images from index {index} in {self.root}; "
+                           "run `dcv2 data check` on the dataset")
+
+    def __getstate__(self):  # a spawned worker gets a copy; the shared counter only works with fork
+        state = dict(self.__dict__)
+        state["bad_count"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.bad_count is None:
+            self.bad_count = multiprocessing.get_context("fork").Value("i", 0)
 
     def __getitem__(self, key):
         tag, index = key if isinstance(key, tuple) else (0, key)
-        img = self.load(index)
+        img = self.load_or_replace(index)
         if self.transform is None:
             return index, img
         with torch.random.fork_rng(devices=[]):
