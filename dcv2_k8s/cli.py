@@ -117,6 +117,100 @@ def cmd_s3_serve(args) -> int:
     return serve(args.host, args.port, args.bucket)
 
 
+def cmd_linear_eval(args) -> int:
+    from dcv2_k8s import distributed as D
+    from dcv2_k8s.config import ConfigError, env_world, resolve
+    from dcv2_k8s.storage import StorageError
+    from dcv2_k8s.weights import WeightsError
+
+    try:
+        world, local = env_world()
+        r = resolve(args.tokens, world, local, for_training=False)
+        for key in ("DATA.TRAIN.DATA_PATHS", "DATA.TEST.DATA_PATHS"):
+            paths = list(r.cfg.DATA.TRAIN.DATA_PATHS if key.startswith("DATA.TRAIN") else r.cfg.DATA.TEST.DATA_PATHS)
+            if not paths:
+                raise ConfigError([f"config.{key} is empty; set it to [DIR] (an ImageFolder with class directories)"])
+            if not paths[0].startswith("s3://") and not os.path.isdir(paths[0]):
+                raise ConfigError([f"config.{key}: {paths[0]} does not exist"])
+        weights = str(r.cfg.MODEL.WEIGHTS_INIT.PARAMS_FILE)
+        if weights and not weights.startswith("s3://") and not os.path.exists(weights):
+            raise ConfigError([f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE: {weights} does not exist"])
+    except ConfigError as e:
+        return _fail(e.lines)
+    if not D.launched() and int(r.cfg.DISTRIBUTED.NUM_PROC_PER_NODE) > 1:
+        return D.spawn_local(int(r.cfg.DISTRIBUTED.NUM_PROC_PER_NODE), ["linear-eval", *args.tokens])
+    from dcv2_k8s.eval.linear import linear_eval
+
+    try:
+        res = linear_eval(r)
+    except (WeightsError, StorageError, FileNotFoundError) as e:
+        return _fail(str(e))
+    if D.env_info().is_main:
+        print(json.dumps({k: v for k, v in res.items() if k != "history"}))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from dcv2_k8s.checkpoint import to_bytes
+    from dcv2_k8s.config import ConfigError
+    from dcv2_k8s.storage import StorageError, open_storage
+    from dcv2_k8s.weights import WeightsError, export_swav, export_torchvision, read_file, split_weights
+
+    try:
+        obj = read_file(args.checkpoint)
+        layout = split_weights(obj)[0]
+        if args.format == "torchvision":
+            depth = args.depth
+            if layout == "dcv2":
+                depth = int(_config_of(obj).cfg.MODEL.TRUNK.RESNETS.DEPTH)
+            out = export_torchvision(obj, depth)
+        else:
+            from dcv2_k8s.model.head import build_head
+
+            head = build_head(_config_of(obj).cfg.MODEL.HEAD) if layout == "dcv2" else None
+            out = export_swav(obj, head)
+        data = to_bytes(out)
+        parent = args.out.rsplit("/", 1)[0] if "/" in args.out else "."
+        open_storage(parent).put_bytes(args.out if "/" in args.out else os.path.join(".", args.out), data)
+    except (WeightsError, StorageError, ConfigError) as e:
+        return _fail(str(e) if not isinstance(e, ConfigError) else e.lines)
+    print(json.dumps({"from": args.checkpoint, "layout": layout, "format": args.format, "out": args.out,
+                      "tensors": len(out), "bytes": len(data)}))
+    return 0
+
+
+def cmd_clusters(args) -> int:
+    from dcv2_k8s.eval.clusters import run_from_checkpoint
+    from dcv2_k8s.storage import StorageError
+    from dcv2_k8s.weights import WeightsError
+
+    if not os.path.isdir(args.data_dir):
+        return _fail(f"{args.data_dir}: no such directory (expected an ImageFolder tree)")
+    try:
+        stats = run_from_checkpoint(args.checkpoint, args.data_dir, args.out, args.workers, sys.stderr.isatty())
+    except (WeightsError, StorageError, FileNotFoundError) as e:
+        return _fail(str(e))
+    for h in stats["heads"]:
+        print(f"head {h['head']}: {h['clusters']} clusters, {h['empty']} empty, largest {h['largest']} images, "
+              f"size entropy {h['size_entropy']:.3f}")
+    print(f"{stats['images']} images assigned; {args.out}/assignments.csv, cluster_sizes.json, contact_sheet_head*.png")
+    return 0
+
+
+def _config_of(obj: dict):
+    """The resolved config saved inside one of our checkpoints."""
+    import tempfile
+
+    from dcv2_k8s.config import resolve
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(obj["config_yaml"])
+    try:
+        return resolve([f"config={f.name}"])
+    finally:
+        os.unlink(f.name)
+
+
 def cmd_config_show(args) -> int:
     from dcv2_k8s.config import ConfigError, env_world, resolve, to_yaml
 
@@ -321,6 +415,25 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("dir")
     dc.add_argument("--workers", type=int, default=4)
     dc.set_defaults(fn=cmd_data_check)
+
+    le = sub.add_parser("linear-eval", help="linear evaluation of a frozen trunk (VISSL-style tokens)")
+    le.add_argument("tokens", nargs="*", help="config=benchmark/linear_image_classification/imagenet1k/... "
+                                              "config.MODEL.WEIGHTS_INIT.PARAMS_FILE=... config.DATA...")
+    le.set_defaults(fn=cmd_linear_eval)
+
+    ex = sub.add_parser("export", help="export weights as a torchvision state dict or the swav/VISSL layout")
+    ex.add_argument("checkpoint", help="checkpoint dir, run dir, state.pt, or a swav/VISSL/torchvision file")
+    ex.add_argument("out", help="output .pth (local or s3://)")
+    ex.add_argument("--format", choices=["torchvision", "swav"], default="torchvision")
+    ex.add_argument("--depth", type=int, default=50, help="ResNet depth when the source has no config (imports)")
+    ex.set_defaults(fn=cmd_export)
+
+    cl = sub.add_parser("clusters", help="assign images to the trained clusters: CSV, sizes, contact sheets")
+    cl.add_argument("checkpoint")
+    cl.add_argument("data_dir")
+    cl.add_argument("out")
+    cl.add_argument("--workers", type=int, default=2)
+    cl.set_defaults(fn=cmd_clusters)
 
     k = sub.add_parser("knn", help="weighted k-NN accuracy of frozen trunk features")
     k.add_argument("--train", required=True, help="ImageFolder used as the k-NN memory")

@@ -334,6 +334,11 @@ class Trainer:
                  self.epochs, self.device)
         bank_ok = bool(cfg.CHECKPOINT.AUTO_RESUME) and self.resume()
         s = self.state
+        init = str(cfg.MODEL.WEIGHTS_INIT.PARAMS_FILE)
+        if init and s.global_step == 0:
+            from dcv2_k8s.weights import load_weights
+
+            log.info("initial weights from %s (%s layout)", init, load_weights(self.model, init))
         if not bank_ok:
             self.fill_memory_bank()
             self.bank.ptr = s.step_in_epoch * self.batch

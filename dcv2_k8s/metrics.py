@@ -66,6 +66,8 @@ class Metrics:
                                   base, registry=r)
         self.knn_top1 = g("dcv2_knn_top1_ratio", "k-NN top-1 accuracy of the frozen trunk")
         self.knn_top5 = g("dcv2_knn_top5_ratio", "k-NN top-5 accuracy of the frozen trunk")
+        self.linear_top1 = g("dcv2_linear_eval_top1_ratio", "Linear-evaluation top-1 accuracy (last epoch evaluated)")
+        self.linear_top5 = g("dcv2_linear_eval_top5_ratio", "Linear-evaluation top-5 accuracy (last epoch evaluated)")
         self.gpu_alloc = g("dcv2_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated")
         self.gpu_reserved = g("dcv2_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved")
         for counter in (self.samples, self.steps, self.ckpt_failures, self.bad_images):
@@ -143,6 +145,11 @@ class Metrics:
         if self.enabled:
             self._l(self.knn_top1).set(top1 / 100)
             self._l(self.knn_top5).set(top5 / 100)
+
+    def linear_eval(self, top1: float, top5: float) -> None:
+        if self.enabled:
+            self._l(self.linear_top1).set(top1 / 100)
+            self._l(self.linear_top5).set(top5 / 100)
 
     def close(self) -> None:
         if self.server is not None:

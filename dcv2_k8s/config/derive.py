@@ -260,10 +260,14 @@ def _derive_lr(cfg: dict, world: int, cli_keys: set, file_keys: set, errors: lis
 
 def derive_and_validate(cfg: dict, cli_keys: set, file_keys: set, errors: list, notes: list,
                         world_size: int | None, local_world_size: int | None,
-                        num_train_samples: int | None) -> None:
+                        num_train_samples: int | None, for_training: bool = True) -> None:
     mc = _check_transforms(cfg, errors)
-    _check_head(cfg, errors, notes)
-    _check_loss(cfg, mc, errors)
+    if for_training:
+        _check_head(cfg, errors, notes)
+        _check_loss(cfg, mc, errors)
+    elif _get(cfg, "MODEL.TRUNK.RESNETS.DEPTH") not in DEPTHS:
+        errors.append(f"config.MODEL.TRUNK.RESNETS.DEPTH={_get(cfg, 'MODEL.TRUNK.RESNETS.DEPTH')}: choose one of "
+                      f"{sorted(DEPTHS)}")
     world = _check_distributed(cfg, world_size, local_world_size, errors, notes)
     bs = _get(cfg, "DATA.TRAIN.BATCHSIZE_PER_REPLICA")
     if bs < 1:

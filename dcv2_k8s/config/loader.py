@@ -34,7 +34,7 @@ VISSL_IGNORED = {
     "TRAINER.TRAIN_STEP_NAME", "DATA.TRAIN.DATASET_NAMES", "DATA.TRAIN.MMAP_MODE",
     "DATA.TRAIN.COPY_TO_LOCAL_DISK", "DATA.TRAIN.COPY_DESTINATION_DIR", "MODEL.TEMP_FROZEN_PARAMS_ITER_MAP",
     "DISTRIBUTED.RUN_ID", "DISTRIBUTED.NCCL_DEBUG", "DISTRIBUTED.DISTR_ON", "CHECKPOINT.OVERWRITE_EXISTING",
-    "LOSS.deepclusterv2_loss.memory_params.crops_for_assign",
+    "LOSS.deepclusterv2_loss.memory_params.crops_for_assign", "MODEL.FEATURE_EVAL_SETTINGS",
 }
 # Values whose inside is free-form (passed through to a library).
 FREE_FORM = {"MODEL.AMP_PARAMS.AMP_ARGS"}
@@ -305,7 +305,7 @@ def load_defaults() -> dict:
 
 
 def resolve(tokens: Iterable[str], world_size: int | None = None, local_world_size: int | None = None,
-            num_train_samples: int | None = None) -> Resolved:
+            num_train_samples: int | None = None, for_training: bool = True) -> Resolved:
     """Compose, validate and derive a config.
 
     Args:
@@ -313,6 +313,8 @@ def resolve(tokens: Iterable[str], world_size: int | None = None, local_world_si
         world_size: number of processes when launched by torchrun / a PyTorchJob (None: not launched).
         local_world_size: processes on this node when launched.
         num_train_samples: dataset length when known (it fills and checks the loss section).
+        for_training: False for evaluation commands: the projection head and the DCv2 loss are not used, so
+            their consistency with the trunk is not checked.
 
     Returns:
         A :class:`Resolved`. Raises :class:`ConfigError` listing every problem found.
@@ -368,7 +370,7 @@ def resolve(tokens: Iterable[str], world_size: int | None = None, local_world_si
         from dcv2_k8s.config import derive  # local import: derive needs the helpers above
 
         derive.derive_and_validate(cfg, cli_keys, file_keys, errors, notes, world_size, local_world_size,
-                                   num_train_samples)
+                                   num_train_samples, for_training)
     if errors:
         raise ConfigError(errors)
     return Resolved(OmegaConf.create(cfg), name, notes, cli_keys, file_keys)

@@ -19,8 +19,9 @@ from dcv2_k8s.data.transforms import eval_transform
 @torch.no_grad()
 def extract_features(trunk: torch.nn.Module, root: str, size: int, device: torch.device, batch_size: int = 64,
                      num_workers: int = 2, rank: int = 0, world_size: int = 1, mean=None, std=None,
-                     progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(features [N, D] L2-normalised, labels [N])`` of every image under ``root`` (ImageFolder)."""
+                     progress: bool = False, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features [N, D], labels [N])`` of every image under ``root`` (ImageFolder), L2-normalised unless
+    ``normalize=False``."""
     from tqdm import tqdm
 
     kw = {} if mean is None else {"mean": mean, "std": std}
@@ -33,7 +34,8 @@ def extract_features(trunk: torch.nn.Module, root: str, size: int, device: torch
     trunk.eval()
     feats = []
     for _, x in tqdm(loader, desc=f"features {root}", disable=not progress, leave=False):
-        feats.append(F.normalize(trunk(x.to(device, non_blocking=True)).float(), dim=1))
+        f = trunk(x.to(device, non_blocking=True)).float()
+        feats.append(F.normalize(f, dim=1) if normalize else f)
     trunk.train(was_training)
     local = torch.cat(feats)
     labels = torch.tensor([ds.targets[i] for i in mine], device=local.device)
