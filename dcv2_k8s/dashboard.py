@@ -25,7 +25,7 @@ class Panel:
     exprs: list[tuple[str, str]]          # (PromQL, legend)
     unit: str = "short"
     kind: str = "timeseries"
-    source: str = "trainer"               # trainer | gpu (DCGM) | cluster (kube-state-metrics)
+    source: str = "trainer"               # trainer | eval (a linear-eval job) | gpu (DCGM) | cluster (kube-state-metrics)
     width: int = 8
     description: str = ""
     extra: dict = field(default_factory=dict)
@@ -68,6 +68,9 @@ PANELS: list[Panel] = [
           "short", kind="stat", width=4),
     Panel("k-NN accuracy (frozen trunk)", [(f"max(dcv2_knn_top1_ratio{{{SEL}}})", "top-1"),
                                            (f"max(dcv2_knn_top5_ratio{{{SEL}}})", "top-5")], "percentunit"),
+    Panel("Linear evaluation", [(f"max(dcv2_linear_eval_top1_ratio{{{SEL}}})", "top-1"),
+                                (f"max(dcv2_linear_eval_top5_ratio{{{SEL}}})", "top-5")], "percentunit",
+          source="eval", description="From a dcv2 linear-eval job (select its PyTorchJob in the job variable)"),
     Panel("GPU utilisation", [(f"avg by (exported_pod) (DCGM_FI_DEV_GPU_UTIL{{{GPU_SEL}}})", "{{exported_pod}}")],
           "percent", source="gpu"),
     Panel("Tensor-core activity", [(f"avg by (exported_pod) (DCGM_FI_PROF_PIPE_TENSOR_ACTIVE{{{GPU_SEL}}})",

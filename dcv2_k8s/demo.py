@@ -24,6 +24,18 @@ def _knn(data: Path, extra: list[str]) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _linear(data: Path, run: Path, out: Path, weights: str) -> dict:
+    tokens = ["config=benchmark/linear_image_classification/imagenet1k/eval_resnet_swav_in1k_linear",
+              f"config.DATA.TRAIN.DATA_PATHS=[{data / 'train'}]", f"config.DATA.TEST.DATA_PATHS=[{data / 'val'}]",
+              "config.MODEL.TRUNK.RESNETS.DEPTH=18", "config.MODEL.TRUNK.RESNETS.WIDTH_MULTIPLIER=0.5",
+              "config.LINEAR_EVAL.CROP_SIZE=32", "config.LINEAR_EVAL.FEATURE_CACHE=true", "config.OPTIMIZER.num_epochs=30",
+              "config.DATA.NUM_DATALOADER_WORKERS=0", "config.MACHINE.DEVICE=cpu",
+              "config.DISTRIBUTED.NUM_PROC_PER_NODE=1", f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={weights}",
+              f"config.LINEAR_EVAL.OUTPUT={out}"]
+    _run([sys.executable, "-m", "dcv2_k8s", "linear-eval", *tokens])
+    return json.loads(out.read_text())
+
+
 def run_demo(out: str, epochs: int = 0, minutes: float = 0) -> int:
     out_dir = Path(out).resolve()
     data, run = out_dir / "data", out_dir / "run"
@@ -38,16 +50,22 @@ def run_demo(out: str, epochs: int = 0, minutes: float = 0) -> int:
     _run(dcv2 + ["train", *tokens])
     trained = _knn(data, ["--checkpoint", str(run)])
     random_init = _knn(data, [f"config={DEMO_PRESET}"])
+    lin = {w or "random": _linear(data, run, out_dir / f"linear_{'trained' if w else 'random'}.json", w)
+           for w in (str(run), "")}
+    lin_trained, lin_random = lin[str(run)], lin["random"]
     result = {"knn_top1_trained": trained["top1"], "knn_top1_random_init": random_init["top1"],
               "knn_top5_trained": trained["top5"], "knn_top5_random_init": random_init["top5"],
-              "margin_top1": trained["top1"] - random_init["top1"], "seconds": time.time() - t0,
-              "checkpoints": str(run), "data": str(data)}
+              "margin_top1": trained["top1"] - random_init["top1"],
+              "linear_top1_trained": lin_trained["top1"], "linear_top1_random_init": lin_random["top1"],
+              "seconds": time.time() - t0, "checkpoints": str(run), "data": str(data)}
     (out_dir / "demo_result.json").write_text(json.dumps(result, indent=1))
     print()
     print("DeepClusterV2 demo: weighted k-NN (k=20) on held-out images, frozen trunk features")
     print(f"  random init : top-1 {random_init['top1']:5.1f} %   top-5 {random_init['top5']:5.1f} %")
     print(f"  DCv2 trained: top-1 {trained['top1']:5.1f} %   top-5 {trained['top5']:5.1f} %")
     print(f"  margin      : {result['margin_top1']:+.1f} points top-1 (chance is 10 %)")
+    print(f"  linear eval (fast mode, 30 epochs): DCv2 {lin_trained['top1']:.1f} % vs random init "
+          f"{lin_random['top1']:.1f} % top-1")
     curve = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"knn"' in l]
     if curve:
         print("  k-NN top-1 during training: " + ", ".join(f"ep {c['epoch']}: {c['top1']:.0f}%" for c in curve))

@@ -41,7 +41,7 @@ def test_rendered_manifests_are_current():
 
 def test_every_pytorchjob_is_valid_against_the_sdk_types():
     jobs = _jobs()
-    assert len(jobs) == 7 and (MAN / "pytorchjob-r50.yaml") in [f for f, _ in jobs]
+    assert len(jobs) == 8 and (MAN / "pytorchjob-r50.yaml") in [f for f, _ in jobs]
     for f, d in jobs:
         assert validate_pytorchjob(d) == [], f
 
@@ -95,10 +95,15 @@ def test_cross_checks_gpus_command_secrets_labels():
             assert c["command"] == ["torchrun"] and not any(a.startswith(("--nnodes", "--node", "--master"))
                                                             for a in c["args"])
             tokens = c["args"][c["args"].index("dcv2") + 1:]
-            assert tokens[0] == "train"
-            r = resolve(tokens[1:], world_size=nodes * nproc, local_world_size=nproc)
+            assert tokens[0] in ("train", "linear-eval")
+            r = resolve(tokens[1:], world_size=nodes * nproc, local_world_size=nproc,
+                        for_training=tokens[0] == "train")
             assert r.cfg.DISTRIBUTED.NUM_PROC_PER_NODE == nproc and r.cfg.METRICS.ENABLED
             assert str(r.cfg.CHECKPOINT.DIR).startswith("s3://")
+            if tokens[0] == "linear-eval":
+                assert str(r.cfg.MODEL.WEIGHTS_INIT.PARAMS_FILE).startswith("s3://")
+                staged = {ic["args"][2] for ic in pod["spec"]["initContainers"]}
+                assert {r.cfg.DATA.TRAIN.DATA_PATHS[0], r.cfg.DATA.TEST.DATA_PATHS[0]} <= staged
 
 
 def _pod_specs():

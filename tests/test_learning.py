@@ -20,3 +20,6 @@ def test_demo_trained_features_beat_random_init(tmp_path):
     assert result["knn_top1_random_init"] < 45
     assert result["margin_top1"] >= 10, result
     assert "random init : top-1" in p.stdout and "DCv2 trained: top-1" in p.stdout
+    # linear evaluation (fast mode) of the same two trunks: the trained one must win clearly too
+    assert result["linear_top1_trained"] >= result["linear_top1_random_init"] + 8, result
+    assert "linear eval (fast mode" in p.stdout

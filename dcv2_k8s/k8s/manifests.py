@@ -36,6 +36,7 @@ class JobSpec:
     image: str = IMAGE
     description: str = ""
     command: str = "train"
+    val_uri: str = ""                     # linear eval: the validation split, staged to /data/val
 
 
 def _restricted_security_context() -> dict:
@@ -52,9 +53,18 @@ def _resources(gpus: int) -> dict:
 
 def dcv2_args(spec: JobSpec) -> list[str]:
     ckpt = spec.checkpoint_uri or f"s3://dcv2-checkpoints/{spec.name}"
+    val = ["config.DATA.TEST.DATA_PATHS=[/data/val]"] if spec.val_uri else []
     return [spec.command, f"config={spec.config}", *spec.overrides, "config.DATA.TRAIN.DATA_PATHS=[/data/train]",
-            f"config.CHECKPOINT.DIR={ckpt}", "config.METRICS.ENABLED=true", f"config.METRICS.PORT={METRICS_PORT}",
-            f"config.RUN_NAME={spec.name}", f"config.DATA.NUM_DATALOADER_WORKERS={min(10, 12 - 2)}"]
+            *val, f"config.CHECKPOINT.DIR={ckpt}", "config.METRICS.ENABLED=true", f"config.METRICS.PORT={METRICS_PORT}",
+            f"config.RUN_NAME={spec.name}", "config.DATA.NUM_DATALOADER_WORKERS=10"]
+
+
+def _stage_container(spec: JobSpec, name: str, uri: str, dest: str) -> dict:
+    return {"name": name, "image": spec.image, "command": ["dcv2"], "args": ["stage", uri, dest, "--workers", "32"],
+            "envFrom": [{"secretRef": {"name": SECRET}}], "env": [{"name": "HOME", "value": "/tmp"}],
+            "volumeMounts": [{"name": "data", "mountPath": "/data"}, {"name": "tmp", "mountPath": "/tmp"}],
+            "resources": {"requests": {"cpu": "4", "memory": "8Gi"}, "limits": {"cpu": "16", "memory": "16Gi"}},
+            "securityContext": _restricted_security_context()}
 
 
 def pod_template(spec: JobSpec) -> dict:
@@ -72,13 +82,8 @@ def pod_template(spec: JobSpec) -> dict:
                                 "seccompProfile": {"type": "RuntimeDefault"}},
             "nodeSelector": {"nvidia.com/gpu.present": "true"},
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-            "initContainers": [{
-                "name": "stage-data", "image": spec.image,
-                "command": ["dcv2"], "args": ["stage", spec.data_uri, "/data/train", "--workers", "32"],
-                "envFrom": [{"secretRef": {"name": SECRET}}], "env": [{"name": "HOME", "value": "/tmp"}],
-                "volumeMounts": [{"name": "data", "mountPath": "/data"}, {"name": "tmp", "mountPath": "/tmp"}],
-                "resources": {"requests": {"cpu": "4", "memory": "8Gi"}, "limits": {"cpu": "16", "memory": "16Gi"}},
-                "securityContext": _restricted_security_context()}],
+            "initContainers": [_stage_container(spec, "stage-data", spec.data_uri, "/data/train")] +
+                              ([_stage_container(spec, "stage-val", spec.val_uri, "/data/val")] if spec.val_uri else []),
             "containers": [{
                 "name": "pytorch", "image": spec.image, "imagePullPolicy": "IfNotPresent",
                 "command": ["torchrun"],
@@ -120,6 +125,11 @@ JOBS = [
             description="ResNet-50, multi-crop 2 x 160 + 4 x 96"),
     JobSpec("dcv2-r50-mc-2x224-6x96", overrides=[f"{G}/transforms=multicrop_2x224_6x96"],
             description="ResNet-50, multi-crop 2 x 224 + 6 x 96"),
+    JobSpec("dcv2-r50-linear-eval", nodes=1, command="linear-eval", val_uri="s3://datasets/imagenet/val",
+            config="benchmark/linear_image_classification/imagenet1k/eval_resnet_swav_in1k_linear",
+            overrides=["config.MODEL.WEIGHTS_INIT.PARAMS_FILE=s3://dcv2-checkpoints/dcv2-r50"],
+            checkpoint_uri="s3://dcv2-checkpoints/dcv2-r50-linear-eval",
+            description="Linear evaluation (swav reference protocol) of the dcv2-r50 run, 1 node x 8 GPUs"),
 ]
 
 
