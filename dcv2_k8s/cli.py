@@ -263,9 +263,9 @@ def cmd_data_check(args) -> int:
 def cmd_knn(args) -> int:
     import torch
 
-    from dcv2_k8s.checkpoint import load_checkpoint_file
     from dcv2_k8s.config import ConfigError, resolve
     from dcv2_k8s.data.transforms import normalize_params
+    from dcv2_k8s.weights import WeightsError, read_file
     from dcv2_k8s.eval.knn import knn_eval
     from dcv2_k8s.model import build_model
 
@@ -276,7 +276,7 @@ def cmd_knn(args) -> int:
         state = None
         tokens = list(args.tokens)
         if args.checkpoint:
-            state = load_checkpoint_file(args.checkpoint)
+            state = read_file(args.checkpoint)
             import tempfile
 
             with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
@@ -285,7 +285,7 @@ def cmd_knn(args) -> int:
         r = resolve(tokens)
     except ConfigError as e:
         return _fail(e.lines)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, WeightsError) as e:
         return _fail(str(e))
     torch.manual_seed(int(r.cfg.SEED_VALUE))
     model = build_model(r.cfg.MODEL)

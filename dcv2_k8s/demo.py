@@ -1,74 +1,97 @@
-"""``dcv2 demo``: generated data -> DCv2 training on 2 CPU processes -> k-NN of trained vs random-init trunk."""
+"""``dcv2 demo`` (``make demo``): the whole Kubeflow pipeline, locally.
+
+Generated data is uploaded to an embedded S3 endpoint, then ``pipelines/dcv2_pipeline.py`` runs through
+``kfp.local`` with ``launcher=local``: stage from S3, DCv2 pretraining on 2 CPU processes checkpointing to S3,
+linear evaluation of the trained trunk and of the random-init baseline, report. The k-NN of both trunks is printed
+too. Nothing here is a stand-in: the same components run on a cluster with ``launcher=pytorchjob``.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 DEMO_PRESET = "pretrain/deepcluster_v2/deepclusterv2_demo_cpu"
+EVAL_PRESET = "benchmark/linear_image_classification/imagenet1k/eval_resnet_swav_in1k_linear"
 
 
-def _run(cmd: list[str]) -> None:
-    print("+ dcv2 " + " ".join(cmd[3:]), flush=True)
-    subprocess.run(cmd, check=True)
-
-
-def _knn(data: Path, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "dcv2_k8s", "knn", "--train", str(data / "train"), "--val", str(data / "val"),
-           "--workers", "0", *extra]
-    print("+ dcv2 " + " ".join(cmd[3:]), flush=True)
+def _knn(train: str, val: str, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "dcv2_k8s", "knn", "--train", train, "--val", val, "--workers", "0", *extra]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _linear(data: Path, run: Path, out: Path, weights: str) -> dict:
-    tokens = ["config=benchmark/linear_image_classification/imagenet1k/eval_resnet_swav_in1k_linear",
-              f"config.DATA.TRAIN.DATA_PATHS=[{data / 'train'}]", f"config.DATA.TEST.DATA_PATHS=[{data / 'val'}]",
-              "config.MODEL.TRUNK.RESNETS.DEPTH=18", "config.MODEL.TRUNK.RESNETS.WIDTH_MULTIPLIER=0.5",
-              "config.LINEAR_EVAL.CROP_SIZE=32", "config.LINEAR_EVAL.FEATURE_CACHE=true", "config.OPTIMIZER.num_epochs=30",
-              "config.DATA.NUM_DATALOADER_WORKERS=0", "config.MACHINE.DEVICE=cpu",
-              "config.DISTRIBUTED.NUM_PROC_PER_NODE=1", f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={weights}",
-              f"config.LINEAR_EVAL.OUTPUT={out}"]
-    _run([sys.executable, "-m", "dcv2_k8s", "linear-eval", *tokens])
-    return json.loads(out.read_text())
+def _upload(client, local: Path, bucket: str, prefix: str) -> int:
+    n = 0
+    for p in sorted(local.rglob("*.jpg")):
+        client.upload_file(str(p), bucket, f"{prefix}/{p.relative_to(local)}")
+        n += 1
+    return n
 
 
 def run_demo(out: str, epochs: int = 0, minutes: float = 0) -> int:
+    import boto3
+    from kfp import local
+
+    from dcv2_k8s.data.synth import generate
+    from dcv2_k8s.pipeline_steps import DEMO_EVAL
+    from dcv2_k8s.s3server import EmbeddedS3
+    from dcv2_k8s.storage import open_storage
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from pipelines.dcv2_pipeline import dcv2_pipeline
+
     out_dir = Path(out).resolve()
-    data, run = out_dir / "data", out_dir / "run"
+    out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    dcv2 = [sys.executable, "-m", "dcv2_k8s"]
-    _run(dcv2 + ["data", "synth", str(data), "--classes", "10", "--train-per-class", "100", "--val-per-class", "30",
-                 "--size", "64"])
-    tokens = [f"config={DEMO_PRESET}", f"config.DATA.TRAIN.DATA_PATHS=[{data / 'train'}]",
-              f"config.DATA.TEST.DATA_PATHS=[{data / 'val'}]", f"config.CHECKPOINT.DIR={run}"]
-    if epochs:
-        tokens.append(f"config.OPTIMIZER.num_epochs={epochs}")
-    _run(dcv2 + ["train", *tokens])
-    trained = _knn(data, ["--checkpoint", str(run)])
-    random_init = _knn(data, [f"config={DEMO_PRESET}"])
-    lin = {w or "random": _linear(data, run, out_dir / f"linear_{'trained' if w else 'random'}.json", w)
-           for w in (str(run), "")}
-    lin_trained, lin_random = lin[str(run)], lin["random"]
-    result = {"knn_top1_trained": trained["top1"], "knn_top1_random_init": random_init["top1"],
-              "knn_top5_trained": trained["top5"], "knn_top5_random_init": random_init["top5"],
-              "margin_top1": trained["top1"] - random_init["top1"],
-              "linear_top1_trained": lin_trained["top1"], "linear_top1_random_init": lin_random["top1"],
-              "seconds": time.time() - t0, "checkpoints": str(run), "data": str(data)}
+    print("1/4 generating 1,300 images (10 texture classes)", flush=True)
+    generate(out_dir / "data", classes=10, train_per_class=100, val_per_class=30, size=64, progress=False)
+    s3 = EmbeddedS3().start(["datasets", "runs"])
+    os.environ.update(s3.env())
+    try:
+        client = boto3.client("s3", endpoint_url=s3.endpoint)
+        n = _upload(client, out_dir / "data" / "train", "datasets", "synth/train")
+        n += _upload(client, out_dir / "data" / "val", "datasets", "synth/val")
+        print(f"2/4 uploaded {n} images to the embedded S3 endpoint {s3.endpoint}", flush=True)
+        print("3/4 running the Kubeflow pipeline locally (kfp.local, launcher=local)", flush=True)
+        overrides = [f"config.OPTIMIZER.num_epochs={epochs}"] if epochs else []
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out_dir / "kfp"))
+        dcv2_pipeline(data_uri="s3://datasets/synth/train", val_uri="s3://datasets/synth/val",
+                      output_uri="s3://runs/demo", config=DEMO_PRESET, overrides=overrides, eval_preset=EVAL_PRESET,
+                      eval_overrides=DEMO_EVAL, baseline=True, launcher="local", namespace="")
+        store = open_storage("s3://runs/demo")
+        trained = json.loads(store.get_bytes("s3://runs/demo/linear_eval_trained.json"))
+        base = json.loads(store.get_bytes("s3://runs/demo/linear_eval_baseline.json"))
+        events = [json.loads(l) for l in store.get_bytes("s3://runs/demo/pretrain/metrics.jsonl").decode().splitlines()]
+        print("4/4 k-NN of the trained and the random-init trunk", flush=True)
+        staged = next((out_dir / "kfp").rglob("staged"))
+        knn_t = _knn(str(staged / "train"), str(staged / "val"), ["--checkpoint", "s3://runs/demo/pretrain"])
+        knn_r = _knn(str(staged / "train"), str(staged / "val"), [f"config={DEMO_PRESET}"])
+        html = next((out_dir / "kfp").rglob("html"), None)
+    finally:
+        s3.stop()
+    result = {"linear_top1_trained": trained["top1"], "linear_top1_random_init": base["top1"],
+              "linear_top5_trained": trained["top5"], "linear_top5_random_init": base["top5"],
+              "knn_top1_trained": knn_t["top1"], "knn_top1_random_init": knn_r["top1"],
+              "knn_top5_trained": knn_t["top5"], "knn_top5_random_init": knn_r["top5"],
+              "margin_top1": knn_t["top1"] - knn_r["top1"], "seconds": time.time() - t0,
+              "pipeline_root": str(out_dir / "kfp"), "report_html": str(html) if html else None}
     (out_dir / "demo_result.json").write_text(json.dumps(result, indent=1))
+    curve = [e for e in events if e["kind"] == "knn"]
     print()
-    print("DeepClusterV2 demo: weighted k-NN (k=20) on held-out images, frozen trunk features")
-    print(f"  random init : top-1 {random_init['top1']:5.1f} %   top-5 {random_init['top5']:5.1f} %")
-    print(f"  DCv2 trained: top-1 {trained['top1']:5.1f} %   top-5 {trained['top5']:5.1f} %")
-    print(f"  margin      : {result['margin_top1']:+.1f} points top-1 (chance is 10 %)")
-    print(f"  linear eval (fast mode, 30 epochs): DCv2 {lin_trained['top1']:.1f} % vs random init "
-          f"{lin_random['top1']:.1f} % top-1")
-    curve = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"knn"' in l]
+    print("DeepClusterV2 demo (the Kubeflow pipeline run locally): frozen trunk on held-out images")
+    print(f"  random init : linear top-1 {base['top1']:5.1f} %   k-NN top-1 {knn_r['top1']:5.1f} %   "
+          f"k-NN top-5 {knn_r['top5']:5.1f} %")
+    print(f"  DCv2 trained: linear top-1 {trained['top1']:5.1f} %   k-NN top-1 {knn_t['top1']:5.1f} %   "
+          f"k-NN top-5 {knn_t['top5']:5.1f} %")
+    print(f"  margin      : {trained['top1'] - base['top1']:+.1f} points linear, {result['margin_top1']:+.1f} points "
+          "k-NN top-1 (chance is 10 %)")
     if curve:
         print("  k-NN top-1 during training: " + ", ".join(f"ep {c['epoch']}: {c['top1']:.0f}%" for c in curve))
-    print(f"  checkpoints : {run}")
-    print(f"  result      : {out_dir / 'demo_result.json'} ({result['seconds']:.0f} s in all)")
+    print(f"  pipeline artifacts: {out_dir / 'kfp'} (report: {html})")
+    print(f"  result            : {out_dir / 'demo_result.json'} ({result['seconds']:.0f} s in all)")
     return 0

@@ -35,6 +35,9 @@ class EmbeddedS3:
                 "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
     def start(self, buckets: list[str] = ()) -> "EmbeddedS3":
+        import logging
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
         self.server.start()
         import boto3
 

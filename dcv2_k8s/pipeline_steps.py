@@ -1,0 +1,138 @@
+"""The work of each pipeline step, as plain functions (the KFP components in pipelines/ call these).
+
+Two launchers: ``pytorchjob`` (on a cluster: pretraining and linear eval run as PyTorchJobs from the same template
+as ``manifests/``) and ``local`` (the same commands as subprocesses on this machine, for ``make demo`` and tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+DEMO_EVAL = ["config.MODEL.TRUNK.RESNETS.DEPTH=18", "config.MODEL.TRUNK.RESNETS.WIDTH_MULTIPLIER=0.5",
+             "config.LINEAR_EVAL.CROP_SIZE=32", "config.LINEAR_EVAL.FEATURE_CACHE=true", "config.OPTIMIZER.num_epochs=30",
+             "config.DATA.NUM_DATALOADER_WORKERS=0", "config.MACHINE.DEVICE=cpu", "config.DISTRIBUTED.NUM_PROC_PER_NODE=1"]
+
+
+class StepFailed(RuntimeError):
+    pass
+
+
+def _dcv2(args: list[str], what: str, tail: int = 40) -> None:
+    """Run ``dcv2 ARGS`` streaming its output; raise with the last lines when it fails."""
+    proc = subprocess.Popen([sys.executable, "-m", "dcv2_k8s", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    last: list[str] = []
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        last = (last + [line.rstrip()])[-tail:]
+    if proc.wait() != 0:
+        raise StepFailed(f"{what} failed with exit code {proc.returncode}; last lines:\n" + "\n".join(last))
+
+
+def stage_step(launcher: str, data_uri: str, val_uri: str, stage_root: str) -> dict:
+    """Local: stage (idempotent: a complete staged copy of the same source is reused). Cluster: verify the source
+    (the PyTorchJob pods stage it to node-local disk themselves)."""
+    from dcv2_k8s.data.dataset import scan_image_folder
+    from dcv2_k8s.data.stage import ensure_local
+    from dcv2_k8s.storage import open_storage
+
+    out = {}
+    for split, uri in (("train", data_uri), ("val", val_uri)):
+        if launcher == "local":
+            path = ensure_local(uri, os.path.join(stage_root, split) if uri.startswith("s3://") else "")
+            classes, samples = scan_image_folder(path)
+            out[split] = {"uri": uri, "local": path, "classes": len(classes), "images": len(samples)}
+        else:
+            store = open_storage(uri)
+            store.check()
+            objects = store.list_objects(uri) if hasattr(store, "list_objects") else []
+            if not objects:
+                raise StepFailed(f"{uri}: no objects; upload the dataset first")
+            out[split] = {"uri": uri, "objects": len(objects), "bytes": sum(o["Size"] for o in objects)}
+    return out
+
+
+def _launcher(namespace: str):
+    from dcv2_k8s.k8s.launcher import PyTorchJobLauncher
+
+    return PyTorchJobLauncher.in_cluster(namespace)
+
+
+def pretrain_step(launcher: str, run_id: str, config: str, overrides: list[str], output_uri: str, data: dict,
+                  nodes: int, gpus_per_node: int, image: str, namespace: str, timeout_seconds: float) -> str:
+    """Pretrain; return the checkpoint URI (the run's CHECKPOINT.DIR)."""
+    from dcv2_k8s.k8s.launcher import job_name
+
+    ckpt = f"{output_uri.rstrip('/')}/pretrain"
+    if launcher == "local":
+        _dcv2(["train", f"config={config}", *overrides, f"config.DATA.TRAIN.DATA_PATHS=[{data['train']['local']}]",
+               f"config.DATA.TEST.DATA_PATHS=[{data['val']['local']}]", f"config.CHECKPOINT.DIR={ckpt}"],
+              "pretraining")
+        return ckpt
+    from dcv2_k8s.k8s.manifests import JobSpec, pytorchjob
+
+    name = job_name(run_id, "pretrain")
+    job = pytorchjob(JobSpec(name, nodes=nodes, gpus_per_node=gpus_per_node, config=config, overrides=list(overrides),
+                             data_uri=data["train"]["uri"], checkpoint_uri=ckpt, image=image))
+    lx = _launcher(namespace)
+    lx.launch(job)
+    lx.wait(name, timeout_seconds)
+    return ckpt
+
+
+def linear_eval_step(launcher: str, run_id: str, weights: str, preset: str, overrides: list[str], output_uri: str,
+                     data: dict, gpus: int, image: str, namespace: str, timeout_seconds: float, tag: str) -> dict:
+    """Linear evaluation of ``weights`` ("" = random-init baseline); returns the result JSON."""
+    from dcv2_k8s.storage import open_storage
+
+    out = f"{output_uri.rstrip('/')}/linear_eval_{tag}.json"
+    tokens = [f"config={preset}", *overrides, f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={weights}",
+              f"config.LINEAR_EVAL.OUTPUT={out}"]
+    if launcher == "local":
+        _dcv2(["linear-eval", *tokens, f"config.DATA.TRAIN.DATA_PATHS=[{data['train']['local']}]",
+               f"config.DATA.TEST.DATA_PATHS=[{data['val']['local']}]"], f"linear evaluation ({tag})")
+    else:
+        from dcv2_k8s.k8s.launcher import job_name
+        from dcv2_k8s.k8s.manifests import JobSpec, pytorchjob
+
+        name = job_name(run_id, f"eval-{tag}")
+        job = pytorchjob(JobSpec(name, nodes=1, gpus_per_node=gpus, command="linear-eval", config=preset,
+                                 overrides=tokens[1:], data_uri=data["train"]["uri"], val_uri=data["val"]["uri"],
+                                 checkpoint_uri=f"{output_uri.rstrip('/')}/eval-{tag}", image=image))
+        lx = _launcher(namespace)
+        lx.launch(job)
+        lx.wait(name, timeout_seconds)
+    store = open_storage(out.rsplit("/", 1)[0])
+    return json.loads(store.get_bytes(out))
+
+
+def report_step(ckpt_uri: str, result: dict, baseline: dict | None, html_path: str, started: float) -> dict:
+    """Figures for the Metrics artifact; the HTML report of the run's logged metrics at ``html_path``."""
+    import shutil
+    import tempfile
+
+    from dcv2_k8s.report import render
+
+    with tempfile.TemporaryDirectory() as tmp:
+        page = render(ckpt_uri, tmp)
+        shutil.copyfile(page, html_path)
+    figures = {"top1": result["top1"], "top5": result["top5"], "linear_eval_epochs": result["epochs"],
+               "wall_time_seconds": time.time() - started}
+    if baseline is not None:
+        figures["baseline_random_init_top1"] = baseline["top1"]
+        figures["margin_top1"] = result["top1"] - baseline["top1"]
+    return figures
+
+
+def cleanup_step(launcher: str, run_id: str, namespace: str, state: str) -> list[str]:
+    """Delete the run's PyTorchJobs unless the run succeeded (cancelled or failed runs leave no GPUs behind)."""
+    if launcher != "pytorchjob" or state == "SUCCEEDED":
+        return []
+    from dcv2_k8s.k8s.launcher import job_name
+
+    lx = _launcher(namespace)
+    return [n for n in (job_name(run_id, s) for s in ("pretrain", "eval-trained", "eval-baseline")) if lx.delete(n)]
