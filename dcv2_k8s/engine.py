@@ -167,7 +167,7 @@ class Trainer:
         self.ckpt = CheckpointManager(str(cfg.CHECKPOINT.DIR), info.rank, info.world_size,
                                       int(cfg.CHECKPOINT.KEEP_LAST), int(cfg.CHECKPOINT.KEEP_EVERY_EPOCHS),
                                       commit_timeout=float(cfg.DISTRIBUTED.TIMEOUT_SECONDS))
-        self.metrics_file = os.path.join(str(cfg.CHECKPOINT.DIR), "metrics.jsonl") if info.is_main else None
+        self.metrics_file = self._metrics_log_path() if info.is_main else None
         self.progress = info.is_main and sys.stderr.isatty()
         mc = cfg.METRICS
         self.metrics = Metrics(str(cfg.RUN_NAME) or resolved.name.replace("/", "_"), info.node_rank,
@@ -192,6 +192,31 @@ class Trainer:
         return bool(flag.item())
 
     # ------------------------------------------------------------------------------------------ helpers
+    def _metrics_log_path(self) -> str:
+        """metrics.jsonl of the run. A local CHECKPOINT.DIR holds it directly; for object storage it is written
+        to a local file and published next to the checkpoints with every checkpoint and at the end."""
+        root = str(self.cfg.CHECKPOINT.DIR)
+        if "://" not in root:
+            return os.path.join(root, "metrics.jsonl")
+        import hashlib
+        import tempfile
+
+        local = os.path.join(tempfile.gettempdir(), "dcv2-metrics", hashlib.sha1(root.encode()).hexdigest()[:12],
+                             "metrics.jsonl")
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        store = self.ckpt.store
+        remote = store.join("metrics.jsonl")
+        # continue the run's log (a resumed run appends to what the earlier attempts wrote)
+        with open(local, "wb") as f:
+            f.write(store.get_bytes(remote) if store.exists(remote) else b"")
+        return local
+
+    def publish_metrics_log(self) -> None:
+        if self.metrics_file is None or "://" not in str(self.cfg.CHECKPOINT.DIR):
+            return
+        with open(self.metrics_file, "rb") as f:
+            self.ckpt.store.put_bytes(self.ckpt.store.join("metrics.jsonl"), f.read())
+
     def emit(self, kind: str, **values) -> None:
         """One JSON line per event in CHECKPOINT.DIR/metrics.jsonl (rank 0), for reports and tests."""
         if self.metrics_file is None:
@@ -230,6 +255,7 @@ class Trainer:
             self.metrics.checkpoint_failed()
             raise
         self.emit("checkpoint", global_step=s.global_step, snapshot_seconds=time.time() - t0)
+        self.publish_metrics_log()
 
     def wait_checkpoint(self) -> None:
         """Wait for the in-flight checkpoint; export its figures; count a failure before re-raising it."""
@@ -371,6 +397,7 @@ class Trainer:
                 self.knn_monitor()
         self.wait_checkpoint()
         log.info("training finished: %d epochs, %d steps", self.epochs, s.global_step)
+        self.publish_metrics_log()
         return last
 
     def train_one_epoch(self, max_steps: int, iter_freq: int) -> dict:

@@ -194,6 +194,10 @@ def test_checkpoint_to_s3_then_exact_resume(s3, synth_data, tmp_path):
     assert "resumed from step_000000010" in p.stdout
     m = CheckpointManager(uri).latest()
     assert m["global_step"] == 14 and set(m["files"]) == {"state.pt", "bank_rank0000.pt", "bank_rank0001.pt"}
+    # the metrics log lives next to the checkpoints in S3, continued across the restart; nothing local
+    log = [json.loads(l) for l in S3Storage(uri).get_bytes(f"{uri}/metrics.jsonl").decode().splitlines()]
+    assert [e["global_step"] for e in log if e["kind"] == "step"] == list(range(1, 15))
+    assert not (ROOT / "s3:").exists()
     a = from_bytes(open_storage(uri).get_bytes(f"{uri}/{m['name']}/state.pt"))["model"]
     b = from_bytes((local / CheckpointManager(str(local)).latest()["name"] / "state.pt").read_bytes())["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
