@@ -152,7 +152,7 @@ def cmd_linear_eval(args) -> int:
 
 def cmd_export(args) -> int:
     from dcv2_k8s.checkpoint import to_bytes
-    from dcv2_k8s.config import ConfigError
+    from dcv2_k8s.config import ConfigError, config_from_checkpoint
     from dcv2_k8s.storage import StorageError, open_storage
     from dcv2_k8s.weights import WeightsError, export_swav, export_torchvision, read_file, split_weights
 
@@ -162,12 +162,12 @@ def cmd_export(args) -> int:
         if args.format == "torchvision":
             depth = args.depth
             if layout == "dcv2":
-                depth = int(_config_of(obj).cfg.MODEL.TRUNK.RESNETS.DEPTH)
+                depth = int(config_from_checkpoint(obj).cfg.MODEL.TRUNK.RESNETS.DEPTH)
             out = export_torchvision(obj, depth)
         else:
             from dcv2_k8s.model.head import build_head
 
-            head = build_head(_config_of(obj).cfg.MODEL.HEAD) if layout == "dcv2" else None
+            head = build_head(config_from_checkpoint(obj).cfg.MODEL.HEAD) if layout == "dcv2" else None
             out = export_swav(obj, head)
         data = to_bytes(out)
         parent = args.out.rsplit("/", 1)[0] if "/" in args.out else "."
@@ -195,20 +195,6 @@ def cmd_clusters(args) -> int:
               f"size entropy {h['size_entropy']:.3f}")
     print(f"{stats['images']} images assigned; {args.out}/assignments.csv, cluster_sizes.json, contact_sheet_head*.png")
     return 0
-
-
-def _config_of(obj: dict):
-    """The resolved config saved inside one of our checkpoints."""
-    import tempfile
-
-    from dcv2_k8s.config import resolve
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        f.write(obj["config_yaml"])
-    try:
-        return resolve([f"config={f.name}"])
-    finally:
-        os.unlink(f.name)
 
 
 def cmd_config_show(args) -> int:
@@ -263,35 +249,34 @@ def cmd_data_check(args) -> int:
 def cmd_knn(args) -> int:
     import torch
 
-    from dcv2_k8s.config import ConfigError, resolve
+    from dcv2_k8s.config import ConfigError, config_from_checkpoint, resolve
     from dcv2_k8s.data.transforms import normalize_params
-    from dcv2_k8s.weights import WeightsError, read_file
     from dcv2_k8s.eval.knn import knn_eval
     from dcv2_k8s.model import build_model
+    from dcv2_k8s.weights import WeightsError, load_into_trunk, read_file, split_weights
+
+    def build_trunk_only(cfg):
+        from types import SimpleNamespace
+
+        from dcv2_k8s.model.resnet import build_trunk
+
+        return SimpleNamespace(trunk=build_trunk(cfg.MODEL.TRUNK))
 
     for d in (args.train, args.val):
         if not os.path.isdir(d):
             return _fail(f"{d}: no such directory (expected an ImageFolder tree)")
     try:
-        state = None
-        tokens = list(args.tokens)
-        if args.checkpoint:
-            state = read_file(args.checkpoint)
-            import tempfile
-
-            with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-                f.write(state["config_yaml"])
-            tokens = [f"config={f.name}", *tokens]
-        r = resolve(tokens)
+        state = read_file(args.checkpoint) if args.checkpoint else None
+        ours = state is not None and "config_yaml" in state
+        r = config_from_checkpoint(state, args.tokens) if ours else resolve(args.tokens, for_training=False)
+        torch.manual_seed(int(r.cfg.SEED_VALUE))
+        model = build_model(r.cfg.MODEL) if ours else build_trunk_only(r.cfg)
+        if state is not None:  # any supported layout: ours, torchvision, swav, VISSL
+            load_into_trunk(model.trunk, split_weights(state)[1], args.checkpoint)
     except ConfigError as e:
         return _fail(e.lines)
     except (FileNotFoundError, WeightsError) as e:
         return _fail(str(e))
-    torch.manual_seed(int(r.cfg.SEED_VALUE))
-    model = build_model(r.cfg.MODEL)
-    if state is not None:
-        trunk_state = {k[len("trunk."):]: v for k, v in state["model"].items() if k.startswith("trunk.")}
-        model.trunk.load_state_dict(trunk_state)
     transforms = [dict(t) for t in r.cfg.DATA.TRAIN.TRANSFORMS]
     size = args.size or int(transforms[0]["size_crops"][0])
     mean, std = normalize_params(transforms)

@@ -387,3 +387,17 @@ def env_world() -> tuple[int | None, int | None]:
         world = int(os.environ["WORLD_SIZE"])
         return world, int(os.environ.get("LOCAL_WORLD_SIZE", world))
     return None, None
+
+
+def config_from_checkpoint(obj: dict, tokens: Iterable[str] = ()) -> Resolved:
+    """The config saved inside one of our checkpoints (``config_yaml``), with ``tokens`` applied on top."""
+    import tempfile
+
+    if "config_yaml" not in obj:
+        raise ConfigError(["the checkpoint carries no config (not one of ours); pass the config tokens"])
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(obj["config_yaml"])
+    try:
+        return resolve([f"config={f.name}", *tokens])
+    finally:
+        os.unlink(f.name)

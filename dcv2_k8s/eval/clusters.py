@@ -84,14 +84,14 @@ def extract_clusters(model, centroids: list[torch.Tensor], data_dir: str, out_di
 
 
 def run_from_checkpoint(checkpoint: str, data_dir: str, out_dir: str, workers: int = 2, progress: bool = False) -> dict:
-    from dcv2_k8s.cli import _config_of
+    from dcv2_k8s.config import config_from_checkpoint
     from dcv2_k8s.model import build_model
     from dcv2_k8s.weights import WeightsError, load_weights, read_file
 
     obj = read_file(checkpoint)
     if "config_yaml" not in obj:
         raise WeightsError(f"{checkpoint}: cluster extraction needs one of our DCv2 checkpoints (with centroids)")
-    cfg = _config_of(obj).cfg
+    cfg = config_from_checkpoint(obj).cfg
     model = build_model(cfg.MODEL)
     ks = [int(k) for k in cfg.LOSS.deepclusterv2_loss.num_clusters]
     for h, k in enumerate(ks):
