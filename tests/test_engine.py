@@ -127,10 +127,16 @@ def test_missing_data_path_is_one_clear_line(tmp_path):
     assert p.returncode == 2 and "DATA_PATHS is empty" in p.stderr
 
 
+# 64/32 px crops: with 16 px crops layer4 sees 1x1 inputs, where torch's CPU bfloat16 convolution backward
+# intermittently returns non-finite weight gradients (seen in torch 2.14.1 on this AVX2 machine; fp32 is fine)
+BF16_CROPS = ("config.DATA.TRAIN.TRANSFORMS=[{name: ImgPilToMultiCrop, total_num_crops: 3, size_crops: [64, 32], "
+              "num_crops: [2, 1], crop_scales: [[0.3, 1], [0.1, 0.3]]}, {name: ToTensor}]")
+
+
 def test_bf16_autocast_training_on_cpu(synth_data, tmp_path):
     p = run_cli("train", *tiny_train_tokens(synth_data, tmp_path / "run", "config.OPTIMIZER.num_epochs=1",
                                             "config.DISTRIBUTED.NUM_PROC_PER_NODE=1", "config.MODEL.AMP_PARAMS.USE_AMP=true",
-                                            "config.MODEL.AMP_PARAMS.DTYPE=bfloat16"))
+                                            "config.MODEL.AMP_PARAMS.DTYPE=bfloat16", BF16_CROPS))
     assert p.returncode == 0, p.stderr[-3000:]
     losses = [e["loss"] for e in _events(tmp_path / "run", "step")]
     assert losses and all(math.isfinite(l) for l in losses)
