@@ -223,19 +223,3 @@ class CheckpointManager:
         for m in found:
             if m["name"] not in keep:
                 self.store.delete_tree(self.store.join(m["name"]))
-
-
-def load_checkpoint_file(path: str) -> dict:
-    """Load a checkpoint directory (its state.pt), a ``state.pt`` file, or a run directory (its latest)."""
-    if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, "state.pt")):
-            path = os.path.join(path, "state.pt")
-        else:
-            m = CheckpointManager(path).latest()
-            if m is None:
-                raise FileNotFoundError(f"{path}: no committed checkpoint found")
-            path = os.path.join(path, m["name"], "state.pt")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    with open(path, "rb") as f:
-        return from_bytes(f.read())

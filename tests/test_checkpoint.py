@@ -6,7 +6,8 @@ import json
 
 import torch
 
-from dcv2_k8s.checkpoint import CheckpointManager, from_bytes, load_checkpoint_file
+from dcv2_k8s.checkpoint import CheckpointManager, from_bytes
+from dcv2_k8s.weights import read_file
 
 
 def _save(m: CheckpointManager, step: int, epoch: int, epoch_end: bool = True) -> None:
@@ -22,7 +23,7 @@ def test_retention_keeps_last_n_and_every_mth_epoch(tmp_path):
     kept = [c["epoch"] for c in m.committed()]
     assert kept == [2, 4, 5, 6]
     assert json.loads((tmp_path / "latest.json").read_text())["name"] == "step_000000060"
-    assert load_checkpoint_file(str(tmp_path))["model"]["w"].item() == 60
+    assert read_file(str(tmp_path))["model"]["w"].item() == 60
 
 
 def test_uncommitted_checkpoint_is_never_loaded(tmp_path):

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dcv2_k8s.checkpoint import CheckpointManager, from_bytes, load_checkpoint_file
+from dcv2_k8s.checkpoint import CheckpointManager, from_bytes
+from dcv2_k8s.weights import read_file
 from dcv2_k8s.dcv2.kmeans import IGNORE
 from dcv2_k8s.distributed import free_port
 from tests.conftest import ROOT, run_cli, tiny_train_tokens
@@ -46,16 +47,16 @@ def test_two_process_training(synth_data, tmp_path):
         bank = from_bytes((ckpt / "step_000000007" / f"bank_rank{r:04d}.pt").read_bytes())["bank"]
         assert bank["ptr"] == 112 and (bank["indices"] >= 0).all()  # 120 per rank -> 7 batches of 16
         banked[bank["indices"]] = True
-    table = load_checkpoint_file(str(ckpt / "step_000000014"))["table"]
+    table = read_file(str(ckpt / "step_000000014"))["table"]
     assert table.shape == (3, 240)
     assert torch.equal(table[0] == IGNORE, ~banked) and int((~banked).sum()) > 0
-    final = load_checkpoint_file(str(ckpt))
+    final = read_file(str(ckpt))
     assert final["train_state"] == {"epoch": 3, "step_in_epoch": 0, "global_step": 21}
     assert CheckpointManager(str(ckpt)).latest()["world_size"] == 2
 
 
 def _final_params(ckpt: Path) -> dict:
-    return load_checkpoint_file(str(ckpt))["model"]
+    return read_file(str(ckpt))["model"]
 
 
 def test_exact_resume_mid_epoch_is_bitwise_identical(synth_data, tmp_path):
@@ -66,7 +67,7 @@ def test_exact_resume_mid_epoch_is_bitwise_identical(synth_data, tmp_path):
     # 7 steps per epoch: stop after 10 steps (1.43 epochs), then resume to the end
     p = run_cli("train", *tiny_train_tokens(synth_data, resumed, *common, "config.TRAINER.MAX_STEPS=10"))
     assert p.returncode == 0, p.stderr[-3000:]
-    assert load_checkpoint_file(str(resumed))["train_state"] == {"epoch": 1, "step_in_epoch": 3, "global_step": 10}
+    assert read_file(str(resumed))["train_state"] == {"epoch": 1, "step_in_epoch": 3, "global_step": 10}
     p = run_cli("train", *tiny_train_tokens(synth_data, resumed, *common))
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from step_000000010 (epoch 1, step 3 of 7)" in p.stdout
