@@ -153,7 +153,7 @@ def cmd_linear_eval(args) -> int:
 def cmd_export(args) -> int:
     from dcv2_k8s.checkpoint import to_bytes
     from dcv2_k8s.config import ConfigError, config_from_checkpoint
-    from dcv2_k8s.storage import StorageError, open_storage
+    from dcv2_k8s.storage import StorageError, write_bytes
     from dcv2_k8s.weights import WeightsError, export_swav, export_torchvision, read_file, split_weights
 
     try:
@@ -170,8 +170,7 @@ def cmd_export(args) -> int:
             head = build_head(config_from_checkpoint(obj).cfg.MODEL.HEAD) if layout == "dcv2" else None
             out = export_swav(obj, head)
         data = to_bytes(out)
-        parent = args.out.rsplit("/", 1)[0] if "/" in args.out else "."
-        open_storage(parent).put_bytes(args.out if "/" in args.out else os.path.join(".", args.out), data)
+        write_bytes(args.out, data)
     except (WeightsError, StorageError, ConfigError) as e:
         return _fail(str(e) if not isinstance(e, ConfigError) else e.lines)
     print(json.dumps({"from": args.checkpoint, "layout": layout, "format": args.format, "out": args.out,
@@ -252,15 +251,8 @@ def cmd_knn(args) -> int:
     from dcv2_k8s.config import ConfigError, config_from_checkpoint, resolve
     from dcv2_k8s.data.transforms import normalize_params
     from dcv2_k8s.eval.knn import knn_eval
-    from dcv2_k8s.model import build_model
+    from dcv2_k8s.model.resnet import build_trunk
     from dcv2_k8s.weights import WeightsError, load_into_trunk, read_file, split_weights
-
-    def build_trunk_only(cfg):
-        from types import SimpleNamespace
-
-        from dcv2_k8s.model.resnet import build_trunk
-
-        return SimpleNamespace(trunk=build_trunk(cfg.MODEL.TRUNK))
 
     for d in (args.train, args.val):
         if not os.path.isdir(d):
@@ -270,9 +262,9 @@ def cmd_knn(args) -> int:
         ours = state is not None and "config_yaml" in state
         r = config_from_checkpoint(state, args.tokens) if ours else resolve(args.tokens, for_training=False)
         torch.manual_seed(int(r.cfg.SEED_VALUE))
-        model = build_model(r.cfg.MODEL) if ours else build_trunk_only(r.cfg)
+        trunk = build_trunk(r.cfg.MODEL.TRUNK)
         if state is not None:  # any supported layout: ours, torchvision, swav, VISSL
-            load_into_trunk(model.trunk, split_weights(state)[1], args.checkpoint)
+            load_into_trunk(trunk, split_weights(state)[1], args.checkpoint)
     except ConfigError as e:
         return _fail(e.lines)
     except (FileNotFoundError, WeightsError) as e:
@@ -280,7 +272,7 @@ def cmd_knn(args) -> int:
     transforms = [dict(t) for t in r.cfg.DATA.TRAIN.TRANSFORMS]
     size = args.size or int(transforms[0]["size_crops"][0])
     mean, std = normalize_params(transforms)
-    res = knn_eval(model.trunk, args.train, args.val, size, torch.device("cpu"), args.k, args.temperature,
+    res = knn_eval(trunk, args.train, args.val, size, torch.device("cpu"), args.k, args.temperature,
                    mean=mean, std=std, num_workers=args.workers, progress=sys.stderr.isatty())
     res["weights"] = args.checkpoint or "random-init"
     print(json.dumps(res))

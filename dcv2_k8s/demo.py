@@ -40,7 +40,7 @@ def run_demo(out: str, epochs: int = 0, minutes: float = 0) -> int:
     from dcv2_k8s.data.synth import generate
     from dcv2_k8s.pipeline_steps import DEMO_EVAL
     from dcv2_k8s.s3server import EmbeddedS3
-    from dcv2_k8s.storage import open_storage
+    from dcv2_k8s.storage import read_bytes
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from pipelines.dcv2_pipeline import dcv2_pipeline
@@ -63,10 +63,9 @@ def run_demo(out: str, epochs: int = 0, minutes: float = 0) -> int:
         dcv2_pipeline(data_uri="s3://datasets/synth/train", val_uri="s3://datasets/synth/val",
                       output_uri="s3://runs/demo", config=DEMO_PRESET, overrides=overrides, eval_preset=EVAL_PRESET,
                       eval_overrides=DEMO_EVAL, baseline=True, launcher="local", namespace="")
-        store = open_storage("s3://runs/demo")
-        trained = json.loads(store.get_bytes("s3://runs/demo/linear_eval_trained.json"))
-        base = json.loads(store.get_bytes("s3://runs/demo/linear_eval_baseline.json"))
-        events = [json.loads(l) for l in store.get_bytes("s3://runs/demo/pretrain/metrics.jsonl").decode().splitlines()]
+        trained = json.loads(read_bytes("s3://runs/demo/linear_eval_trained.json"))
+        base = json.loads(read_bytes("s3://runs/demo/linear_eval_baseline.json"))
+        events = [json.loads(l) for l in read_bytes("s3://runs/demo/pretrain/metrics.jsonl").decode().splitlines()]
         print("4/4 k-NN of the trained and the random-init trunk", flush=True)
         staged = next((out_dir / "kfp").rglob("staged"))
         knn_t = _knn(str(staged / "train"), str(staged / "val"), ["--checkpoint", "s3://runs/demo/pretrain"])

@@ -87,7 +87,7 @@ def pretrain_step(launcher: str, run_id: str, config: str, overrides: list[str],
 def linear_eval_step(launcher: str, run_id: str, weights: str, preset: str, overrides: list[str], output_uri: str,
                      data: dict, gpus: int, image: str, namespace: str, timeout_seconds: float, tag: str) -> dict:
     """Linear evaluation of ``weights`` ("" = random-init baseline); returns the result JSON."""
-    from dcv2_k8s.storage import open_storage
+    from dcv2_k8s.storage import read_bytes
 
     out = f"{output_uri.rstrip('/')}/linear_eval_{tag}.json"
     tokens = [f"config={preset}", *overrides, f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={weights}",
@@ -106,8 +106,7 @@ def linear_eval_step(launcher: str, run_id: str, weights: str, preset: str, over
         lx = _launcher(namespace)
         lx.launch(job)
         lx.wait(name, timeout_seconds)
-    store = open_storage(out.rsplit("/", 1)[0])
-    return json.loads(store.get_bytes(out))
+    return json.loads(read_bytes(out))
 
 
 def report_step(ckpt_uri: str, result: dict, baseline: dict | None, html_path: str, started: float) -> dict:

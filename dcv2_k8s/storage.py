@@ -249,6 +249,20 @@ class S3Storage:
         self._call(self.root, self.client.head_bucket, Bucket=self.bucket)
 
 
+def read_bytes(uri: str) -> bytes:
+    """The bytes of one object or file, local or ``s3://``."""
+    return open_storage(_parent(uri)).get_bytes(uri)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write one object or file atomically, local or ``s3://``."""
+    open_storage(_parent(uri)).put_bytes(uri, data)
+
+
+def _parent(uri: str) -> str:
+    return uri.rsplit("/", 1)[0] if "/" in uri else "."
+
+
 def open_storage(root: str) -> LocalStorage | S3Storage:
     """The backend for ``root``: ``s3://...`` -> :class:`S3Storage`, anything else a local path."""
     if root.startswith("s3://"):

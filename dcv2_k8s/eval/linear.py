@@ -33,7 +33,7 @@ from dcv2_k8s.eval.knn import extract_features
 from dcv2_k8s.metrics import Metrics
 from dcv2_k8s.model.resnet import build_trunk
 from dcv2_k8s.optim import LRSchedule, param_groups
-from dcv2_k8s.storage import open_storage
+from dcv2_k8s.storage import open_storage, write_bytes
 from dcv2_k8s.weights import load_weights
 
 log = logging.getLogger("dcv2")
@@ -214,8 +214,7 @@ class LinearEval:
 
     def write(self, result: dict) -> None:
         out = str(self.cfg.LINEAR_EVAL.OUTPUT) or open_storage(str(self.cfg.CHECKPOINT.DIR)).join("linear_eval.json")
-        store = open_storage(out.rsplit("/", 1)[0] if "/" in out else ".")
-        store.put_bytes(out, json.dumps(result, indent=1).encode())
+        write_bytes(out, json.dumps(result, indent=1).encode())
         log.info("linear eval: best top-1 %.2f%% (epoch %d), top-5 %.2f%%; written to %s", result["top1"],
                  result["best_epoch"], result["top5"], out)
 
