@@ -22,14 +22,7 @@ import time
 
 import torch
 
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from common import median_time
 
 
 def bench_upload(size_mb: int, repeats: int, bucket: str) -> dict:

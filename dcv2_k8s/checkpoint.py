@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dcv2_k8s.storage import open_storage
+from dcv2_k8s.storage import StorageError, open_storage
 
 log = logging.getLogger("dcv2")
 
@@ -81,12 +81,15 @@ class CheckpointManager:
     """
 
     def __init__(self, root: str, rank: int = 0, world_size: int = 1, keep_last: int = 3,
-                 keep_every_epochs: int = 0, background: bool = True, commit_timeout: float = 600.0):
+                 keep_every_epochs: int = 0, background: bool = True, commit_timeout: float = 600.0,
+                 retry_seconds: float = 300.0):
         self.store = open_storage(root)
         self.root = root
         self.rank, self.world_size = rank, world_size
         self.keep_last, self.keep_every_epochs = keep_last, keep_every_epochs
         self.background, self.commit_timeout = background, commit_timeout
+        self.retry_seconds = retry_seconds
+        self.retries = 0  # transient storage failures retried so far
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.last_result: dict = {}
@@ -129,17 +132,34 @@ class CheckpointManager:
             _lower_thread_priority()
         try:
             t0 = time.time()
-            ckpt = self.store.join(name)
-            for fname, data in files.items():
-                self.store.put_bytes(f"{ckpt}/{fname}", data)
-            sizes = {f: len(d) for f, d in files.items()}
-            self.store.put_bytes(f"{ckpt}/done_rank{self.rank:04d}.json", json.dumps(sizes).encode())
-            if self.rank == 0:
-                self._commit(name, meta)
-            self.last_result = {"name": name, "bytes": sum(sizes.values()), "seconds": time.time() - t0 + snapshot_s,
-                                "time": time.time()}
+            delay = 1.0
+            while True:
+                try:
+                    self._write_once(name, files, meta)
+                    break
+                except StorageError as e:  # an unreachable store: retry with backoff, within the budget
+                    left = t0 + self.retry_seconds - time.time()
+                    if not e.transient or left <= 0:
+                        raise
+                    self.retries += 1
+                    log.warning("checkpoint %s: %s; retrying in %.0f s (%.0f s of retries left)", name, e,
+                                min(delay, left), left)
+                    time.sleep(min(delay, left))
+                    delay = min(delay * 2, 30.0)
+            self.last_result = {"name": name, "bytes": sum(len(d) for d in files.values()),
+                                "seconds": time.time() - t0 + snapshot_s, "time": time.time()}
         except BaseException as e:  # surfaced by the next wait()
             self._error = e
+
+    def _write_once(self, name: str, files: dict[str, bytes], meta: dict) -> None:
+        """Write this rank's files and done marker (and commit on rank 0); idempotent, so it can be retried."""
+        ckpt = self.store.join(name)
+        for fname, data in files.items():
+            self.store.put_bytes(f"{ckpt}/{fname}", data)
+        sizes = {f: len(d) for f, d in files.items()}
+        self.store.put_bytes(f"{ckpt}/done_rank{self.rank:04d}.json", json.dumps(sizes).encode())
+        if self.rank == 0:
+            self._commit(name, meta)
 
     def _commit(self, name: str, meta: dict) -> None:
         ckpt = self.store.join(name)

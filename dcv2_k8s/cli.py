@@ -66,7 +66,8 @@ def cmd_train(args) -> int:
             return _fail(f"config.DISTRIBUTED.NUM_NODES={dist_cfg.NUM_NODES} needs a launcher on every node "
                          "(torchrun or a PyTorchJob); on one machine set config.DISTRIBUTED.NUM_NODES=1")
         if int(dist_cfg.NUM_PROC_PER_NODE) > 1:
-            return D.spawn_local(int(dist_cfg.NUM_PROC_PER_NODE), ["train", *args.tokens])
+            return D.spawn_local(int(dist_cfg.NUM_PROC_PER_NODE), ["train", *args.tokens],
+                                 int(dist_cfg.MAX_RESTARTS))
     from dcv2_k8s.engine import EXIT_PREEMPTED, Preempted, TrainingError, train
 
     try:

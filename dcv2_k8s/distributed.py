@@ -130,10 +130,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_local(nproc: int, argv: list[str]) -> int:
-    """Start ``nproc`` copies of ``dcv2 <argv>`` on this node through torch's own launcher (torchrun)."""
+def spawn_local(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
+    """Start ``nproc`` copies of ``dcv2 <argv>`` on this node through torch's own launcher (torchrun).
+
+    ``max_restarts``: torchrun restarts every process this many times after one fails (they resume from the
+    last committed checkpoint), as a PyTorchJob's restart policy does on Kubernetes."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "dcv2_k8s", *argv]
+           f"--max-restarts={max_restarts}", "-m", "dcv2_k8s", *argv]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     child = subprocess.Popen(cmd, env=env)

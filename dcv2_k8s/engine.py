@@ -31,7 +31,8 @@ from dcv2_k8s.checkpoint import CheckpointManager, rng_state, set_rng_state
 from dcv2_k8s.config.loader import Resolved, to_yaml
 from dcv2_k8s.data.dataset import IndexedImageFolder, ResumableDistributedSampler
 from dcv2_k8s.data.stage import local_data_dir
-from dcv2_k8s.data.transforms import MultiCrop, normalize_params
+from dcv2_k8s.data.cv_transforms import limit_threads
+from dcv2_k8s.data.transforms import build_multicrop, normalize_params
 from dcv2_k8s.dcv2.kmeans import cluster_memory
 from dcv2_k8s.dcv2.loss import dcv2_loss
 from dcv2_k8s.dcv2.memory_bank import MemoryBank
@@ -41,6 +42,7 @@ from dcv2_k8s.metrics import Metrics
 from dcv2_k8s.model import build_model
 from dcv2_k8s.model.syncbn import convert_sync_bn
 from dcv2_k8s.optim import LRSchedule, build_optimizer
+from dcv2_k8s.storage import StorageError
 
 log = logging.getLogger("dcv2")
 
@@ -103,6 +105,7 @@ def _loader_worker_init(worker_id: int) -> None:
     group, and the rank must keep its workers while it finishes the step and commits a checkpoint. The rank
     still shuts its workers down normally, and they exit by themselves if the rank dies."""
     os.setpgrp()
+    limit_threads()
 
 
 class Trainer:
@@ -119,7 +122,10 @@ class Trainer:
 
         # data
         transforms = [dict(t) for t in cfg.DATA.TRAIN.TRANSFORMS]
-        self.dataset = IndexedImageFolder(local_data_dir(cfg), MultiCrop(transforms),
+        backend = str(cfg.DATA.TRAIN.AUG_BACKEND)
+        if backend == "opencv":
+            limit_threads()
+        self.dataset = IndexedImageFolder(local_data_dir(cfg), build_multicrop(transforms, backend),
                                           int(cfg.DATA.TRAIN.DATA_LIMIT), int(cfg.SEED_VALUE))
         self.sampler = ResumableDistributedSampler(len(self.dataset), info.world_size, info.rank, True,
                                                    int(cfg.SEED_VALUE))
@@ -166,7 +172,8 @@ class Trainer:
         self.state = TrainState()
         self.ckpt = CheckpointManager(str(cfg.CHECKPOINT.DIR), info.rank, info.world_size,
                                       int(cfg.CHECKPOINT.KEEP_LAST), int(cfg.CHECKPOINT.KEEP_EVERY_EPOCHS),
-                                      commit_timeout=float(cfg.DISTRIBUTED.TIMEOUT_SECONDS))
+                                      commit_timeout=float(cfg.DISTRIBUTED.TIMEOUT_SECONDS),
+                                      retry_seconds=float(cfg.CHECKPOINT.UPLOAD_RETRY_SECONDS))
         self.metrics_file = self._metrics_log_path() if info.is_main else None
         self.progress = info.is_main and sys.stderr.isatty()
         mc = cfg.METRICS
@@ -174,6 +181,8 @@ class Trainer:
                                bool(mc.ENABLED) and info.local_rank == 0, int(mc.PORT), str(mc.ADDR), resolved.name)
         self._ckpt_reported = None
         self._bad_reported = 0
+        self.skip_nonfinite = str(cfg.TRAINER.NONFINITE_POLICY) == "skip"
+        self.skipped_steps = 0
         self.stop_reason = ""           # "", "max_steps" or "preempted"
         self._signalled = False
         if threading.current_thread() is threading.main_thread():
@@ -211,11 +220,19 @@ class Trainer:
             f.write(store.get_bytes(remote) if store.exists(remote) else b"")
         return local
 
-    def publish_metrics_log(self) -> None:
+    def publish_metrics_log(self, final: bool = False) -> None:
+        """Copy metrics.jsonl next to the checkpoints. Best effort while training (an unreachable store must not
+        stop the run: the next checkpoint publishes it again); the final copy must succeed."""
         if self.metrics_file is None or "://" not in str(self.cfg.CHECKPOINT.DIR):
             return
         with open(self.metrics_file, "rb") as f:
-            self.ckpt.store.put_bytes(self.ckpt.store.join("metrics.jsonl"), f.read())
+            data = f.read()
+        try:
+            self.ckpt.store.put_bytes(self.ckpt.store.join("metrics.jsonl"), data)
+        except StorageError as e:
+            if final or not e.transient:
+                raise
+            log.warning("metrics.jsonl not published this time: %s", e)
 
     def emit(self, kind: str, **values) -> None:
         """One JSON line per event in CHECKPOINT.DIR/metrics.jsonl (rank 0), for reports and tests."""
@@ -238,6 +255,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, epoch_end: bool) -> None:
+        self.assert_finite()
         s = self.state
         main = None
         if self.info.is_main:
@@ -397,7 +415,7 @@ class Trainer:
                 self.knn_monitor()
         self.wait_checkpoint()
         log.info("training finished: %d epochs, %d steps", self.epochs, s.global_step)
-        self.publish_metrics_log()
+        self.publish_metrics_log(final=True)
         return last
 
     def train_one_epoch(self, max_steps: int, iter_freq: int) -> dict:
@@ -416,21 +434,9 @@ class Trainer:
             wait = t_start - t_end
             data_wait += wait
             lr = self.schedule(s.global_step)
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
-            crops = self.to_device(crops)
-            index = index.to(self.device, non_blocking=True)
-            with self.autocast():
-                z = self.ddp(crops)
-            loss, ignored = dcv2_loss(z.float(), index, self.centroids(), self.table, temperature)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            b = index.shape[0]
-            self.bank.write(index, [z[c * b:(c + 1) * b] for c in self.crops_for_mb])
-            loss_sum += loss.detach()
-            ignored_sum += ignored.detach()
+            loss, ignored = self.train_step(index, crops, lr, temperature)
+            loss_sum += loss
+            ignored_sum += ignored
             self.metrics.step(node_images, time.time() - t_end, wait)
             n_acc += 1
             s.global_step += 1
@@ -450,6 +456,65 @@ class Trainer:
                 break
             t_end = time.time()
         return last
+
+    def train_step(self, index: torch.Tensor, crops: list[torch.Tensor], lr: float, temperature: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimisation step on one batch; returns the (device) loss and ignored ratio. No host sync."""
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        crops = self.to_device(crops)
+        index = index.to(self.device, non_blocking=True)
+        with self.autocast():
+            z = self.ddp(crops)
+        loss, ignored = dcv2_loss(z.float(), index, self.centroids(), self.table, temperature)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.skip_nonfinite and self._nonfinite_step(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            return torch.zeros((), device=self.device), ignored.detach()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        b = index.shape[0]
+        self.bank.write(index, [z[c * b:(c + 1) * b] for c in self.crops_for_mb])
+        return loss.detach(), ignored.detach()
+
+    def _nonfinite_step(self, loss: torch.Tensor) -> bool:
+        """Skip policy: whether any rank's loss, or the (all-reduced) gradient, is non-finite. All ranks agree
+        (one small all-reduce and one host sync per step: the price of this policy). The skipped step changes
+        nothing: no update, no memory-bank write."""
+        flag = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if not self.scaler.is_enabled():  # fp16's GradScaler already skips steps with inf/NaN gradients
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if grads:
+                norm = torch.stack(torch._foreach_norm(grads)).sum()
+                flag = torch.maximum(flag, (~torch.isfinite(norm)).float().reshape(1))
+        if self.info.distributed:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not bool(flag.item()):
+            return False
+        self.skipped_steps += 1
+        self.metrics.nonfinite(skipped=True)
+        self.emit("nonfinite_skip", global_step=self.state.global_step, skipped=self.skipped_steps)
+        limit = int(self.cfg.TRAINER.MAX_NONFINITE_SKIPS)
+        log.warning("non-finite loss or gradient at step %d: step skipped (%d of at most %d)",
+                    self.state.global_step, self.skipped_steps, limit)
+        if self.skipped_steps > limit:
+            self.metrics.nonfinite(skipped=False)
+            raise TrainingError(f"{self.skipped_steps} steps with a non-finite loss or gradient, more than "
+                                f"config.TRAINER.MAX_NONFINITE_SKIPS={limit}; the last committed checkpoint in "
+                                f"{self.cfg.CHECKPOINT.DIR} is intact. Lower the learning rate or check the data")
+        return True
+
+    def assert_finite(self) -> None:
+        """Refuse to checkpoint a model with NaN/inf parameters (the last committed checkpoint stays the newest)."""
+        params = [p.detach() for p in self.model.parameters()]
+        if bool(torch.isfinite(torch.stack(torch._foreach_norm(params)).sum())):
+            return
+        self.metrics.nonfinite(skipped=False)
+        raise TrainingError(f"non-finite model parameters at step {self.state.global_step} (a NaN/inf loss or "
+                            f"gradient); nothing was saved and the last committed checkpoint in "
+                            f"{self.cfg.CHECKPOINT.DIR} is intact. Lower the learning rate, check the data, or set "
+                            "config.TRAINER.NONFINITE_POLICY=skip")
 
     def _log_window(self, loss_sum, ignored_sum, n, lr, data_wait, seconds) -> dict:
         loss = float(loss_sum) / max(1, n)  # the host sync of this window

@@ -47,6 +47,8 @@ class Metrics:
                                    buckets=WAIT_BUCKETS, registry=r)
         self.loss = g("dcv2_train_loss", "Mean loss over the last logging window")
         self.loss_nonfinite = g("dcv2_train_loss_nonfinite", "1 when the last loss was NaN or infinite")
+        self.skipped = Counter("dcv2_train_nonfinite_skipped_steps", "Steps skipped for a non-finite loss or "
+                               "gradient (TRAINER.NONFINITE_POLICY=skip)", base, registry=r)
         self.lr = g("dcv2_learning_rate", "Learning rate")
         self.epoch = g("dcv2_epoch", "Current epoch (0-based)")
         self.iteration = g("dcv2_iteration", "Global step")
@@ -96,6 +98,15 @@ class Metrics:
         self._l(self.steps).inc()
         self._l(self.step_seconds).observe(seconds)
         self._l(self.data_wait).observe(data_wait)
+
+    def nonfinite(self, skipped: bool) -> None:
+        """A non-finite loss or gradient: a skipped step, or (stop policy) the run ends."""
+        if not self.enabled:
+            return
+        if skipped:
+            self._l(self.skipped).inc()
+        else:
+            self._l(self.loss_nonfinite).set(1)
 
     def window(self, loss: float, lr: float, epoch: int, global_step: int, total_steps: int, ignored: float) -> None:
         if not self.enabled:

@@ -27,7 +27,12 @@ MiB = 2 ** 20
 
 
 class StorageError(RuntimeError):
-    """A storage failure a user can act on; the message names the URI and the fix."""
+    """A storage failure a user can act on; the message names the URI and the fix. ``transient``: the store
+    could not be reached or answered "try again" (5xx), so the same request may succeed later."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 class LocalStorage:
@@ -125,7 +130,7 @@ def explain_s3_error(uri: str, err: Exception) -> StorageError:
     if isinstance(err, EndpointConnectionError) or type(err).__name__ in ("ConnectTimeoutError", "ReadTimeoutError",
                                                                           "ConnectionClosedError"):
         return StorageError(f"{uri}: cannot reach the S3 endpoint {endpoint}; check AWS_ENDPOINT_URL(_S3) and that "
-                            "the object store is running")
+                            "the object store is running", transient=True)
     if isinstance(err, ClientError):
         code = str(err.response.get("Error", {}).get("Code", ""))
         if code in ("NoSuchBucket", "404", "NotFound"):
@@ -135,7 +140,9 @@ def explain_s3_error(uri: str, err: Exception) -> StorageError:
         if "checksum" in str(err).lower() or code == "InvalidArgument":
             return StorageError(f"{uri}: the store rejected the request ({code}); for S3-compatible stores set "
                                 "AWS_REQUEST_CHECKSUM_CALCULATION=when_required AWS_RESPONSE_CHECKSUM_VALIDATION=when_required")
-        return StorageError(f"{uri}: S3 error {code}: {err}")
+        transient = code in ("500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
+                             "RequestTimeout")
+        return StorageError(f"{uri}: S3 error {code}: {err}", transient=transient)
     return StorageError(f"{uri}: {type(err).__name__}: {err}")
 
 

@@ -48,3 +48,19 @@ def tiny_train_tokens(data: Path, ckpt: Path, *extra: str) -> list[str]:
             "{name: ImgPilColorDistortion, strength: 1.0}, {name: ToTensor}, "
             "{name: Normalize, mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25]}]",
             "config.LOG_FREQUENCY=1", "config.CHECKPOINT.CHECKPOINT_FREQUENCY=1", *extra]
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fault-injection figures (tests/test_faults.py), as a Markdown table; also to $DCV2_FAULT_REPORT."""
+    rows = getattr(sys.modules.get("tests.test_faults"), "REPORT", None)
+    if not rows:
+        return
+    header = ["scenario", "runs", "survived", "steps recomputed", "data lost", "notes"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
+    terminalreporter.write_sep("=", "fault injection: runs / survived / steps recomputed / data lost")
+    for line in lines:
+        terminalreporter.write_line(line)
+    path = os.environ.get("DCV2_FAULT_REPORT")
+    if path:
+        Path(path).write_text("\n".join(lines) + "\n")

@@ -124,3 +124,83 @@ def test_data_check_lists_unusable_files(synth_data, tmp_path):
     assert "10 images, 5 unusable" in p.stdout and "CMYK" in p.stdout and "with alpha" in p.stdout
     p = run_cli("data", "check", str(synth_data / "val"), timeout=300)
     assert p.returncode == 0 and "60 images, 0 unusable" in p.stdout
+
+
+# --------------------------------------------------------------------------------- opencv backend
+def _ks(a, b) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic."""
+    a, b = np.sort(np.asarray(a)), np.sort(np.asarray(b))
+    grid = np.concatenate([a, b])
+    return float(np.max(np.abs(np.searchsorted(a, grid, "right") / len(a) - np.searchsorted(b, grid, "right") / len(b))))
+
+
+def _photo(seed=3):
+    from dcv2_k8s.data.synth import make_image
+
+    return make_image(4, np.random.default_rng(seed), 200, 150, photo_like=True)
+
+
+def _crop_stats(mc, img, n, seed0):
+    """Per-crop statistics of ``n`` seeded draws: mean, contrast, saturation, sharpness, greyness."""
+    rows = []
+    for i in range(n):
+        torch.manual_seed(seed0 + i)
+        x = mc(img)[0].numpy()  # [3, H, W] in [0, 1]
+        grey = np.abs(x - x.mean(0, keepdims=True)).max() < 1e-6
+        lap = np.abs(x[:, 1:-1, 1:-1] * 4 - x[:, :-2, 1:-1] - x[:, 2:, 1:-1] - x[:, 1:-1, :-2] - x[:, 1:-1, 2:]).mean()
+        rows.append((x.mean(), x.std(), (x.max(0) - x.min(0)).mean(), lap, grey, x[0].mean() - x[2].mean()))
+    return np.array(rows, dtype=np.float64)
+
+
+def test_opencv_backend_has_the_reference_distribution():
+    """The opencv kernels draw the same augmentations as the PIL chain: per-crop statistics of 500 draws each
+    (brightness, contrast, saturation, sharpness, hue via the red-blue balance, grey fraction) have the same
+    distribution (two-sample KS below the 0.1 % critical value, 0.124 at n=500)."""
+    from dcv2_k8s.data.transforms import build_multicrop
+
+    t = [{"name": "ImgPilToMultiCrop", "total_num_crops": 1, "num_crops": [1], "size_crops": [64],
+          "crop_scales": [[0.14, 1.0]]}, {"name": "RandomHorizontalFlip", "p": 0.5},
+         {"name": "ImgPilColorDistortion", "strength": 1.0},
+         {"name": "ImgPilGaussianBlur", "p": 0.5, "radius_min": 0.1, "radius_max": 2.0}, {"name": "ToTensor"}]
+    img = _photo()
+    n = 500
+    pil = _crop_stats(build_multicrop(t, "pil"), img, n, 0)
+    cv = _crop_stats(build_multicrop(t, "opencv"), img, n, 10_000)
+    names = ["mean", "contrast", "saturation", "sharpness", "grey", "red-blue"]
+    ks = {name: _ks(pil[:, i], cv[:, i]) for i, name in enumerate(names) if name != "grey"}
+    assert max(ks.values()) < 0.124, ks
+    grey_pil, grey_cv = pil[:, 4].mean(), cv[:, 4].mean()
+    assert abs(grey_pil - 0.2) < 0.06 and abs(grey_cv - 0.2) < 0.06, (grey_pil, grey_cv)
+
+
+def test_opencv_crop_boxes_follow_random_resized_crop():
+    from torchvision.transforms import v2
+
+    from dcv2_k8s.data.cv_transforms import crop_params
+
+    torch.manual_seed(0)
+    ours = np.array([crop_params(375, 500, (0.08, 1.0)) for _ in range(2000)], dtype=np.float64)
+    ref = np.array([v2.RandomResizedCrop.get_params(torch.zeros(3, 375, 500), [0.08, 1.0], [3 / 4, 4 / 3])
+                    for _ in range(2000)], dtype=np.float64)
+    for f in (lambda r: r[:, 2] * r[:, 3], lambda r: r[:, 3] / r[:, 2], lambda r: r[:, 0], lambda r: r[:, 1]):
+        assert _ks(f(ours), f(ref)) < 0.062  # 0.1 % critical value at n=2000
+
+
+def test_opencv_backend_shapes_normalisation_and_seeding():
+    from dcv2_k8s.data.transforms import build_multicrop
+
+    tokens = ("+config/pretrain/deepcluster_v2/transforms=multicrop_2x160_4x96",)
+    t = [dict(x) for x in resolve([BASE, *tokens]).cfg.DATA.TRAIN.TRANSFORMS]
+    mc = build_multicrop(t, "opencv")
+    img = _photo()
+    torch.manual_seed(7)
+    a = mc(img)
+    torch.manual_seed(7)
+    b = mc(img)
+    assert [tuple(c.shape) for c in a] == [(3, 160, 160)] * 2 + [(3, 96, 96)] * 4
+    assert all(c.dtype == torch.float32 and torch.equal(x, y) for c, x, y in zip(a, a, b))
+    # a crop of a flat image through ToTensor + Normalize is ((v / 255) - mean) / std exactly
+    flat = [dict(x) for x in t if x["name"] in ("ImgPilToMultiCrop", "ToTensor", "Normalize")]
+    out = build_multicrop(flat, "opencv")(Image.new("RGB", (300, 200), (10, 128, 250)))[0]
+    want = (torch.tensor([10, 128, 250]) / 255 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+    assert torch.allclose(out[:, 5, 5], want, atol=1e-6)

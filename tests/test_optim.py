@@ -21,8 +21,8 @@ def apex_larc_reference(params, lr, wd, momentum, bufs, trust=0.001, clip=False,
             a = trust * pn / (gn + pn * wd + eps)
             if clip:
                 a = min(a / lr, 1)
-            g.add_(p.data, alpha=wd)
-            g.mul_(a)
+            g += wd * p.data
+            g *= a
         if bufs[i] is None:
             bufs[i] = g.clone()
         else:
@@ -32,7 +32,7 @@ def apex_larc_reference(params, lr, wd, momentum, bufs, trust=0.001, clip=False,
 
 def _tensors(seed=0):
     torch.manual_seed(seed)
-    shapes = [(16, 3, 7, 7), (16,), (32, 16, 1, 1), (32,), (10, 32), (10,)]
+    shapes = [(16, 3, 7, 7), (16,), (32, 16, 1, 1), (32,), (10, 32), (10,), (256, 64, 3, 3)]  # last: SIMD paths
     params = [torch.randn(s) for s in shapes]
     params[1].zero_()  # a zero-init bias: ||p|| = 0
     grads = [torch.randn(s) for s in shapes]

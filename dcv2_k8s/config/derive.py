@@ -8,6 +8,8 @@ A derived value is computed from its source of truth. If the user also gave it:
 
 from __future__ import annotations
 
+import importlib.util
+
 from typing import Any
 
 from dcv2_k8s.config.loader import _get, _set
@@ -178,6 +180,8 @@ def _check_distributed(cfg: dict, world_size: int | None, local_world_size: int 
         errors.append(f"config.DISTRIBUTED.BACKEND={_get(cfg, 'DISTRIBUTED.BACKEND')!r}: choose auto, nccl or gloo")
     if _get(cfg, "DISTRIBUTED.TIMEOUT_SECONDS") <= 0:
         errors.append("config.DISTRIBUTED.TIMEOUT_SECONDS must be > 0")
+    if _get(cfg, "DISTRIBUTED.MAX_RESTARTS") < 0:
+        errors.append("config.DISTRIBUTED.MAX_RESTARTS must be >= 0")
     world = nodes * ppn
     gs = _get(cfg, "MODEL.SYNC_BN_CONFIG.GROUP_SIZE")
     if _get(cfg, "MODEL.SYNC_BN_CONFIG.CONVERT_BN_TO_SYNC_BN"):
@@ -262,6 +266,14 @@ def derive_and_validate(cfg: dict, cli_keys: set, file_keys: set, errors: list, 
                         world_size: int | None, local_world_size: int | None,
                         num_train_samples: int | None, for_training: bool = True) -> None:
     mc = _check_transforms(cfg, errors)
+    backend = _get(cfg, "DATA.TRAIN.AUG_BACKEND")
+    if backend not in ("pil", "opencv"):
+        errors.append(f"config.DATA.TRAIN.AUG_BACKEND={backend!r}: choose pil or opencv")
+    elif backend == "opencv" and for_training and importlib.util.find_spec("cv2") is None:
+        errors.append("config.DATA.TRAIN.AUG_BACKEND=opencv but OpenCV is not installed; pip install "
+                      "opencv-python-headless, or set config.DATA.TRAIN.AUG_BACKEND=pil")
+    if _get(cfg, "TRAINER.NONFINITE_POLICY") not in ("stop", "skip"):
+        errors.append(f"config.TRAINER.NONFINITE_POLICY={_get(cfg, 'TRAINER.NONFINITE_POLICY')!r}: choose stop or skip")
     if for_training:
         _check_head(cfg, errors, notes)
         _check_loss(cfg, mc, errors)

@@ -83,3 +83,18 @@ def normalize_params(transforms: list[dict]) -> tuple[list[float], list[float]]:
         if t["name"] == "Normalize":
             return list(t["mean"]), list(t["std"])
     return [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+AUG_BACKENDS = ("pil", "opencv")
+
+
+def build_multicrop(transforms: list[dict], backend: str = "pil"):
+    """The multi-crop transform for ``DATA.TRAIN.AUG_BACKEND``: ``pil`` (the reference's kernels) or ``opencv``
+    (the same distributions on SIMD kernels, see :mod:`dcv2_k8s.data.cv_transforms`)."""
+    if backend == "opencv":
+        from dcv2_k8s.data.cv_transforms import CvMultiCrop
+
+        return CvMultiCrop(transforms)
+    if backend != "pil":
+        raise ValueError(f"AUG_BACKEND {backend!r}: choose one of {', '.join(AUG_BACKENDS)}")
+    return MultiCrop(transforms)

@@ -19,6 +19,7 @@ from dcv2_k8s.distributed import all_gather_rows
 
 IGNORE = -100
 DEFAULT_CHUNK_BYTES = 256 * 2 ** 20
+CPU_CHUNK_BYTES = 64 * 2 ** 20  # on CPU, smaller blocks keep the scores in cache for the argmax (measured faster)
 
 
 def _dist_active(group) -> bool:
@@ -29,6 +30,8 @@ def assign(embeddings: torch.Tensor, centroids: torch.Tensor, max_chunk_bytes: i
            out: torch.Tensor | None = None) -> torch.Tensor:
     """E-step: index of the most similar centroid for every row, in chunks of at most ``max_chunk_bytes``."""
     n, k = embeddings.shape[0], centroids.shape[0]
+    if embeddings.device.type == "cpu":
+        max_chunk_bytes = min(max_chunk_bytes, CPU_CHUNK_BYTES)
     rows = max(1, min(n, max_chunk_bytes // (4 * k)))
     buf = torch.empty(rows, k, device=embeddings.device, dtype=embeddings.dtype)
     out = torch.empty(n, dtype=torch.long, device=embeddings.device) if out is None else out

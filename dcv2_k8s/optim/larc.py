@@ -65,16 +65,17 @@ class LARC:
                 continue
             grads = [p.grad for p in params]
             wd = float(group.get("weight_decay", 0.0))
-            p_norm = torch.stack(torch._foreach_norm(params))
-            g_norm = torch.stack(torch._foreach_norm(grads))
+            norms = torch.stack(torch._foreach_norm(params + grads))  # one call for both
+            p_norm, g_norm = norms[: len(params)], norms[len(params):]
             local = self.trust_coefficient * p_norm / (g_norm + p_norm * wd + self.eps)
             if self.clip:
                 local = torch.clamp(local / group["lr"], max=1.0)
             ok = (p_norm != 0) & (g_norm != 0)
             scale = torch.where(ok, local, torch.ones_like(local))
             if wd != 0:
-                decay = torch.where(ok, torch.full_like(local, wd), torch.zeros_like(local))
-                torch._foreach_addcmul_(grads, params, list(decay.unbind()))  # bitwise g.add_(p, alpha=wd)
+                # apex: g += wd * p, the product rounded before the sum (a fused multiply-add would differ)
+                decayed = torch._foreach_mul(params, wd)
+                torch._foreach_addcmul_(grads, decayed, list(ok.to(local.dtype).unbind()))  # x 1 or x 0: exact
             torch._foreach_mul_(grads, list(scale.unbind()))
 
     @torch.no_grad()

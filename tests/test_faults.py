@@ -1,0 +1,496 @@
+"""Fault injection on real multi-process CPU runs, each scenario several times with the fault at a random step.
+
+Scenarios: kill -9 of one rank under ``torchrun --max-restarts`` (the restart path), SIGTERM to every process
+(preemption), the S3 endpoint going away mid-checkpoint and coming back (and going away for good), a frozen
+peer (SIGSTOP), and a NaN loss (stop, skip-and-continue, skip limit). Each test adds a row (runs / survived /
+steps recomputed / data lost) to the table printed at the end of the session (and written as Markdown to
+``$DCV2_FAULT_REPORT`` when set). ``DCV2_FAULT_RUNS`` sets the runs per scenario (default 3).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dcv2_k8s.checkpoint import CheckpointManager, from_bytes
+from dcv2_k8s.distributed import free_port
+from dcv2_k8s.s3server import EmbeddedS3
+from dcv2_k8s.storage import S3Storage
+from dcv2_k8s.weights import read_file
+from tests.conftest import ROOT, run_cli, tiny_train_tokens
+
+pytestmark = pytest.mark.slow
+
+RUNS = int(os.environ.get("DCV2_FAULT_RUNS", "3"))
+REPORT: list[dict] = []
+ITER = 3  # checkpoint every 3 steps
+TOTAL = 21  # 3 epochs x 7 steps (240 images, 2 ranks x batch 16)
+COMMON = ("config.OPTIMIZER.num_epochs=3", "config.TRAINER.DETERMINISTIC=true",
+          f"config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY={ITER}")
+
+
+def record(scenario: str, runs: int, survived: int, recomputed: list[int] | str, lost: int, notes: str = "") -> None:
+    if isinstance(recomputed, list):
+        recomputed = f"max {max(recomputed)} (per run {', '.join(map(str, recomputed))})" if recomputed else "-"
+    REPORT.append({"scenario": scenario, "runs": runs, "survived": survived, "steps recomputed": recomputed,
+                   "data lost": lost, "notes": notes})
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def events(ckpt: Path, kind: str) -> list[dict]:
+    path = ckpt / "metrics.jsonl"
+    out = []
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            e = json.loads(line)
+        except ValueError:  # a line cut by kill -9
+            continue
+        if e.get("kind") == kind:
+            out.append(e)
+    return out
+
+
+def recomputed_steps(ckpt: Path) -> int:
+    steps = [e["global_step"] for e in events(ckpt, "step")]
+    return len(steps) - len(set(steps))
+
+
+def launch(tokens: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """``dcv2 train`` in its own session (so every process of the run can be signalled at once)."""
+    full = {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    full.update(env or {})
+    return subprocess.Popen([sys.executable, "-m", "dcv2_k8s", "train", *tokens], stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, cwd=str(ROOT), env=full, start_new_session=True)
+
+
+def wait_step(ckpt: Path, proc: subprocess.Popen, step: int, log: Path, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not any(e["global_step"] >= step for e in events(ckpt, "step")):
+        assert proc.poll() is None, f"exited {proc.returncode} before step {step}: {log.read_text()[-3000:]}"
+        assert time.time() < deadline, f"step {step} not reached: {log.read_text()[-3000:]}"
+        time.sleep(0.05)
+
+
+def rank_pids(root: int) -> dict[int, int]:
+    """RANK -> pid of the training processes below ``root`` (torchrun's children)."""
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                parent[int(d)] = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    found, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        for child, pp in parent.items():
+            if pp == pid:
+                todo.append(child)
+                try:
+                    env = dict(kv.split("=", 1) for kv in Path(f"/proc/{child}/environ").read_text().split("\0")
+                               if "=" in kv)
+                    cmd = Path(f"/proc/{child}/cmdline").read_text()
+                except OSError:
+                    continue
+                if "RANK" in env and "dcv2_k8s" in cmd and "torch.distributed.run" not in cmd:
+                    found.setdefault(int(env["RANK"]), child)
+    return found
+
+
+def stop_all(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGCONT)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+
+def same_params(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference(synth_data, tmp_path_factory):
+    """The uninterrupted run every recovered run must equal bitwise (deterministic CPU)."""
+    ckpt = tmp_path_factory.mktemp("faults") / "reference"
+    p = run_cli("train", *tiny_train_tokens(synth_data, ckpt, *COMMON))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return read_file(str(ckpt))["model"]
+
+
+# ------------------------------------------------------------------------------------------- scenarios
+def test_kill9_one_rank_under_torchrun_restarts(reference, synth_data, tmp_path):
+    """kill -9 of one rank at a random step; torchrun restarts both from the last committed checkpoint."""
+    rng = random.Random(11)
+    results = []
+    for run in range(RUNS):
+        ckpt, log = tmp_path / f"run{run}", tmp_path / f"run{run}.log"
+        target, victim = rng.randint(2, TOTAL - 3), rng.randint(0, 1)
+        proc = launch(tiny_train_tokens(synth_data, ckpt, *COMMON, "config.DISTRIBUTED.MAX_RESTARTS=1"), log)
+        try:
+            wait_step(ckpt, proc, target, log)
+            os.kill(rank_pids(proc.pid)[victim], signal.SIGKILL)
+            rc = proc.wait(timeout=300)
+        finally:
+            stop_all(proc)
+        final = read_file(str(ckpt)) if rc == 0 else None
+        ok = final is not None and final["train_state"]["global_step"] == TOTAL
+        results.append({"rc": rc, "target": target, "victim": victim, "recomputed": recomputed_steps(ckpt),
+                        "equal": ok and same_params(final["model"], reference), "log": log.read_text()[-2000:]})
+    survived = sum(r["rc"] == 0 for r in results)
+    record("kill -9 one rank (torchrun --max-restarts=1)", RUNS, survived, [r["recomputed"] for r in results],
+           sum(not r["equal"] for r in results), f"killed at steps {[r['target'] for r in results]}; final trunk "
+           "bitwise equal to an uninterrupted run in every survived run" if all(r["equal"] for r in results) else "")
+    for r in results:
+        assert r["rc"] == 0, r["log"]
+        assert r["equal"], f"final parameters differ from the uninterrupted run (killed at {r['target']})"
+        assert r["recomputed"] <= ITER, r
+
+
+def test_sigterm_every_process_commits_and_resumes_exactly(reference, synth_data, tmp_path):
+    """Preemption: SIGTERM to every process of the run; a committed checkpoint within the grace period, exit
+    143 (retryable), and the resumed run ends bitwise equal to an uninterrupted one."""
+    rng = random.Random(22)
+    results = []
+    for run in range(RUNS):
+        ckpt, log = tmp_path / f"run{run}", tmp_path / f"run{run}.log"
+        target = rng.randint(2, TOTAL - 3)
+        proc = launch(tiny_train_tokens(synth_data, ckpt, *COMMON), log)
+        try:
+            wait_step(ckpt, proc, target, log)
+            t0 = time.time()
+            os.killpg(proc.pid, signal.SIGTERM)
+            rc = proc.wait(timeout=90)
+            seconds = time.time() - t0
+        finally:
+            stop_all(proc)
+        m = CheckpointManager(str(ckpt)).latest()
+        res = {"rc": rc, "seconds": seconds, "target": target, "stopped_at": m and m["global_step"],
+               "log": log.read_text()[-2000:]}
+        p = run_cli("train", *tiny_train_tokens(synth_data, ckpt, *COMMON))
+        res.update(resume_rc=p.returncode, resumed=m is not None and f"resumed from {m['name']}" in p.stdout,
+                   equal=p.returncode == 0 and same_params(read_file(str(ckpt))["model"], reference),
+                   recomputed=recomputed_steps(ckpt))
+        results.append(res)
+    ok = [r for r in results if r["rc"] == 143 and r["resumed"] and r["equal"]]
+    record("SIGTERM to every process (preemption)", RUNS, len(ok), [r["recomputed"] for r in results],
+           sum(not r["equal"] for r in results),
+           f"exit 143 and a committed checkpoint in {max(r['seconds'] for r in results):.1f} s at most")
+    for r in results:
+        assert r["rc"] == 143 and r["seconds"] < 30, r
+        assert r["stopped_at"] is not None and r["stopped_at"] >= r["target"], r
+        assert r["resumed"] and r["equal"] and r["recomputed"] == 0, r
+
+
+class Outage:
+    """A TCP proxy in front of the S3 endpoint: ``down()`` refuses and cuts every connection (the endpoint is
+    gone), ``up()`` serves again on the same port."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream = ("127.0.0.1", upstream_port)
+        self.port = free_port()
+        self.conns: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.listener = None
+        self.up()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def up(self) -> None:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port))
+        s.listen(64)
+        self.listener = s
+        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def down(self) -> None:
+        self.listener.close()
+        with self.lock:
+            for c in self.conns:
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                c.close()
+            self.conns.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+@pytest.fixture(scope="module")
+def s3_outage():
+    server = EmbeddedS3().start(["ckpt"])
+    proxy = Outage(server.port)
+    env = dict(server.env(), AWS_ENDPOINT_URL_S3=proxy.endpoint, DCV2_S3_MAX_ATTEMPTS="2",
+               DCV2_S3_CONNECT_TIMEOUT="2", DCV2_S3_READ_TIMEOUT="5")
+    yield server, proxy, env
+    server.stop()
+
+
+def _committed_all_load(uri: str, env: dict) -> tuple[int, int]:
+    """(committed checkpoints, how many of them fail to load completely)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        mgr, store = CheckpointManager(uri), S3Storage(uri)
+        committed = mgr.committed()
+        bad = 0
+        for m in committed:
+            try:
+                st = from_bytes(store.get_bytes(f"{uri}/{m['name']}/state.pt"))
+                assert st["train_state"]["global_step"] == m["global_step"]
+                for f, size in m["files"].items():
+                    assert store.size(f"{uri}/{m['name']}/{f}") == size
+            except Exception:
+                bad += 1
+        return len(committed), bad
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_s3_outage_mid_checkpoint_then_back(s3_outage, synth_data, tmp_path):
+    """The endpoint disappears for a few seconds at a random step: uploads retry with backoff, ``latest`` only
+    ever names complete checkpoints, and training finishes."""
+    _, proxy, env = s3_outage
+    rng = random.Random(33)
+    runs = max(2, RUNS - 1)
+    results = []
+    for run in range(runs):
+        uri, log = f"s3://ckpt/back{run}", tmp_path / f"run{run}.log"
+        tokens = tiny_train_tokens(synth_data, tmp_path / "unused", *COMMON, f"config.CHECKPOINT.DIR={uri}",
+                                   "config.CHECKPOINT.UPLOAD_RETRY_SECONDS=60", "config.OPTIMIZER.num_epochs=2",
+                                   "config.DISTRIBUTED.NUM_PROC_PER_NODE=1")
+        target, outage = rng.randint(3, 25), rng.uniform(3, 8)
+        proc = launch(tokens, log, env)
+        try:
+            metrics = S3Storage(uri)
+            deadline = time.time() + 180
+            while True:  # the run publishes metrics.jsonl with every checkpoint: follow its steps
+                os.environ.update(env)
+                try:
+                    text = metrics.get_bytes(f"{uri}/metrics.jsonl").decode() if metrics.exists(
+                        f"{uri}/metrics.jsonl") else ""
+                finally:
+                    for k in env:
+                        os.environ.pop(k, None)
+                steps = [json.loads(l)["global_step"] for l in text.splitlines() if '"kind": "step"' in l]
+                if steps and max(steps) >= target:
+                    break
+                assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.1)
+            proxy.down()
+            time.sleep(outage)
+            proxy.up()
+            rc = proc.wait(timeout=240)
+        finally:
+            stop_all(proc)
+            if proxy.listener.fileno() == -1:
+                proxy.up()
+        text = log.read_text()
+        n, bad = _committed_all_load(uri, {k: v for k, v in env.items()})
+        results.append({"rc": rc, "retries": text.count("retrying in"), "committed": n, "bad": bad,
+                        "target": target, "outage": outage, "log": text[-2000:]})
+    record("S3 endpoint down mid-run for 3-8 s, then back", runs, sum(r["rc"] == 0 for r in results), [0] * runs,
+           sum(r["bad"] for r in results), f"{sum(r['retries'] for r in results)} upload retries in all; every "
+           "committed checkpoint loads")
+    for r in results:
+        assert r["rc"] == 0, r["log"]
+        assert r["bad"] == 0 and r["committed"] >= 1, r
+    assert sum(r["retries"] for r in results) > 0, "no run hit the outage with an upload in flight"
+
+
+def test_s3_gone_for_good_fails_cleanly_and_keeps_latest(s3_outage, synth_data, tmp_path):
+    _, proxy, env = s3_outage
+    uri, log = "s3://ckpt/gone", tmp_path / "run.log"
+    tokens = tiny_train_tokens(synth_data, tmp_path / "unused", *COMMON, f"config.CHECKPOINT.DIR={uri}",
+                               "config.CHECKPOINT.UPLOAD_RETRY_SECONDS=6", "config.OPTIMIZER.num_epochs=20",
+                               "config.DISTRIBUTED.NUM_PROC_PER_NODE=1", "config.DISTRIBUTED.TIMEOUT_SECONDS=20")
+    proc = launch(tokens, log, env)
+    try:
+        deadline = time.time() + 180
+        while "committed" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        proxy.down()
+        rc = proc.wait(timeout=180)
+    finally:
+        stop_all(proc)
+        if proxy.listener.fileno() == -1:
+            proxy.up()
+    out = log.read_text()
+    errors = [l for l in out.splitlines() if l.startswith("dcv2: error:")]
+    n, bad = _committed_all_load(uri, env)
+    record("S3 endpoint down for good", 1, 0, "-", bad, f"exit {rc}, one error line; {n} earlier checkpoints load")
+    assert rc == 1 and len(errors) == 1 and "cannot reach the S3 endpoint" in errors[0], out[-3000:]
+    assert n >= 1 and bad == 0
+
+
+def test_frozen_peer_ends_the_others_within_the_timeout(synth_data, tmp_path):
+    """SIGSTOP one rank (PyTorchJob-style launch: one process per rank, env://): the other exits non-zero
+    within the collective timeout instead of hanging."""
+    rng = random.Random(44)
+    timeout = 10
+    runs = max(2, RUNS - 1)
+    results = []
+    for run in range(runs):
+        ckpt = tmp_path / f"run{run}"
+        tokens = tiny_train_tokens(synth_data, ckpt, "config.OPTIMIZER.num_epochs=50",
+                                   f"config.DISTRIBUTED.TIMEOUT_SECONDS={timeout}")
+        port, target, procs = free_port(), rng.randint(2, 12), []
+        for rank in range(2):
+            env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank),
+                   "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+            procs.append(launch(tokens, tmp_path / f"run{run}_rank{rank}.log", env))
+        try:
+            wait_step(ckpt, procs[0], target, tmp_path / f"run{run}_rank0.log")
+            os.kill(procs[1].pid, signal.SIGSTOP)
+            t0 = time.time()
+            try:
+                rc = procs[0].wait(timeout=timeout + 60)
+            except subprocess.TimeoutExpired:
+                rc = None
+            results.append({"rc": rc, "seconds": time.time() - t0, "target": target})
+        finally:
+            for p in procs:
+                stop_all(p)
+    record(f"one rank frozen (SIGSTOP), collective timeout {timeout} s", runs,
+           sum(r["rc"] not in (None, 0) for r in results), "-", 0,
+           f"the other rank exited non-zero after {max(r['seconds'] for r in results):.1f} s at most")
+    for r in results:
+        assert r["rc"] is not None and r["rc"] != 0, r
+        assert r["seconds"] < timeout + 20, r
+
+
+NAN_WRAPPER = '''
+import os, sys
+import dcv2_k8s.engine as E
+import dcv2_k8s.metrics as M
+from dcv2_k8s import cli
+
+bad = {int(s) for s in os.environ["INJECT_NAN_AT"].split(",")}
+calls = [0]
+real_loss = E.dcv2_loss
+
+def loss(*args, **kwargs):  # the loss of the listed global steps becomes NaN
+    value, ignored = real_loss(*args, **kwargs)
+    step = calls[0]
+    calls[0] += 1
+    return (value * float("nan"), ignored) if step in bad else (value, ignored)
+
+real_close = M.Metrics.close
+
+def close(self):  # keep what the exporter showed last
+    if self.enabled:
+        from prometheus_client import generate_latest
+        with open(os.environ["METRICS_DUMP"], "wb") as f:
+            f.write(generate_latest(self.registry))
+    real_close(self)
+
+E.dcv2_loss, M.Metrics.close = loss, close
+sys.exit(cli.main(sys.argv[1:]))
+'''
+
+
+def _nan_run(synth_data, tmp_path: Path, name: str, steps: list[int], *extra: str):
+    wrapper = tmp_path / "inject_nan.py"
+    wrapper.write_text(NAN_WRAPPER)
+    ckpt, dump = tmp_path / name, tmp_path / f"{name}.prom"
+    tokens = tiny_train_tokens(synth_data, ckpt, "config.OPTIMIZER.num_epochs=2", "config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=4",
+                               "config.DISTRIBUTED.NUM_PROC_PER_NODE=1", "config.METRICS.ENABLED=true",
+                               f"config.METRICS.PORT={free_port()}", "config.METRICS.ADDR=127.0.0.1", *extra)
+    env = dict(os.environ, INJECT_NAN_AT=",".join(map(str, steps)), METRICS_DUMP=str(dump))
+    p = subprocess.run([sys.executable, str(wrapper), "train", *tokens], capture_output=True, text=True,
+                       cwd=str(ROOT), env=env, timeout=300)
+    return p, ckpt, dump.read_text() if dump.exists() else ""
+
+
+def _finite(state: dict) -> bool:
+    return all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_nan_loss_stops_cleanly_or_is_skipped(synth_data, tmp_path):
+    rng = random.Random(55)
+    rows = []
+    # stop (default): one clear line, exit 1, the last committed checkpoint is from before the NaN and loads
+    stop_runs = max(2, RUNS - 1)
+    for run in range(stop_runs):
+        at = rng.randint(5, 25)
+        p, ckpt, prom = _nan_run(synth_data, tmp_path, f"stop{run}", [at])
+        errors = [l for l in p.stderr.splitlines() if l.startswith("dcv2: error:")]
+        last = read_file(str(ckpt))
+        rows.append({"rc": p.returncode, "errors": errors, "at": at, "step": last["train_state"]["global_step"],
+                     "finite": _finite(last), "alert_metric": 'dcv2_train_loss_nonfinite{' in prom and
+                     any(l.startswith("dcv2_train_loss_nonfinite{") and l.endswith(" 1.0") for l in prom.splitlines()),
+                     "out": p.stdout[-1500:] + p.stderr[-1500:]})
+    record("NaN loss, NONFINITE_POLICY=stop", stop_runs,
+           sum(r["rc"] == 1 and r["finite"] for r in rows), "-", sum(not r["finite"] for r in rows),
+           "exit 1 with one line; last checkpoint from before the NaN, finite; dcv2_train_loss_nonfinite=1")
+    for r in rows:
+        assert r["rc"] == 1 and len(r["errors"]) == 1 and "nan" in r["errors"][0].lower(), r["out"]
+        assert r["step"] <= r["at"] and r["finite"] and r["alert_metric"], r
+    # skip-and-continue: the run finishes, every NaN step is skipped and counted
+    at = sorted(rng.sample(range(3, 28), 2))
+    p, ckpt, prom = _nan_run(synth_data, tmp_path, "skip", at, "config.TRAINER.NONFINITE_POLICY=skip")
+    assert p.returncode == 0, p.stderr[-3000:]
+    final = read_file(str(ckpt))
+    assert final["train_state"]["global_step"] == 30 and _finite(final)
+    assert any(l.startswith("dcv2_train_nonfinite_skipped_steps_total{") and l.endswith(" 2.0")
+               for l in prom.splitlines()), prom
+    assert [e["global_step"] for e in events(ckpt, "nonfinite_skip")] == at
+    # the limit: more skips than allowed ends the run like the stop policy
+    p, ckpt, _ = _nan_run(synth_data, tmp_path, "limit", [4, 6, 8], "config.TRAINER.NONFINITE_POLICY=skip",
+                          "config.TRAINER.MAX_NONFINITE_SKIPS=2")
+    errors = [l for l in p.stderr.splitlines() if l.startswith("dcv2: error:")]
+    assert p.returncode == 1 and len(errors) == 1 and "MAX_NONFINITE_SKIPS=2" in errors[0], p.stderr[-3000:]
+    assert _finite(read_file(str(ckpt)))
+    record("NaN loss, NONFINITE_POLICY=skip (limit 10; then limit 2 with 3 NaNs)", 2, 1, [0], 0,
+           f"NaNs at steps {at} skipped and counted, run finished finite; 3 NaNs over a limit of 2: exit 1, one line")
