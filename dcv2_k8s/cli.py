@@ -43,9 +43,17 @@ def resolve_for_run(tokens: list[str], need_data: bool = True):
 
 
 def preflight(cfg) -> None:
-    """Reach the checkpoint store before any process group forms (one line on failure)."""
+    """What the run needs from this machine, checked before any process group forms (one line on failure):
+    optional packages the configuration asks for, then the checkpoint store (reachable, credentials)."""
+    import importlib.util
+
+    from dcv2_k8s.config import ConfigError
     from dcv2_k8s.storage import open_storage
 
+    sbn = cfg.MODEL.SYNC_BN_CONFIG
+    if sbn.CONVERT_BN_TO_SYNC_BN and str(sbn.SYNC_BN_TYPE) == "apex" and importlib.util.find_spec("apex") is None:
+        raise ConfigError(["config.MODEL.SYNC_BN_CONFIG.SYNC_BN_TYPE=apex but apex is not installed; set "
+                           "config.MODEL.SYNC_BN_CONFIG.SYNC_BN_TYPE=pytorch (torch's SyncBatchNorm, same groups)"])
     open_storage(str(cfg.CHECKPOINT.DIR)).check()
 
 

@@ -73,8 +73,14 @@ def init_process_group(info: DistInfo, backend: str, device: torch.device, timeo
     if backend == "nccl":
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, init_method="env://", rank=info.rank, world_size=info.world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # the env:// store, with keys of its own per launcher attempt: after torchrun restarts the workers
+    # (--max-restarts), a store that outlived the failed attempt would otherwise hand the new processes the dead
+    # ones' addresses (seen with gloo: "connectFullMesh failed ... Connection refused")
+    store, _, _ = next(dist.rendezvous("env://", rank=info.rank, world_size=info.world_size, timeout=timeout))
+    store = dist.PrefixStore(f"dcv2/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend=backend, store=store, rank=info.rank, world_size=info.world_size,
+                            timeout=timeout)
 
 
 def destroy() -> None:

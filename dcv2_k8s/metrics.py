@@ -4,8 +4,9 @@ Only local rank 0 of each node serves ``/metrics`` (several ranks of a pod would
 reports its node's throughput (``local world size x batch`` per step) so that a sum over pods is the job's
 rate. Labels are few and bounded: ``run`` (RUN_NAME) and ``node_rank`` (plus ``head`` for cluster metrics);
 ``job``, ``namespace``, ``pod`` and the training operator's labels come from Prometheus' target labels.
-Updating a metric is a dictionary write; serving runs in prometheus-client's own thread, so exporting never
-blocks training, and a failure to bind the port is logged once, never raised.
+Updating a metric is a dictionary write; serving runs in a thread of its own, so exporting never blocks
+training, and a failure to bind the port is logged once, never raised. The endpoint binds to ``METRICS.ADDR``
+only and answers nothing but ``GET``/``HEAD /metrics`` (404 for other paths, 405 for other methods).
 """
 
 from __future__ import annotations
@@ -19,6 +20,51 @@ log = logging.getLogger("dcv2")
 
 STEP_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def serve_metrics(registry, port: int, addr: str):
+    """An HTTP server on ``addr:port`` in a daemon thread that serves ``registry`` at ``/metrics`` and nothing
+    else. Returns the server (``shutdown()`` stops it)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import urlsplit
+
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "dcv2-metrics"
+        sys_version = ""
+
+        def _reply(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            if code == 405:
+                self.send_header("Allow", "GET, HEAD")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            if urlsplit(self.path).path != "/metrics":
+                self._reply(404, b"not found: only /metrics is served\n")
+                return
+            self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+
+        do_HEAD = do_GET
+
+        def _refuse(self) -> None:
+            self._reply(405, b"method not allowed\n")
+
+        do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse
+
+        def log_message(self, *args) -> None:  # scrapes are not worth a log line each
+            pass
+
+    server = ThreadingHTTPServer((addr, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server
 
 
 class Metrics:
@@ -81,9 +127,7 @@ class Metrics:
             "version": __version__, "torch": torch.__version__, "cuda": str(torch.version.cuda or "none"),
             "python": platform.python_version(), "config": config_name})
         try:
-            from prometheus_client import start_http_server
-
-            self.server, _ = start_http_server(port, addr=addr, registry=r)
+            self.server = serve_metrics(r, port, addr)
             log.info("metrics on http://%s:%d/metrics", addr, port)
         except OSError as e:
             log.warning("metrics endpoint %s:%d not started (%s); training continues without it", addr, port, e)
@@ -165,6 +209,7 @@ class Metrics:
     def close(self) -> None:
         if self.server is not None:
             self.server.shutdown()
+            self.server.server_close()
             self.server = None
 
 
@@ -172,7 +217,7 @@ class StageMetrics:
     """Progress of ``dcv2 stage --metrics-port N``: bytes and files done and to do (an exporter of its own)."""
 
     def __init__(self, source: str, port: int, addr: str = "0.0.0.0"):
-        from prometheus_client import CollectorRegistry, Gauge, start_http_server
+        from prometheus_client import CollectorRegistry, Gauge
 
         r = CollectorRegistry()
         labels = {"source": source}
@@ -181,7 +226,7 @@ class StageMetrics:
         self.files_done = Gauge("dcv2_stage_files_done", "Files staged so far", ["source"], registry=r).labels(**labels)
         self.objects_total = Gauge("dcv2_stage_objects_total", "Objects to fetch", ["source"], registry=r).labels(**labels)
         self.complete = Gauge("dcv2_stage_complete", "1 when staging finished", ["source"], registry=r).labels(**labels)
-        self.server, _ = start_http_server(port, addr=addr, registry=r)
+        self.server = serve_metrics(r, port, addr)
 
     def __call__(self, event: str, **v) -> None:
         if event == "start":
@@ -195,3 +240,4 @@ class StageMetrics:
 
     def close(self) -> None:
         self.server.shutdown()
+        self.server.server_close()

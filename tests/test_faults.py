@@ -369,7 +369,8 @@ def test_s3_gone_for_good_fails_cleanly_and_keeps_latest(s3_outage, synth_data, 
     out = log.read_text()
     errors = [l for l in out.splitlines() if l.startswith("dcv2: error:")]
     n, bad = _committed_all_load(uri, env)
-    record("S3 endpoint down for good", 1, 0, "-", bad, f"exit {rc}, one error line; {n} earlier checkpoints load")
+    record("S3 endpoint down for good", 1, f"n/a: failed cleanly {int(rc == 1 and len(errors) == 1)}/1", "-", bad,
+           f"exit {rc}, one error line, after the upload retries; {n} earlier checkpoints load")
     assert rc == 1 and len(errors) == 1 and "cannot reach the S3 endpoint" in errors[0], out[-3000:]
     assert n >= 1 and bad == 0
 
@@ -472,7 +473,8 @@ def test_nan_loss_stops_cleanly_or_is_skipped(synth_data, tmp_path):
                      any(l.startswith("dcv2_train_loss_nonfinite{") and l.endswith(" 1.0") for l in prom.splitlines()),
                      "out": p.stdout[-1500:] + p.stderr[-1500:]})
     record("NaN loss, NONFINITE_POLICY=stop", stop_runs,
-           sum(r["rc"] == 1 and r["finite"] for r in rows), "-", sum(not r["finite"] for r in rows),
+           f"n/a: stopped cleanly {sum(r['rc'] == 1 and r['finite'] for r in rows)}/{stop_runs}", "-",
+           sum(not r["finite"] for r in rows),
            "exit 1 with one line; last checkpoint from before the NaN, finite; dcv2_train_loss_nonfinite=1")
     for r in rows:
         assert r["rc"] == 1 and len(r["errors"]) == 1 and "nan" in r["errors"][0].lower(), r["out"]
@@ -492,5 +494,6 @@ def test_nan_loss_stops_cleanly_or_is_skipped(synth_data, tmp_path):
     errors = [l for l in p.stderr.splitlines() if l.startswith("dcv2: error:")]
     assert p.returncode == 1 and len(errors) == 1 and "MAX_NONFINITE_SKIPS=2" in errors[0], p.stderr[-3000:]
     assert _finite(read_file(str(ckpt)))
-    record("NaN loss, NONFINITE_POLICY=skip (limit 10; then limit 2 with 3 NaNs)", 2, 1, [0], 0,
+    record("NaN loss, NONFINITE_POLICY=skip (limit 10; then limit 2 with 3 NaNs)", 2,
+           "1 (the over-limit run stopped cleanly)", [0], 0,
            f"NaNs at steps {at} skipped and counted, run finished finite; 3 NaNs over a limit of 2: exit 1, one line")

@@ -272,6 +272,9 @@ def derive_and_validate(cfg: dict, cli_keys: set, file_keys: set, errors: list, 
     elif backend == "opencv" and for_training and importlib.util.find_spec("cv2") is None:
         errors.append("config.DATA.TRAIN.AUG_BACKEND=opencv but OpenCV is not installed; pip install "
                       "opencv-python-headless, or set config.DATA.TRAIN.AUG_BACKEND=pil")
+    port = _get(cfg, "METRICS.PORT")
+    if not 1 <= port <= 65535:
+        errors.append(f"config.METRICS.PORT={port} must be a TCP port between 1 and 65535")
     if _get(cfg, "TRAINER.NONFINITE_POLICY") not in ("stop", "skip"):
         errors.append(f"config.TRAINER.NONFINITE_POLICY={_get(cfg, 'TRAINER.NONFINITE_POLICY')!r}: choose stop or skip")
     if for_training:
