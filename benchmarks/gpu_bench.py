@@ -100,17 +100,39 @@ class Bench:
                     warm = time.perf_counter() - t_first
                     continue
                 rates.append(b * len(batches) / (time.perf_counter() - t0))
+            syncs = self.count_syncs(tr, batches) if self.device == "cuda" else None
             ips = statistics.median(rates)
             peak = torch.cuda.max_memory_allocated() / 2 ** 30 if self.device == "cuda" else float("nan")
             rec = {"layout": layout, "variant": variant, "batch": b, "sizes": sizes, "images_per_s": ips,
-                   "eq_crops_per_s": ips * eq_crops(sizes), "peak_GiB": peak, "warmup_s": warm, "runs": rates}
+                   "eq_crops_per_s": ips * eq_crops(sizes), "peak_GiB": peak, "warmup_s": warm, "runs": rates,
+                   "host_syncs_per_step": syncs}
             self.res["model_bound"].append(rec)
             self.rows.append(["model-bound", layout, variant, b, f"{ips:.1f}", f"{rec['eq_crops_per_s']:.0f}",
-                              f"{peak:.1f}" if peak == peak else "-", f"warm-up {warm:.0f} s"])
+                              f"{peak:.1f}" if peak == peak else "-",
+                              f"warm-up {warm:.0f} s" + ("" if syncs is None else f", {syncs:g} host syncs/step")])
             print(f"model-bound {layout} {variant}: {ips:.1f} img/s, {rec['eq_crops_per_s']:.0f} eq crops/s, "
                   f"peak {peak:.1f} GiB", flush=True)
         finally:
             tr.metrics.close()
+
+    @staticmethod
+    def count_syncs(tr, batches) -> float:
+        """Host synchronisations inside ``Trainer.train_step`` (between log windows), per step, counted by CUDA's
+        sync debug mode. fp16's GradScaler has one by design (its inf check); bf16 and fp32 should have none."""
+        import warnings
+
+        temperature = float(tr.loss_cfg.temperature)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for index, crops in batches[:3]:
+                    tr.train_step(index, crops, 0.1, temperature)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        tr.bank.ptr = 0
+        return sum("synchroniz" in str(w.message) for w in caught) / min(3, len(batches))
 
     def end_to_end(self, layout: str, variant: str, photo_dir: str, ckpt: str) -> None:
         workers = self.args.workers if self.args.workers >= 0 else max(1, (os.cpu_count() or 2) - 1)

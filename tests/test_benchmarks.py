@@ -1,0 +1,45 @@
+"""Every benchmark runs in a small configuration, so none can rot (the numbers are not checked: no timed tests).
+
+Correctness checks that the benchmarks themselves make are asserted: bitwise-equal LARC updates, the k-means
+M-step equal to the loop reference, and a complete result file.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+BENCH = ROOT / "benchmarks"
+
+
+def _run(script: str, out, *args: str) -> dict:
+    p = subprocess.run([sys.executable, str(BENCH / script), "--out", str(out), *args], capture_output=True,
+                       text=True, cwd=str(BENCH), timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert (out.parent / (out.name + ".md")).read_text().count("|") > 10
+    return json.loads((out.parent / (out.name + ".json")).read_text())
+
+
+def test_gpu_bench_runs_on_cpu_tiny(tmp_path):
+    res = _run("gpu_bench.py", tmp_path / "gpu", "--device", "cpu", "--tiny")
+    assert not res["errors"], res["errors"]
+    assert len(res["model_bound"]) == 6 and len(res["end_to_end"]) == 2 and res["kmeans"]["heads"] == 3
+    assert all(r["images_per_s"] > 0 and r["eq_crops_per_s"] > 0 for r in res["model_bound"] + res["end_to_end"])
+    assert all(r["bitwise_equal"] for r in res["larc"])
+
+
+def test_component_benchmarks_run_small(tmp_path):
+    larc = _run("bench_larc.py", tmp_path / "larc", "--repeats", "2")
+    assert all(r["bitwise_equal"] for r in larc["runs"])
+    km = _run("bench_kmeans.py", tmp_path / "km", "--n", "3000", "--k", "100", "--repeats", "1")
+    assert km["runs"][0]["mstep_matches_reference"] and km["runs"][0]["reference_s"] > 0
+    inp = _run("bench_input.py", tmp_path / "inp", "--images", "4", "--repeats", "1")
+    assert set(inp["layouts"]) == {"2x224+6x96", "2x160+4x96"}
+    step = _run("bench_step.py", tmp_path / "step", "--tiny", "--steps", "2", "--repeats", "1")
+    assert step["ratio"] > 0
