@@ -90,16 +90,11 @@ class Bench:
             rates = []
             t_first = time.perf_counter()
             for r in range(self.args.repeats + 1):  # the first pass warms up (and compiles)
-                tr.state.step_in_epoch = 0
-                tr.bank.ptr = 0
-                self.sync()
-                t0 = time.perf_counter()
-                tr.train_one_epoch(-1, -1)
-                self.sync()
+                seconds = self.timed_pass(tr)
                 if r == 0:
                     warm = time.perf_counter() - t_first
                     continue
-                rates.append(b * len(batches) / (time.perf_counter() - t0))
+                rates.append(b * len(batches) / seconds)
             syncs = self.count_syncs(tr, batches) if self.device == "cuda" else None
             ips = statistics.median(rates)
             peak = torch.cuda.max_memory_allocated() / 2 ** 30 if self.device == "cuda" else float("nan")
@@ -114,6 +109,16 @@ class Bench:
                   f"peak {peak:.1f} GiB", flush=True)
         finally:
             tr.metrics.close()
+
+    def timed_pass(self, tr) -> float:
+        """Seconds for one pass of ``tr.train_one_epoch`` over its loader, from the epoch's start."""
+        tr.state.step_in_epoch = 0
+        tr.bank.ptr = 0
+        self.sync()
+        t0 = time.perf_counter()
+        tr.train_one_epoch(-1, -1)
+        self.sync()
+        return time.perf_counter() - t0
 
     @staticmethod
     def count_syncs(tr, batches) -> float:
@@ -141,16 +146,9 @@ class Bench:
             sizes = tr.dataset.transform.sizes
             tr.table = torch.randint(0, min(tr.num_clusters), (len(tr.num_clusters), len(tr.dataset)),
                                      device=tr.device)
-            tr.bank.ptr = 0
-            tr.train_one_epoch(-1, -1)  # warm-up epoch: workers start, caches fill
+            self.timed_pass(tr)  # warm-up epoch: workers start, caches fill
             tr.state.epoch += 1
-            tr.state.step_in_epoch = 0
-            tr.bank.ptr = 0
-            self.sync()
-            t0 = time.perf_counter()
-            tr.train_one_epoch(-1, -1)
-            self.sync()
-            ips = tr.steps_per_epoch * tr.batch / (time.perf_counter() - t0)
+            ips = tr.steps_per_epoch * tr.batch / self.timed_pass(tr)
             rec = {"layout": layout, "variant": variant, "batch": tr.batch, "workers": workers, "images_per_s": ips,
                    "eq_crops_per_s": ips * eq_crops(sizes), "aug_backend": str(tr.cfg.DATA.TRAIN.AUG_BACKEND)}
             self.res["end_to_end"].append(rec)

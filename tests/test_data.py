@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -94,11 +95,14 @@ def _bad_folder(root, good_jpeg: bytes):
     return root
 
 
-def test_bad_images_never_crash_and_keep_indices(synth_data, tmp_path):
+@pytest.mark.parametrize("backend", ["pil", "opencv"])
+def test_bad_images_never_crash_and_keep_indices(synth_data, tmp_path, backend):
+    from dcv2_k8s.data.transforms import build_multicrop
+
     good = next((synth_data / "train").rglob("*.jpg")).read_bytes()
     root = _bad_folder(tmp_path / "bad", good)
-    mc = MultiCrop([{"name": "ImgPilToMultiCrop", "total_num_crops": 2, "num_crops": [2], "size_crops": [16],
-                     "crop_scales": [[0.5, 1]]}, {"name": "ToTensor"}])
+    mc = build_multicrop([{"name": "ImgPilToMultiCrop", "total_num_crops": 2, "num_crops": [2], "size_crops": [16],
+                           "crop_scales": [[0.5, 1]]}, {"name": "ToTensor"}], backend)
     ds = IndexedImageFolder(root, mc)
     assert len(ds) == 10
     for i in range(len(ds)):
@@ -110,6 +114,12 @@ def test_bad_images_never_crash_and_keep_indices(synth_data, tmp_path):
     assert ds.load(4).mode == "RGB" and ds.load(5).mode == "RGB"  # CMYK and greyscale converted
     # a bad image is replaced deterministically by the next good one
     torch.testing.assert_close(ds[(3, 1)][1][0], ds[(3, 1)][1][0])
+    # through DataLoader worker processes: no worker dies, every index comes back once
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(ds, batch_size=4, sampler=[(1, i) for i in range(len(ds))], num_workers=2)
+    seen = torch.cat([index for index, _ in loader])
+    assert sorted(seen.tolist()) == list(range(10))
 
 
 def test_data_check_lists_unusable_files(synth_data, tmp_path):

@@ -220,6 +220,10 @@ class Outage:
         self.listener = s
         threading.Thread(target=self._accept, args=(s,), daemon=True).start()
 
+    def ensure_up(self) -> None:
+        if self.listener.fileno() == -1:
+            self.up()
+
     def down(self) -> None:
         self.listener.close()
         with self.lock:
@@ -333,8 +337,7 @@ def test_s3_outage_mid_checkpoint_then_back(s3_outage, synth_data, tmp_path):
             rc = proc.wait(timeout=240)
         finally:
             stop_all(proc)
-            if proxy.listener.fileno() == -1:
-                proxy.up()
+            proxy.ensure_up()
         text = log.read_text()
         n, bad = _committed_all_load(uri, {k: v for k, v in env.items()})
         results.append({"rc": rc, "retries": text.count("retrying in"), "committed": n, "bad": bad,
@@ -364,8 +367,7 @@ def test_s3_gone_for_good_fails_cleanly_and_keeps_latest(s3_outage, synth_data, 
         rc = proc.wait(timeout=180)
     finally:
         stop_all(proc)
-        if proxy.listener.fileno() == -1:
-            proxy.up()
+        proxy.ensure_up()
     out = log.read_text()
     errors = [l for l in out.splitlines() if l.startswith("dcv2: error:")]
     n, bad = _committed_all_load(uri, env)
