@@ -301,6 +301,13 @@ def _committed_all_load(uri: str, env: dict) -> tuple[int, int]:
                 os.environ[k] = v
 
 
+def s3_run_tokens(synth_data, uri: str, retry_seconds: int, *extra: str) -> list[str]:
+    """One process checkpointing to ``uri``, retrying uploads for ``retry_seconds``."""
+    return tiny_train_tokens(synth_data, Path("/unused"), *COMMON, f"config.CHECKPOINT.DIR={uri}",
+                             f"config.CHECKPOINT.UPLOAD_RETRY_SECONDS={retry_seconds}",
+                             "config.DISTRIBUTED.NUM_PROC_PER_NODE=1", *extra)
+
+
 def test_s3_outage_mid_checkpoint_then_back(s3_outage, synth_data, tmp_path):
     """The endpoint disappears for a few seconds at a random step: uploads retry with backoff, ``latest`` only
     ever names complete checkpoints, and training finishes."""
@@ -310,9 +317,7 @@ def test_s3_outage_mid_checkpoint_then_back(s3_outage, synth_data, tmp_path):
     results = []
     for run in range(runs):
         uri, log = f"s3://ckpt/back{run}", tmp_path / f"run{run}.log"
-        tokens = tiny_train_tokens(synth_data, tmp_path / "unused", *COMMON, f"config.CHECKPOINT.DIR={uri}",
-                                   "config.CHECKPOINT.UPLOAD_RETRY_SECONDS=60", "config.OPTIMIZER.num_epochs=2",
-                                   "config.DISTRIBUTED.NUM_PROC_PER_NODE=1")
+        tokens = s3_run_tokens(synth_data, uri, 60, "config.OPTIMIZER.num_epochs=2")
         target, outage = rng.randint(3, 25), rng.uniform(3, 8)
         proc = launch(tokens, log, env)
         try:
@@ -360,9 +365,8 @@ def test_s3_gone_for_good_fails_cleanly_and_keeps_latest(s3_outage, synth_data, 
     results = []
     for run in range(runs):
         uri, log = f"s3://ckpt/gone{run}", tmp_path / f"run{run}.log"
-        tokens = tiny_train_tokens(synth_data, tmp_path / "unused", *COMMON, f"config.CHECKPOINT.DIR={uri}",
-                                   "config.CHECKPOINT.UPLOAD_RETRY_SECONDS=6", "config.OPTIMIZER.num_epochs=20",
-                                   "config.DISTRIBUTED.NUM_PROC_PER_NODE=1", "config.DISTRIBUTED.TIMEOUT_SECONDS=20")
+        tokens = s3_run_tokens(synth_data, uri, 6, "config.OPTIMIZER.num_epochs=20",
+                               "config.DISTRIBUTED.TIMEOUT_SECONDS=20")
         commits = rng.randint(1, 4)  # go away after this many committed checkpoints
         proc = launch(tokens, log, env)
         try:
@@ -431,6 +435,8 @@ import dcv2_k8s.metrics as M
 from dcv2_k8s import cli
 
 bad = {int(s) for s in os.environ["INJECT_NAN_AT"].split(",")}
+if os.environ.get("INJECT_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+    bad = set()  # only the chosen rank sees the NaN
 calls = [0]
 real_loss = E.dcv2_loss
 
@@ -454,15 +460,19 @@ sys.exit(cli.main(sys.argv[1:]))
 '''
 
 
-def _nan_run(synth_data, tmp_path: Path, name: str, steps: list[int], *extra: str):
+def _nan_run(synth_data, tmp_path: Path, name: str, steps: list[int], *extra: str, ranks: int = 1):
+    """Train through a wrapper that turns the loss of ``steps`` into NaN (with 2 ranks: on rank 1 only)."""
     wrapper = tmp_path / "inject_nan.py"
     wrapper.write_text(NAN_WRAPPER)
     ckpt, dump = tmp_path / name, tmp_path / f"{name}.prom"
     tokens = tiny_train_tokens(synth_data, ckpt, "config.OPTIMIZER.num_epochs=2", "config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=4",
-                               "config.DISTRIBUTED.NUM_PROC_PER_NODE=1", "config.METRICS.ENABLED=true",
+                               f"config.DISTRIBUTED.NUM_PROC_PER_NODE={ranks}", "config.METRICS.ENABLED=true",
                                f"config.METRICS.PORT={free_port()}", "config.METRICS.ADDR=127.0.0.1", *extra)
     env = dict(os.environ, INJECT_NAN_AT=",".join(map(str, steps)), METRICS_DUMP=str(dump))
-    p = subprocess.run([sys.executable, str(wrapper), "train", *tokens], capture_output=True, text=True,
+    if ranks > 1:
+        env["INJECT_RANK"] = "1"
+    launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    p = subprocess.run([sys.executable, *launcher, str(wrapper), "train", *tokens], capture_output=True, text=True,
                        cwd=str(ROOT), env=env, timeout=300)
     return p, ckpt, dump.read_text() if dump.exists() else ""
 
@@ -504,13 +514,21 @@ def test_nan_loss_stops_cleanly_or_is_skipped(synth_data, tmp_path):
         assert any(l.startswith("dcv2_train_nonfinite_skipped_steps_total{") and l.endswith(" 2.0")
                    for l in prom.splitlines()), prom
         assert [e["global_step"] for e in events(ckpt, "nonfinite_skip")] == at
+    # two ranks, the NaN on rank 1 only: both ranks skip the step together (the flag is all-reduced)
+    at2 = sorted(rng.sample(range(3, 12), 1))
+    p, ckpt, prom = _nan_run(synth_data, tmp_path, "skip2", at2, "config.TRAINER.NONFINITE_POLICY=skip", ranks=2)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    final = read_file(str(ckpt))
+    assert final["train_state"]["global_step"] == 14 and _finite(final)
+    assert [e["global_step"] for e in events(ckpt, "nonfinite_skip")] == at2  # logged by rank 0, which saw no NaN
+    skipped_at.append(at2)
     # the limit: more skips than allowed ends the run like the stop policy
     p, ckpt, _ = _nan_run(synth_data, tmp_path, "limit", [4, 6, 8], "config.TRAINER.NONFINITE_POLICY=skip",
                           "config.TRAINER.MAX_NONFINITE_SKIPS=2")
     errors = [l for l in p.stderr.splitlines() if l.startswith("dcv2: error:")]
     assert p.returncode == 1 and len(errors) == 1 and "MAX_NONFINITE_SKIPS=2" in errors[0], p.stderr[-3000:]
     assert _finite(read_file(str(ckpt)))
-    record("NaN loss, NONFINITE_POLICY=skip (limit 10; then limit 2 with 3 NaNs)", 3,
-           "2 (the over-limit run stopped cleanly)", [0, 0], 0,
-           f"NaNs at steps {skipped_at} skipped and counted, runs finished finite; 3 NaNs over a limit of 2: exit 1, "
-           "one line")
+    record("NaN loss, NONFINITE_POLICY=skip (limit 10; then limit 2 with 3 NaNs)", 4,
+           "3 (the over-limit run stopped cleanly)", [0, 0, 0], 0,
+           f"NaNs at steps {skipped_at} skipped and counted (the last run: 2 ranks, NaN on rank 1 only, both "
+           "skipped), runs finished finite; 3 NaNs over a limit of 2: exit 1, one line")
