@@ -4,7 +4,7 @@
   N x K output, M-step a Python loop over the K clusters (gather the members, sum, divide).
 - floor: the E-step alone (fresh N x K output every iteration, no M-step at all).
 - ours: ``dcv2_k8s.dcv2.kmeans.spherical_kmeans`` (chunked E-step into a preallocated buffer of at most 256 MB,
-  one ``index_add_`` + ``bincount`` M-step).
+  the M-step ``update_centroids``: one ``index_add_`` + ``bincount``).
 Targets: ours <= 1.0x the floor; our M-step >= 10x faster than the loop; no N x K temporary above 256 MB.
 
     python benchmarks/bench_kmeans.py [--n 20000 160000] [--repeats 3] [--out benchmarks/results/kmeans_cpu]
@@ -19,9 +19,18 @@ import torch
 import torch.nn.functional as F
 
 from common import machine, times, write_results
-from dcv2_k8s.dcv2.kmeans import CPU_CHUNK_BYTES, DEFAULT_CHUNK_BYTES, spherical_kmeans
+from dcv2_k8s.dcv2.kmeans import CPU_CHUNK_BYTES, DEFAULT_CHUNK_BYTES, spherical_kmeans, update_centroids
 
 ITERS = 10
+
+
+def reference_mstep(emb, assignments, centroids):
+    """The swav reference's M-step: a Python loop over the clusters (gather the members, sum, divide)."""
+    for k in range(centroids.shape[0]):
+        members = emb[assignments == k]
+        if len(members) > 0:
+            centroids[k] = members.sum(0) / len(members)
+    return F.normalize(centroids, dim=1)
 
 
 def reference_kmeans(emb: torch.Tensor, centroids: torch.Tensor, iters: int = ITERS):
@@ -30,28 +39,8 @@ def reference_kmeans(emb: torch.Tensor, centroids: torch.Tensor, iters: int = IT
         assignments = torch.mm(emb, centroids.t()).max(dim=1).indices
         if it == iters:
             break
-        for k in range(centroids.shape[0]):
-            members = emb[assignments == k]
-            if len(members) > 0:
-                centroids[k] = members.sum(0) / len(members)
-        centroids = F.normalize(centroids, dim=1)
+        centroids = reference_mstep(emb, assignments, centroids)
     return centroids, assignments
-
-
-def reference_mstep(emb, assignments, centroids):
-    for k in range(centroids.shape[0]):
-        members = emb[assignments == k]
-        if len(members) > 0:
-            centroids[k] = members.sum(0) / len(members)
-    return F.normalize(centroids, dim=1)
-
-
-def our_mstep(emb, assignments, centroids):
-    k = centroids.shape[0]
-    sums = torch.zeros_like(centroids).index_add_(0, assignments, emb)
-    counts = torch.bincount(assignments, minlength=k).to(sums.dtype)
-    c = torch.where((counts > 0).unsqueeze(1), sums / counts.clamp_min(1).unsqueeze(1), centroids)
-    return F.normalize(c, dim=1)
 
 
 def floor(emb: torch.Tensor, centroids: torch.Tensor, iters: int = ITERS):
@@ -78,11 +67,11 @@ def bench(n: int, k: int, d: int, repeats: int, skip_reference: bool) -> dict:
     out["ours_vs_floor"] = out["ours_s"] / out["floor_s"]
     assignments = torch.mm(emb, init.t()).argmax(1)
     ref_m = times(lambda: reference_mstep(emb, assignments, init.clone()), repeats, warmup=0)
-    our_m = times(lambda: our_mstep(emb, assignments, init), repeats, warmup=1)
+    our_m = times(lambda: update_centroids(emb, assignments, init), repeats, warmup=1)
     out.update(reference_mstep_s=statistics.median(ref_m), ours_mstep_s=statistics.median(our_m))
     out["mstep_speedup"] = out["reference_mstep_s"] / out["ours_mstep_s"]
     # the same result: identical centroids from the same assignments (up to summation order)
-    same = torch.allclose(reference_mstep(emb, assignments, init.clone()), our_mstep(emb, assignments, init),
+    same = torch.allclose(reference_mstep(emb, assignments, init.clone()), update_centroids(emb, assignments, init),
                           atol=1e-5)
     out["mstep_matches_reference"] = bool(same)
     if not skip_reference:

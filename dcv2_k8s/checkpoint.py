@@ -89,7 +89,6 @@ class CheckpointManager:
         self.keep_last, self.keep_every_epochs = keep_last, keep_every_epochs
         self.background, self.commit_timeout = background, commit_timeout
         self.retry_seconds = retry_seconds
-        self.retries = 0  # transient storage failures retried so far
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.last_result: dict = {}
@@ -141,7 +140,6 @@ class CheckpointManager:
                     left = t0 + self.retry_seconds - time.time()
                     if not e.transient or left <= 0:
                         raise
-                    self.retries += 1
                     log.warning("checkpoint %s: %s; retrying in %.0f s (%.0f s of retries left)", name, e,
                                 min(delay, left), left)
                     time.sleep(min(delay, left))

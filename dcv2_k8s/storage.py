@@ -119,26 +119,11 @@ def s3_client():
     return boto3.client("s3", endpoint_url=endpoint or None, config=cfg)
 
 
-def redact_url(url: str) -> str:
-    """``url`` without a password in its user-info part (``http://user:pw@host`` -> ``http://user:***@host``):
-    endpoint URLs are printed in error messages and logs, secrets never are."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def explain_s3_error(uri: str, err: Exception) -> StorageError:
     """One line naming the URI and what to do, for the mistakes users make."""
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
-    endpoint = redact_url(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "") \
+    endpoint = redact(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "") \
         or "the AWS default"
     if isinstance(err, NoCredentialsError):
         return StorageError(f"{uri}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (in a "
@@ -158,12 +143,13 @@ def explain_s3_error(uri: str, err: Exception) -> StorageError:
                                 "AWS_REQUEST_CHECKSUM_CALCULATION=when_required AWS_RESPONSE_CHECKSUM_VALIDATION=when_required")
         transient = code in ("500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
                              "RequestTimeout")
-        return StorageError(f"{uri}: S3 error {code}: {_scrub(str(err))}", transient=transient)
-    return StorageError(f"{uri}: {type(err).__name__}: {_scrub(str(err))}")
+        return StorageError(f"{uri}: S3 error {code}: {redact(str(err))}", transient=transient)
+    return StorageError(f"{uri}: {type(err).__name__}: {redact(str(err))}")
 
 
-def _scrub(text: str) -> str:
-    """Remove the secret key and any URL password from an error text."""
+def redact(text: str) -> str:
+    """``text`` without the S3 secret key and without URL passwords (``http://user:pw@host`` ->
+    ``http://user:***@host``): endpoints and store errors are printed and logged, secrets never are."""
     import re
 
     secret = os.environ.get("AWS_SECRET_ACCESS_KEY")

@@ -16,12 +16,21 @@ DEMO = "config=pretrain/deepcluster_v2/deepclusterv2_demo_cpu"
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: str | None = None
             ) -> subprocess.CompletedProcess:
     """Run ``python -m dcv2_k8s ARGS`` in a fresh process (the way users run ``dcv2``)."""
-    full_env = dict(os.environ)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        full_env.pop(k, None)
-    full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "dcv2_k8s", *args], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, cwd=cwd or str(ROOT))
+                          timeout=timeout, env=child_env(env), cwd=cwd or str(ROOT))
+
+
+def child_env(extra: dict | None = None) -> dict:
+    """This environment without a launcher's variables (a child decides its own ranks), plus ``extra``; a
+    value of None removes that variable."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    for k, v in (extra or {}).items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    return env
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ from dcv2_k8s.distributed import free_port
 from dcv2_k8s.s3server import EmbeddedS3
 from dcv2_k8s.storage import S3Storage
 from dcv2_k8s.weights import read_file
-from tests.conftest import ROOT, run_cli, tiny_train_tokens
+from tests.conftest import ROOT, child_env, run_cli, tiny_train_tokens
 
 pytestmark = pytest.mark.slow
 
@@ -68,11 +68,8 @@ def recomputed_steps(ckpt: Path) -> int:
 
 def launch(tokens: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
     """``dcv2 train`` in its own session (so every process of the run can be signalled at once)."""
-    full = {k: v for k, v in os.environ.items()
-            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    full.update(env or {})
     return subprocess.Popen([sys.executable, "-m", "dcv2_k8s", "train", *tokens], stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, cwd=str(ROOT), env=full, start_new_session=True)
+                            stderr=subprocess.STDOUT, cwd=str(ROOT), env=child_env(env), start_new_session=True)
 
 
 def wait_step(ckpt: Path, proc: subprocess.Popen, step: int, log: Path, timeout: float = 180) -> None:

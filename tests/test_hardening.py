@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import pytest
 
 from dcv2_k8s.distributed import free_port
 from dcv2_k8s.s3server import EmbeddedS3
-from tests.conftest import ROOT, tiny_train_tokens
+from tests.conftest import ROOT, child_env, tiny_train_tokens
 
 pytestmark = pytest.mark.slow
 
@@ -50,23 +49,12 @@ MISTAKES = [
 ]
 
 
-def _env(extra: dict) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    for k, v in extra.items():
-        if v is None:
-            env.pop(k, None)
-        else:
-            env[k] = v
-    return env
-
-
 @pytest.mark.parametrize("what,tokens,env,names", MISTAKES, ids=[m[0] for m in MISTAKES])
 def test_user_mistake_is_one_line_and_exit_2(what, tokens, env, names, synth_data, tmp_path):
     t0 = time.time()
     guard = ["config.TRAINER.MAX_STEPS=1"]  # if a mistake were missed, the run would stop after one step
     p = subprocess.run([sys.executable, "-m", "dcv2_k8s", "train", *tiny_train_tokens(synth_data, tmp_path / "c"),
-                        *guard, *tokens], capture_output=True, text=True, env=_env(env), cwd=str(ROOT), timeout=120)
+                        *guard, *tokens], capture_output=True, text=True, env=child_env(env), cwd=str(ROOT), timeout=120)
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert p.returncode == 2, f"{what}: exit {p.returncode}\n{p.stdout[-2000:]}{p.stderr[-2000:]}"
     assert len(lines) == 1 and lines[0].startswith("dcv2: error: ") and names in lines[0], (what, lines)
@@ -74,10 +62,6 @@ def test_user_mistake_is_one_line_and_exit_2(what, tokens, env, names, synth_dat
     assert "training" not in p.stdout and "process group" not in p.stdout + p.stderr
     assert not (tmp_path / "c").exists()
     assert time.time() - t0 < 60
-
-
-def test_distinct_mistakes_cover_the_list():
-    assert len({m[0] for m in MISTAKES}) >= 10
 
 
 SECRET_KEY_ID, SECRET = "AKIADCV2REDACTTEST01", "dcv2-s3cr3t-MUST-NOT-LEAK-7f3a"
@@ -95,7 +79,7 @@ def test_secrets_never_reach_logs_configs_metrics_or_checkpoints(synth_data, tmp
                                    "config.CHECKPOINT.DIR=s3://ckpt/secret-run", "config.METRICS.ENABLED=true",
                                    f"config.METRICS.PORT={port}", "config.METRICS.ADDR=127.0.0.1",
                                    "config.DISTRIBUTED.NUM_PROC_PER_NODE=1")
-        proc = subprocess.Popen([sys.executable, "-m", "dcv2_k8s", "train", *tokens], env=_env(env),
+        proc = subprocess.Popen([sys.executable, "-m", "dcv2_k8s", "train", *tokens], env=child_env(env),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(ROOT))
         scrapes = []
         deadline = time.time() + 120
@@ -108,7 +92,7 @@ def test_secrets_never_reach_logs_configs_metrics_or_checkpoints(synth_data, tmp
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, out[-3000:]
         assert scrapes and any("dcv2_train_steps_total" in s for s in scrapes)
-        shown = subprocess.run([sys.executable, "-m", "dcv2_k8s", "config", "show", *tokens], env=_env(env),
+        shown = subprocess.run([sys.executable, "-m", "dcv2_k8s", "config", "show", *tokens], env=child_env(env),
                                capture_output=True, text=True, cwd=str(ROOT), timeout=120)
         import boto3
 
@@ -122,12 +106,13 @@ def test_secrets_never_reach_logs_configs_metrics_or_checkpoints(synth_data, tmp
             assert not any(needle in t for t in texts), needle
             assert not any(needle.encode() in o for o in objects), needle
         # an endpoint written with a password: the error line shows the user, never the password
-        bad = dict(env, AWS_ENDPOINT_URL_S3=f"http://user:{SECRET}@127.0.0.1:9", DCV2_S3_MAX_ATTEMPTS="1",
+        password = "dcv2-url-password-9c1e"  # not the secret key: the URL redaction itself is what is tested
+        bad = dict(env, AWS_ENDPOINT_URL_S3=f"http://user:{password}@127.0.0.1:9", DCV2_S3_MAX_ATTEMPTS="1",
                    DCV2_S3_CONNECT_TIMEOUT="1")
-        p = subprocess.run([sys.executable, "-m", "dcv2_k8s", "train", *tokens], env=_env(bad), capture_output=True,
+        p = subprocess.run([sys.executable, "-m", "dcv2_k8s", "train", *tokens], env=child_env(bad), capture_output=True,
                            text=True, cwd=str(ROOT), timeout=120)
         assert p.returncode == 2 and "http://user:***@127.0.0.1:9" in p.stderr, p.stderr
-        assert SECRET not in p.stdout + p.stderr
+        assert SECRET not in p.stdout + p.stderr and password not in p.stdout + p.stderr
     finally:
         server.stop()
 

@@ -57,21 +57,29 @@ def spherical_kmeans(embeddings: torch.Tensor, centroids: torch.Tensor, num_iter
     k, d = centroids.shape
     assignments = torch.empty(embeddings.shape[0], dtype=torch.long, device=embeddings.device)
     sums = torch.empty(k, d, device=embeddings.device)
-    distributed = _dist_active(group)
     for it in range(num_iters + 1):
         assign(embeddings, centroids, max_chunk_bytes, out=assignments)
         if it == num_iters:
             break
-        sums.zero_().index_add_(0, assignments, embeddings)
-        counts = torch.bincount(assignments, minlength=k).to(sums.dtype)
-        if distributed:
-            packed = torch.cat([sums, counts.unsqueeze(1)], dim=1)  # one collective for both
-            dist.all_reduce(packed, group=group)
-            sums, counts = packed[:, :d], packed[:, d]
-        nonempty = (counts > 0).unsqueeze(1)
-        centroids = torch.where(nonempty, sums / counts.clamp_min(1).unsqueeze(1), centroids)
-        centroids = F.normalize(centroids, dim=1, p=2)
+        centroids = update_centroids(embeddings, assignments, centroids, sums, group)
     return centroids, assignments
+
+
+def update_centroids(embeddings: torch.Tensor, assignments: torch.Tensor, centroids: torch.Tensor,
+                     sums: torch.Tensor | None = None, group=None) -> torch.Tensor:
+    """M-step: the normalised mean of each cluster's rows (summed and counted over ``group`` when a process
+    group is active); an empty cluster keeps its centroid. One ``index_add_`` and one ``bincount``, no per-cluster loop."""
+    k, d = centroids.shape
+    sums = torch.empty(k, d, device=embeddings.device) if sums is None else sums
+    sums.zero_().index_add_(0, assignments, embeddings)
+    counts = torch.bincount(assignments, minlength=k).to(sums.dtype)
+    if _dist_active(group):
+        packed = torch.cat([sums, counts.unsqueeze(1)], dim=1)  # one collective for both
+        dist.all_reduce(packed, group=group)
+        sums, counts = packed[:, :d], packed[:, d]
+    nonempty = (counts > 0).unsqueeze(1)
+    centroids = torch.where(nonempty, sums / counts.clamp_min(1).unsqueeze(1), centroids)
+    return F.normalize(centroids, dim=1, p=2)
 
 
 def init_centroids(embeddings: torch.Tensor, k: int, generator: torch.Generator, group=None) -> torch.Tensor:
