@@ -4,6 +4,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo_out
+# kfp-kubernetes releases whose platform protos the tests parse the compiled pipeline with: the oldest supported
+# backend's (2.15.0) and the one before it (2.14.6, which must reject the pipeline). Installed apart, not imported.
+COMPAT := $(VENV)/compat
+KFPK_PROTOS := 2.15.0 2.14.6
 
 .PHONY: demo test test-fast install clean
 
@@ -15,15 +19,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test,local]"
 	touch $(STAMP)
 
+$(COMPAT)/.installed: $(STAMP) Makefile
+	for v in $(KFPK_PROTOS); do \
+	  $(PY) -m pip install -q --no-deps --upgrade --target $(COMPAT)/kfp-kubernetes-$$v "kfp-kubernetes==$$v" || exit 1; \
+	done
+	touch $@
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m dcv2_k8s demo --out $(DEMO_OUT)
 
-test: $(STAMP)
+test: $(STAMP) $(COMPAT)/.installed
 	$(PY) -m pytest -q -ra --durations=15
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(COMPAT)/.installed
 	$(PY) -m pytest -q -m "not slow"
 
 clean:

@@ -69,6 +69,8 @@ def cmd_train(args) -> int:
     except (ConfigError, FileNotFoundError, StorageError) as e:
         return _fail(e.lines if isinstance(e, ConfigError) else str(e))
     dist_cfg = resolved.cfg.DISTRIBUTED
+    if D.operator_env():  # a pod: this process stays the container's main process, torchrun runs the ranks
+        return D.spawn_local(int(dist_cfg.NUM_PROC_PER_NODE), ["train", *args.tokens], int(dist_cfg.MAX_RESTARTS))
     if not D.launched():
         if int(dist_cfg.NUM_NODES) > 1:
             return _fail(f"config.DISTRIBUTED.NUM_NODES={dist_cfg.NUM_NODES} needs a launcher on every node "
@@ -76,16 +78,19 @@ def cmd_train(args) -> int:
         if int(dist_cfg.NUM_PROC_PER_NODE) > 1:
             return D.spawn_local(int(dist_cfg.NUM_PROC_PER_NODE), ["train", *args.tokens],
                                  int(dist_cfg.MAX_RESTARTS))
-    from dcv2_k8s.engine import EXIT_PREEMPTED, Preempted, TrainingError, train
+    from dcv2_k8s import exitcodes
+    from dcv2_k8s.engine import Preempted, TrainingError, train
 
     try:
         train(resolved)
     except Preempted:
-        return EXIT_PREEMPTED
+        return exitcodes.PREEMPTED
     except (TrainingError, StorageError) as e:
-        print(f"dcv2: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        code = exitcodes.classify(e)
+        print(f"dcv2: error: {e}" + (" (retryable: the job restarts and resumes)" if exitcodes.retryable(code)
+                                     else ""), file=sys.stderr)
+        return code
+    return exitcodes.OK
 
 
 def cmd_stage(args) -> int:
@@ -146,7 +151,7 @@ def cmd_linear_eval(args) -> int:
             raise ConfigError([f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE: {weights} does not exist"])
     except ConfigError as e:
         return _fail(e.lines)
-    if not D.launched() and int(r.cfg.DISTRIBUTED.NUM_PROC_PER_NODE) > 1:
+    if D.operator_env() or (not D.launched() and int(r.cfg.DISTRIBUTED.NUM_PROC_PER_NODE) > 1):
         return D.spawn_local(int(r.cfg.DISTRIBUTED.NUM_PROC_PER_NODE), ["linear-eval", *args.tokens])
     from dcv2_k8s.eval.linear import linear_eval
 
@@ -463,8 +468,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Its exit code follows ``dcv2_k8s.exitcodes``; a process started by torchrun also leaves
+    it for the node's launcher, which combines them into the container's code."""
+    from dcv2_k8s import distributed as D
+    from dcv2_k8s import exitcodes
+
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    try:
+        code = args.fn(args)
+    except SystemExit as e:
+        D.record_exit_code(e.code if isinstance(e.code, int) else exitcodes.USAGE)
+        raise
+    except KeyboardInterrupt:
+        D.record_exit_code(130)
+        raise
+    except Exception as e:
+        code = exitcodes.classify(e)
+        D.record_exit_code(code)
+        if not exitcodes.retryable(code):
+            raise  # a bug: the traceback, exit 1
+        import traceback
+
+        traceback.print_exc()
+        print(f"dcv2: error: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''} (an infrastructure "
+              f"fault: exit {code}, the job restarts and resumes from its last checkpoint)", file=sys.stderr)
+        return code
+    D.record_exit_code(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -83,6 +83,45 @@ def init_process_group(info: DistInfo, backend: str, device: torch.device, timeo
                             timeout=timeout)
 
 
+class StopAgreement:
+    """Every rank learns, at the same step, whether any rank was asked to stop (SIGTERM), one step after it was.
+
+    Each ``poll()`` (every rank, once per training step) waits for the previous step's tiny all-reduce of the
+    flag, then starts the next one asynchronously. The flag is a CPU tensor reduced over a gloo group of its own,
+    so on the GPU path this adds no host synchronisation and no kernel to the step; a SIGTERM is acted on after at
+    most two steps, whatever LOG_FREQUENCY is (torchrun gives the processes 30 s before SIGKILL)."""
+
+    def __init__(self, info: DistInfo, timeout_s: float):
+        self.requested = False
+        self.group = None
+        if info.distributed:
+            self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        self._buf = torch.zeros(1)
+        self._work = None
+
+    def request(self) -> None:
+        self.requested = True
+
+    def poll(self) -> bool:
+        if self.group is None:
+            return self.requested
+        decided = False
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+            decided = bool(self._buf.item() > 0)
+        if not decided:
+            self._buf.fill_(1.0 if self.requested else 0.0)
+            self._work = dist.all_reduce(self._buf, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        return decided
+
+    def finish(self) -> None:
+        """Wait for the reduction in flight (before the process group goes away)."""
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+
+
 def destroy() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -136,15 +175,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_local(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
-    """Start ``nproc`` copies of ``dcv2 <argv>`` on this node through torch's own launcher (torchrun).
+def operator_env() -> bool:
+    """True in a pod that a launcher (the training operator, Trainer, run-local) gave torchrun's settings through
+    ``PET_*`` variables (torchrun reads ``PET_NNODES``, ``PET_NPROC_PER_NODE``, ``PET_RDZV_*`` ... by itself)."""
+    return not launched() and "PET_NNODES" in os.environ
 
-    ``max_restarts``: torchrun restarts every process this many times after one fails (they resume from the
-    last committed checkpoint), as a PyTorchJob's restart policy does on Kubernetes."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           f"--max-restarts={max_restarts}", "-m", "dcv2_k8s", *argv]
+
+def spawn_local(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
+    """Start ``nproc`` copies of ``dcv2 <argv>`` on this node through torch's own launcher (torchrun) and return
+    this node's exit code (see ``dcv2_k8s.exitcodes``).
+
+    Standalone on one machine, or, in a pod (``operator_env()``), with the rendezvous torchrun reads from the
+    ``PET_*`` variables. ``max_restarts``: torchrun restarts every process this many times after one fails (they
+    resume from the last committed checkpoint).
+
+    This process stays the container's main process: it is the one the kubelet signals. SIGTERM/SIGINT are passed
+    to torchrun, which passes them to the processes and gives them 30 s before SIGKILL (torch
+    ``distributed/elastic/multiprocessing/api.py``, ``PContext.close``); they commit a checkpoint well within that
+    and exit 143. torchrun itself then exits 1 (its ``SignalException``), which this process turns into 143 so that
+    ``restartPolicy: ExitCode`` restarts the pod. Every process writes its own exit code to a file, and the node's
+    code is ``exitcodes.combine`` of them: a config mistake on any rank stays permanent."""
+    import shutil
+    import tempfile
+
+    from dcv2_k8s import exitcodes
+
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    if operator_env():
+        if max_restarts:
+            cmd.append(f"--max-restarts={max_restarts}")
+    else:
+        cmd += ["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}"]
+    cmd += ["-m", "dcv2_k8s", *argv]
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nproc))))
+    code_dir = tempfile.mkdtemp(prefix="dcv2-exit-")
+    env[EXIT_DIR_ENV] = code_dir
     child = subprocess.Popen(cmd, env=env)
     forwarded = []
 
@@ -158,6 +224,26 @@ def spawn_local(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-    if code != 0 and signal.SIGTERM in forwarded:
-        return 143  # preempted: the workers committed a checkpoint (or the previous one stays latest)
-    return code
+    try:
+        codes = [int(open(os.path.join(code_dir, f)).read()) for f in sorted(os.listdir(code_dir))]
+    finally:
+        shutil.rmtree(code_dir, ignore_errors=True)
+    node = exitcodes.combine(codes, code, signalled=signal.SIGTERM in forwarded)
+    if node != code:
+        print(f"dcv2: processes exited with {codes or 'no code'}, torchrun with {code}: this node exits with "
+              f"{node} ({exitcodes.NAMES.get(node, '?')})", file=sys.stderr, flush=True)
+    return node
+
+
+EXIT_DIR_ENV = "DCV2_EXIT_DIR"
+
+
+def record_exit_code(code: int) -> None:
+    """Leave this process's exit code for the node's launcher (``spawn_local``), when one asked for it."""
+    d = os.environ.get(EXIT_DIR_ENV)
+    if d and launched():
+        try:
+            with open(os.path.join(d, f"rank{os.environ.get('RANK', '0')}.code"), "w") as f:
+                f.write(str(int(code)))
+        except OSError:
+            pass

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from dcv2_k8s import distributed as D
+from dcv2_k8s import exitcodes
 from dcv2_k8s.checkpoint import CheckpointManager, rng_state, set_rng_state
 from dcv2_k8s.config.loader import Resolved, to_yaml
 from dcv2_k8s.data.dataset import IndexedImageFolder, ResumableDistributedSampler
@@ -47,15 +48,12 @@ from dcv2_k8s.storage import StorageError
 log = logging.getLogger("dcv2")
 
 
-EXIT_PREEMPTED = 143  # 128 + SIGTERM: a committed checkpoint was written; restarting the job resumes it
-
-
 class TrainingError(RuntimeError):
     """A failure the user can act on (message says what to do)."""
 
 
 class Preempted(Exception):
-    """SIGTERM received: a checkpoint was committed and the process should exit with EXIT_PREEMPTED."""
+    """SIGTERM received: a checkpoint was committed and the process should exit with exitcodes.PREEMPTED."""
 
 
 @dataclass
@@ -184,21 +182,14 @@ class Trainer:
         self.skip_nonfinite = str(cfg.TRAINER.NONFINITE_POLICY) == "skip"
         self.skipped_steps = 0
         self.stop_reason = ""           # "", "max_steps" or "preempted"
-        self._signalled = False
+        self.stop = D.StopAgreement(info, float(cfg.DISTRIBUTED.TIMEOUT_SECONDS))
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum, frame) -> None:
-        if not self._signalled:
+        if not self.stop.requested:
             log.warning("SIGTERM: finishing the current step, then committing a checkpoint and exiting")
-        self._signalled = True
-
-    def agree_to_stop(self) -> bool:
-        """Whether any rank got SIGTERM; every rank calls this at the same step, so all stop together."""
-        flag = torch.tensor([1.0 if self._signalled else 0.0], device=self.device)
-        if self.info.distributed:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        self.stop.request()
 
     # ------------------------------------------------------------------------------------------ helpers
     def _metrics_log_path(self) -> str:
@@ -404,7 +395,7 @@ class Trainer:
                 self.wait_checkpoint()
                 if self.stop_reason == "preempted":
                     log.warning("checkpoint committed at step %d; exiting with code %d (restart to resume)",
-                                s.global_step, EXIT_PREEMPTED)
+                                s.global_step, exitcodes.PREEMPTED)
                     raise Preempted()
                 log.info("stopped after %d steps (config.TRAINER.MAX_STEPS)", s.global_step)
                 return last
@@ -448,7 +439,7 @@ class Trainer:
                 n_acc, data_wait, t_window = 0, 0.0, time.time()
             if iter_freq > 0 and s.global_step % iter_freq == 0 and s.step_in_epoch < self.steps_per_epoch:
                 self.save_checkpoint(epoch_end=False)
-            if s.global_step % log_every == 0 and self.agree_to_stop():
+            if self.stop.poll():  # every step: a SIGTERM is acted on within two steps
                 self.stop_reason = "preempted"
                 break
             if 0 < max_steps <= s.global_step:
@@ -553,4 +544,8 @@ def train(resolved: Resolved) -> dict:
     finally:
         if trainer is not None:
             trainer.metrics.close()
+            try:
+                trainer.stop.finish()
+            except Exception:  # a peer is gone: the process group is torn down anyway
+                pass
         D.destroy()

@@ -63,7 +63,8 @@ def _launcher(namespace: str):
 
 
 def pretrain_step(launcher: str, run_id: str, config: str, overrides: list[str], output_uri: str, data: dict,
-                  nodes: int, gpus_per_node: int, image: str, namespace: str, timeout_seconds: float) -> str:
+                  nodes: int, gpus_per_node: int, image: str, namespace: str, timeout_seconds: float,
+                  image_pull_secrets: list[str] = ()) -> str:
     """Pretrain; return the checkpoint URI (the run's CHECKPOINT.DIR)."""
     from dcv2_k8s.k8s.launcher import job_name
 
@@ -76,8 +77,11 @@ def pretrain_step(launcher: str, run_id: str, config: str, overrides: list[str],
     from dcv2_k8s.k8s.manifests import JobSpec, pytorchjob
 
     name = job_name(run_id, "pretrain")
+    # the job's own deadline is the step's timeout: a watcher that is gone (a terminated run) cannot leave it running
     job = pytorchjob(JobSpec(name, nodes=nodes, gpus_per_node=gpus_per_node, config=config, overrides=list(overrides),
-                             data_uri=data["train"]["uri"], checkpoint_uri=ckpt, image=image))
+                             data_uri=data["train"]["uri"], checkpoint_uri=ckpt, image=image,
+                             active_deadline_seconds=int(timeout_seconds),
+                             image_pull_secrets=list(image_pull_secrets)))
     lx = _launcher(namespace)
     lx.launch(job)
     lx.wait(name, timeout_seconds)
@@ -85,7 +89,8 @@ def pretrain_step(launcher: str, run_id: str, config: str, overrides: list[str],
 
 
 def linear_eval_step(launcher: str, run_id: str, weights: str, preset: str, overrides: list[str], output_uri: str,
-                     data: dict, gpus: int, image: str, namespace: str, timeout_seconds: float, tag: str) -> dict:
+                     data: dict, gpus: int, image: str, namespace: str, timeout_seconds: float, tag: str,
+                     image_pull_secrets: list[str] = ()) -> dict:
     """Linear evaluation of ``weights`` ("" = random-init baseline); returns the result JSON."""
     from dcv2_k8s.storage import read_bytes
 
@@ -102,11 +107,46 @@ def linear_eval_step(launcher: str, run_id: str, weights: str, preset: str, over
         name = job_name(run_id, f"eval-{tag}")
         job = pytorchjob(JobSpec(name, nodes=1, gpus_per_node=gpus, command="linear-eval", config=preset,
                                  overrides=tokens[1:], data_uri=data["train"]["uri"], val_uri=data["val"]["uri"],
-                                 checkpoint_uri=f"{output_uri.rstrip('/')}/eval-{tag}", image=image))
+                                 checkpoint_uri=f"{output_uri.rstrip('/')}/eval-{tag}", image=image,
+                                 active_deadline_seconds=int(timeout_seconds),
+                                 image_pull_secrets=list(image_pull_secrets)))
         lx = _launcher(namespace)
         lx.launch(job)
         lx.wait(name, timeout_seconds)
     return json.loads(read_bytes(out))
+
+
+def export_model(ckpt_uri: str, model_dir: str) -> dict:
+    """The pipeline's ``Model`` artifact: the trained weights and a model card, written under ``model_dir`` (the
+    artifact's own local path, which the KFP launcher uploads under the pipeline root). The checkpoint itself stays
+    where training wrote it; its URI is in the card and in the artifact's metadata.
+
+    Weights: the torchvision layout (``torchvision.models.resnetN()`` loads them strictly) when the trunk has a
+    torchvision twin, otherwise the swav / VISSL model-zoo layout (wide ResNets, ResNeXt)."""
+    from dcv2_k8s.checkpoint import to_bytes
+    from dcv2_k8s.config import config_from_checkpoint
+    from dcv2_k8s.model.head import build_head
+    from dcv2_k8s.weights import WeightsError, export_swav, export_torchvision, read_file
+
+    obj = read_file(ckpt_uri)
+    cfg = config_from_checkpoint(obj).cfg
+    trunk = cfg.MODEL.TRUNK.RESNETS
+    try:
+        weights, fmt = export_torchvision(obj, int(trunk.DEPTH)), "torchvision"
+    except WeightsError:
+        weights, fmt = export_swav(obj, build_head(cfg.MODEL.HEAD)), "swav"
+    os.makedirs(model_dir, exist_ok=True)
+    name = f"weights_{fmt}.pth"
+    with open(os.path.join(model_dir, name), "wb") as f:
+        f.write(to_bytes(weights))
+    card = {"checkpoint": ckpt_uri, "format": fmt, "weights": name, "depth": int(trunk.DEPTH),
+            "width_multiplier": float(trunk.WIDTH_MULTIPLIER), "epoch": obj.get("epoch"),
+            "global_step": obj.get("global_step"),
+            "load": (f"torchvision.models.resnet{int(trunk.DEPTH)}().load_state_dict(torch.load('{name}'))"
+                     if fmt == "torchvision" else f"dcv2 import / swav layout: {name}")}
+    with open(os.path.join(model_dir, "model_card.json"), "w") as f:
+        json.dump(card, f, indent=2)
+    return card
 
 
 def report_step(ckpt_uri: str, result: dict, baseline: dict | None, html_path: str, started: float) -> dict:
@@ -127,9 +167,23 @@ def report_step(ckpt_uri: str, result: dict, baseline: dict | None, html_path: s
     return figures
 
 
+# PipelineTaskFinalStatus.state as the exit handler receives it. On a KFP backend it is the MLMD execution state
+# of the ExitHandler's task group (backend/src/v2/driver/resolve.go: ``producer.GetExecution().GetLastKnownState()
+# .String()``: UNKNOWN, NEW, RUNNING, COMPLETE, FAILED, CACHED, CANCELED); kfp.local passes SUCCEEDED or FAILED
+# (kfp/local/orchestrator). Only states that mean "failed" or "cancelled" delete jobs: a state we do not know
+# (a new backend's word for success) keeps the job and its logs.
+CLEANUP_STATES = frozenset({"FAILED", "FAILURE", "CANCELED", "CANCELLED", "CANCELING", "CANCELLING", "ERROR",
+                            "SYSTEM_ERROR"})
+
+
+def should_clean_up(state: str) -> bool:
+    return str(state).strip().upper() in CLEANUP_STATES
+
+
 def cleanup_step(launcher: str, run_id: str, namespace: str, state: str) -> list[str]:
-    """Delete the run's PyTorchJobs unless the run succeeded (cancelled or failed runs leave no GPUs behind)."""
-    if launcher != "pytorchjob" or state == "SUCCEEDED":
+    """Delete the run's PyTorchJobs when the run failed or was cancelled (no GPUs left behind); a successful run
+    (COMPLETE on a backend, SUCCEEDED in kfp.local) or an unknown state keeps them, with their logs."""
+    if launcher != "pytorchjob" or not should_clean_up(state):
         return []
     from dcv2_k8s.k8s.launcher import job_name
 

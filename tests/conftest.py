@@ -24,7 +24,8 @@ def child_env(extra: dict | None = None) -> dict:
     """This environment without a launcher's variables (a child decides its own ranks), plus ``extra``; a
     value of None removes that variable."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                        "DCV2_EXIT_DIR") and not k.startswith(("PET_", "TORCHELASTIC_"))}
     for k, v in (extra or {}).items():
         if v is None:
             env.pop(k, None)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
+import subprocess
 from pathlib import Path
 
 try:
@@ -49,7 +51,7 @@ def test_every_pytorchjob_is_valid_against_the_sdk_types():
 def test_validator_rejects_unknown_fields_and_wrong_types():
     job = yaml.safe_load((MAN / "pytorchjob-r50.yaml").read_text())
     bad = copy.deepcopy(job)
-    bad["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    bad["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
     bad["spec"]["runPolicy"]["backoffLimit"] = "6"
     bad["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["volumes"][0]["emptyDir"]["medium"] = 3
     errs = validate_pytorchjob(bad)
@@ -57,7 +59,7 @@ def test_validator_rejects_unknown_fields_and_wrong_types():
     assert any("backoffLimit: expected int" in e for e in errs)
     assert any("medium: expected str" in e for e in errs)
     renamed = copy.deepcopy(job)
-    renamed["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["name"] = "trainer"
+    renamed["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["name"] = "trainer"
     assert any("named 'pytorch'" in e for e in validate_pytorchjob(renamed))
 
 
@@ -91,10 +93,10 @@ def test_cross_checks_gpus_command_secrets_labels():
                 for ref in cont.get("envFrom", []):
                     assert ref["secretRef"]["name"] in secrets, (f, ref)
             assert any(v["name"] == "dshm" and v["emptyDir"]["medium"] == "Memory" for v in pod["spec"]["volumes"])
-            # the command is torchrun relying on PET_* (no --nnodes/--node-rank given), then a real dcv2 call
-            assert c["command"] == ["torchrun"] and not any(a.startswith(("--nnodes", "--node", "--master"))
-                                                            for a in c["args"])
-            tokens = c["args"][c["args"].index("dcv2") + 1:]
+            # dcv2 is the container's main process (the one the kubelet signals); torchrun, which it starts, reads
+            # nnodes, nproc-per-node and the rendezvous from PET_* (nothing of that on the command line)
+            assert c["command"] == ["dcv2"] and not any(a.startswith("--") for a in c["args"])
+            tokens = c["args"]
             assert tokens[0] in ("train", "linear-eval")
             r = resolve(tokens[1:], world_size=nodes * nproc, local_world_size=nproc,
                         for_training=tokens[0] == "train")
@@ -157,18 +159,138 @@ def test_dockerfile_statically():
     user = re.findall(r"^USER (\S+)", text, re.M)[-1]
     assert user.split(":")[0] not in ("0", "root") and int(user.split(":")[0]) >= 1000
     assert "org.opencontainers.image.version" in text and (ROOT / ".dockerignore").exists()
-    pinned = [l for l in (ROOT / "docker" / "requirements.txt").read_text().splitlines() if l and not l.startswith("#")]
-    assert pinned and all(re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[0-9][\w.]*", l) for l in pinned)
+    # the lock: every package pinned with a hash, installed with --require-hashes --no-deps, nothing the base image
+    # provides (torch, torchvision, numpy) replaced, and every runtime dependency of the package covered
+    assert "--require-hashes --no-deps -r /tmp/requirements.lock" in text and "pip check" in text
+    lock = (ROOT / "docker" / "requirements.lock").read_text()
+    pins = dict(re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+) \\$", lock, re.M))
+    blocks = re.split(r"^(?=[A-Za-z0-9_.\-]+==)", lock, flags=re.M)[1:]
+    assert pins and len(blocks) == len(pins) and all("--hash=sha256:" in b for b in blocks)
+    norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()  # noqa: E731
+    locked = {norm(n) for n in pins}
+    assert not locked & {"numpy", "torch", "torchvision"}
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in deps:
+        name = norm(re.match(r"[A-Za-z0-9_.\-]+", dep).group(0))
+        assert name in locked or name in ("torch", "torchvision", "numpy"), f"{name} is not in the image's lock"
+    for line in (ROOT / "docker" / "requirements.in").read_text().splitlines():
+        m = re.match(r"([A-Za-z0-9_.\-]+)==(\S+)$", line)
+        if m:
+            assert pins.get(m.group(1)) == m.group(2), f"requirements.lock is stale for {line}: re-run uv pip compile"
+    assert "useradd" not in text and "sh /tmp/add-user.sh" in text
+
+
+@pytest.mark.parametrize("base_has_uid_1000", [False, True])
+def test_image_user_script_on_bases_with_and_without_uid_1000(tmp_path, base_has_uid_1000):
+    """``useradd --uid 1000`` fails on Ubuntu 24.04 based images, which ship user ``ubuntu`` with uid 1000 (and
+    this machine has one too). docker/add-user.sh runs here for real, with shadow-utils' ``--prefix`` on a copy
+    of an image's /etc: it creates dcv2:1000 when the id is free, keeps the base's user when not, and the
+    directories the pods write to belong to 1000 either way; running it twice changes nothing."""
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("useradd"):
+        pytest.skip("needs root and shadow-utils (the CI machine has both)")
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n" +
+                                ("ubuntu:x:1000:1000:Ubuntu:/home/ubuntu:/bin/bash\n" if base_has_uid_1000 else ""))
+    (etc / "group").write_text("root:x:0:\n" + ("ubuntu:x:1000:\n" if base_has_uid_1000 else ""))
+    (etc / "shadow").write_text("root:*:19000:0:99999:7:::\n" + ("ubuntu:!:19000:0:99999:7:::\n"
+                                                                  if base_has_uid_1000 else ""))
+    (etc / "gshadow").write_text("root:*::\n" + ("ubuntu:!::\n" if base_has_uid_1000 else ""))
+    if Path("/etc/login.defs").exists():
+        shutil.copy("/etc/login.defs", etc / "login.defs")
+    for _ in range(2):
+        p = subprocess.run(["sh", str(ROOT / "docker" / "add-user.sh"), str(tmp_path)], capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+    users = [l.split(":") for l in (etc / "passwd").read_text().splitlines()]
+    assert [u[0] for u in users if u[2] == "1000"] == (["ubuntu"] if base_has_uid_1000 else ["dcv2"])
+    for d in ("home/dcv2", "data", "checkpoints"):
+        st = (tmp_path / d).stat()
+        assert (st.st_uid, st.st_gid) == (1000, 1000), d
+
+
+def test_no_master_so_the_operator_injects_no_init_container():
+    """training-operator v1.9 pkg/controller.v1/pytorch/initcontainer.go: "There is no need to set init container
+    if no master is specified"; with a Master, every Worker gets ``init-pytorch`` (image ``alpine:3.10``, no
+    securityContext), which Pod Security "restricted" rejects and an air-gapped cluster cannot pull. Our jobs have
+    Worker replicas only, each with the rendezvous torchrun needs (the operator injects no MASTER_ADDR without a
+    Master: pkg/controller.v1/pytorch/envvar.go), hosted on worker 0's Service."""
+    for f, job in _jobs():
+        specs = job["spec"]["pytorchReplicaSpecs"]
+        assert set(specs) == {"Worker"}, f
+        c = next(c for c in specs["Worker"]["template"]["spec"]["containers"] if c["name"] == "pytorch")
+        env = {e["name"]: e["value"] for e in c["env"]}
+        port = next(p["containerPort"] for p in c["ports"] if p["name"] == "pytorchjob-port")
+        assert env["PET_RDZV_BACKEND"] == "c10d" and env["PET_RDZV_ID"] == job["metadata"]["name"]
+        assert env["PET_RDZV_ENDPOINT"] == f"{job['metadata']['name']}-worker-0:{port}", f
+        assert not {"MASTER_ADDR", "RANK", "WORLD_SIZE"} & set(env)
+
+
+def test_restart_policy_and_backoff_follow_the_operator_rules():
+    """pkg/util/train/train_util.go: ``IsRetryableExitCode(exitCode) = exitCode >= 128``; with
+    ``restartPolicy: ExitCode`` the operator recreates a pod that failed with such a code and fails the job on any
+    other (pkg/controller.v1/common/pod.go). pkg/core/job.go ``PastBackoffLimit`` sums the container restart counts
+    of all running pods, and one incident restarts every pod: backoffLimit = incidents x pods."""
+    for f, job in _jobs():
+        nodes = job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"]
+        assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["restartPolicy"] == "ExitCode", f
+        assert job["spec"]["runPolicy"]["backoffLimit"] == M.RESTART_INCIDENTS * nodes, f
+
+
+# allocatable CPU / memory (GiB) of common 8-GPU nodes, less ~4 CPUs and ~24 GiB for the system, the GPU operator
+# and monitoring daemons: GCP a2-highgpu-8g (96 vCPU, 680 GB), Azure ND96asr_v4 (96 vCPU, 900 GiB), AWS
+# p4d.24xlarge (96 vCPU, 1,152 GiB), GCP a3-highgpu-8g (208 vCPU, 1,872 GB), AWS p5.48xlarge (192 vCPU, 2 TiB),
+# DGX H100 (224 threads, 2 TiB)
+NODES_8GPU = {"a2-highgpu-8g": (92, 609), "ND96asr_v4": (92, 876), "p4d.24xlarge": (92, 1128),
+              "a3-highgpu-8g": (204, 1720), "p5.48xlarge": (188, 2024), "DGX H100": (220, 2024)}
+
+
+def _gib(q: str) -> float:
+    return float(q[:-2]) if q.endswith("Gi") else float(q) / 2 ** 30
+
+
+def test_requests_fit_common_8_gpu_nodes_and_disk_is_requested():
+    """A request larger than a node's allocatable keeps the pod Pending for ever. The staged dataset lives in an
+    ``emptyDir`` on the node's disk: without an ``ephemeral-storage`` request the scheduler may place the pod on a
+    node without the room, and the kubelet evicts a pod whose disk use passes its containers' limits."""
+    for f, job in _jobs():
+        gpus = int(job["spec"]["nprocPerNode"])
+        spec = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+        c = next(c for c in spec["containers"] if c["name"] == "pytorch")
+        req, lim = c["resources"]["requests"], c["resources"]["limits"]
+        if gpus == 8:
+            for node, (cpu, mem) in NODES_8GPU.items():
+                assert float(req["cpu"]) <= cpu and _gib(req["memory"]) <= mem, (f, node)
+        disk = sum(_gib(v["emptyDir"]["sizeLimit"]) for v in spec["volumes"] if v["emptyDir"].get("medium") != "Memory")
+        assert _gib(req["ephemeral-storage"]) >= 155 and _gib(lim["ephemeral-storage"]) >= disk, f
+        shm = sum(_gib(v["emptyDir"]["sizeLimit"]) for v in spec["volumes"] if v["emptyDir"].get("medium") == "Memory")
+        assert _gib(lim["memory"]) >= _gib(req["memory"]) + shm / 2, f  # the tmpfs counts against the memory limit
 
 
 def test_run_local_env_contract():
+    """The environment the operator gives a Worker-only job's pods (pkg/controller.v1/pytorch/envvar.go):
+    PYTHONUNBUFFERED, PET_NPROC_PER_NODE, PET_NNODES; MASTER_ADDR/RANK/WORLD_SIZE only when there is a Master.
+    Service names resolve to this machine."""
     job = yaml.safe_load((MAN / "variants" / "dcv2-r50-32gpu.yaml").read_text())
     envs = replica_envs(job)
+    assert [n for n, _, _ in envs] == ["worker-0", "worker-1", "worker-2", "worker-3"]
+    endpoints = {env["PET_RDZV_ENDPOINT"] for _, _, env in envs}
+    assert len(endpoints) == 1 and re.fullmatch(r"127\.0\.0\.1:\d+", endpoints.pop())
+    for _, _, env in envs:
+        assert env["PET_NNODES"] == "4" and env["PET_NPROC_PER_NODE"] == "8" and env["PYTHONUNBUFFERED"] == "1"
+        assert not {"RANK", "WORLD_SIZE", "MASTER_ADDR", "PET_NODE_RANK"} & set(env)
+    with_master = copy.deepcopy(job)
+    specs = with_master["spec"]["pytorchReplicaSpecs"]
+    specs["Master"] = copy.deepcopy(specs["Worker"])
+    specs["Master"]["replicas"] = 1
+    specs["Worker"]["replicas"] = 3
+    envs = replica_envs(with_master)
     assert [n for n, _, _ in envs] == ["master-0", "worker-0", "worker-1", "worker-2"]
     for rank, (_, _, env) in enumerate(envs):
         assert env["RANK"] == env["PET_NODE_RANK"] == str(rank)  # the pod-level RANK is the node rank
-        assert env["WORLD_SIZE"] == "32" and env["PET_NNODES"] == "4" and env["PET_NPROC_PER_NODE"] == "8"
-        assert env["MASTER_PORT"] == env["PET_MASTER_PORT"] and env["PYTHONUNBUFFERED"] == "1"
+        assert env["WORLD_SIZE"] == "32" and env["PET_NNODES"] == "4" and env["MASTER_PORT"] == env["PET_MASTER_PORT"]
 
 
 @pytest.mark.slow
@@ -182,6 +304,6 @@ def test_run_local_pytorchjob_r50_two_replicas_on_cpu(synth_data, tmp_path):
     p = run_cli(*args, timeout=600)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
-    assert "[master-0]" in out and "[worker-0]" in out
-    assert "2 processes x batch 16" in out  # WORLD_SIZE from torchrun across the two "pods"
-    assert "stopped after 4 steps" in out and "[run-local] master exited with 0" in out
+    assert "[worker-0]" in out and "[worker-1]" in out
+    assert "2 processes x batch 16" in out  # WORLD_SIZE from torchrun's c10d rendezvous across the two "pods"
+    assert "stopped after 4 steps" in out and "[run-local] job succeeded" in out

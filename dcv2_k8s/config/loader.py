@@ -386,6 +386,9 @@ def env_world() -> tuple[int | None, int | None]:
     if "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ:
         world = int(os.environ["WORLD_SIZE"])
         return world, int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    nnodes, nproc = os.environ.get("PET_NNODES", ""), os.environ.get("PET_NPROC_PER_NODE", "")
+    if nnodes.isdigit() and nproc.isdigit():  # a pod whose torchrun settings come from PET_* (before spawning)
+        return int(nnodes) * int(nproc), int(nproc)
     return None, None
 
 

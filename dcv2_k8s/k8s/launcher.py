@@ -3,7 +3,12 @@
 - The job name is derived from the pipeline run (``job_name(run_id, step)``), so a retried step re-attaches to
   the job it created instead of starting a second one (a 409 on create means "attach").
 - ``wait`` polls the job's conditions until ``Succeeded`` with a wall-clock limit; on ``Failed`` (or the limit)
-  it raises with the master's last log lines, which it streams while waiting.
+  it raises with the lead pod's last log lines, which it streams while waiting (only the lines written since
+  the previous poll are read: ``since_seconds`` with timestamps, not the whole log every time).
+- SIGTERM while waiting (the KFP run was terminated, or the step pod is going away): when the step's own pod
+  carries a ``DisruptionTarget`` condition (eviction, node drain or shutdown, preemption) the job is kept, because
+  the step's retry re-attaches to it; otherwise the run was terminated and the job is deleted, so no GPUs stay
+  busy when the exit handler does not run. Either way the step exits with 143.
 - ``delete`` removes the job (the pipeline's exit handler calls it when the run fails or is cancelled).
 
 The Kubernetes API objects are injected (``kubernetes.client.CustomObjectsApi`` and ``CoreV1Api``); only the
@@ -12,15 +17,62 @@ calls used here are needed, which is what the tests exercise.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import math
+import os
+import signal
+import threading
 import time
 from typing import Callable
 
 GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+# the pod whose log is streamed: rank 0's node. Our jobs have Worker replicas only (see manifests.py), so that is
+# worker 0; the labels are the training operator's (pkg/apis/kubeflow.org/v1/common_types.go).
+LEAD_POD_LABELS = "training.kubeflow.org/replica-type=worker,training.kubeflow.org/replica-index=0"
+FIRST_READ_TAIL = 200
 
 
 class JobFailed(RuntimeError):
     pass
+
+
+class StepTerminated(SystemExit):
+    """The watching step got SIGTERM; exits the step with 143 after deleting (or keeping) the job."""
+
+    def __init__(self):
+        super().__init__(143)
+
+
+def current_namespace(sa_file: str | None = None) -> str:
+    """The namespace this code runs in: the step pod's own (its service account's namespace file; in multi-user
+    Kubeflow that is the user's profile namespace, where ``default-editor`` may create jobs), else the current
+    kubeconfig context's, else ``default``."""
+    try:
+        with open(sa_file or SA_NAMESPACE_FILE) as f:
+            ns = f.read().strip()
+        if ns:
+            return ns
+    except OSError:
+        pass
+    try:
+        from kubernetes import config
+
+        _, ctx = config.list_kube_config_contexts()
+        ns = (ctx or {}).get("context", {}).get("namespace")
+        if ns:
+            return ns
+    except Exception:  # no kubeconfig
+        pass
+    return "default"
+
+
+def _parse_ts(ts: str) -> tuple:
+    """An RFC 3339 timestamp of the kubelet's log lines, comparable at nanosecond resolution."""
+    ts = ts.rstrip("Z")
+    whole, _, frac = ts.partition(".")
+    return (whole, int((frac + "000000000")[:9]) if frac else 0)
 
 
 def job_name(run_id: str, step: str, prefix: str = "dcv2") -> str:
@@ -34,15 +86,17 @@ def _status_code(err: Exception) -> int | None:
 
 
 class PyTorchJobLauncher:
-    def __init__(self, custom_api, core_api, namespace: str, poll_seconds: float = 15.0,
+    def __init__(self, custom_api, core_api, namespace: str = "", poll_seconds: float = 15.0,
                  log: Callable[[str], None] = print, clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep):
-        self.custom, self.core, self.namespace = custom_api, core_api, namespace
+                 sleep: Callable[[float], None] = time.sleep, own_pod: str | None = None):
+        self.custom, self.core, self.namespace = custom_api, core_api, namespace or current_namespace()
         self.poll, self.log, self.clock, self.sleep = poll_seconds, log, clock, sleep
-        self._log_lines_seen: dict[str, int] = {}
+        # the step's own pod (HOSTNAME is the pod name in a pod), to tell an eviction from a terminated run
+        self.own_pod = own_pod if own_pod is not None else os.environ.get("HOSTNAME", "")
+        self._log_pos: dict[str, tuple] = {}  # job -> (pod uid, restart count, last timestamp, wall time of read)
 
     @classmethod
-    def in_cluster(cls, namespace: str, **kw) -> "PyTorchJobLauncher":
+    def in_cluster(cls, namespace: str = "", **kw) -> "PyTorchJobLauncher":
         from kubernetes import client, config
 
         try:
@@ -72,39 +126,98 @@ class PyTorchJobLauncher:
         true = [c["type"] for c in self.conditions(name) if str(c.get("status")) == "True"]
         return true[-1] if true else "Pending"
 
-    def master_pod(self, name: str) -> str | None:
+    def lead_pod(self, name: str):
+        """Rank 0's pod of the job (worker 0), or None before it exists."""
         pods = self.core.list_namespaced_pod(self.namespace, label_selector=(
-            f"training.kubeflow.org/job-name={name},training.kubeflow.org/job-role=master"))
+            f"training.kubeflow.org/job-name={name},{LEAD_POD_LABELS}"))
         items = pods.items if hasattr(pods, "items") else pods.get("items", [])
-        if not items:
-            return None
-        first = items[0]
-        return first.metadata.name if hasattr(first, "metadata") else first["metadata"]["name"]
+        return items[0] if items else None
 
-    def master_log(self, name: str, tail: int | None = None) -> list[str]:
-        pod = self.master_pod(name)
-        if pod is None:
-            return []
+    def _read_log(self, pod: str, **kw) -> str:
         try:
-            text = self.core.read_namespaced_pod_log(pod, self.namespace, container="pytorch",
-                                                     tail_lines=tail) or ""
+            return self.core.read_namespaced_pod_log(pod, self.namespace, container="pytorch", **kw) or ""
         except Exception as e:
-            if _status_code(e) in (400, 404):  # container not started yet
-                return []
+            if _status_code(e) in (400, 404):  # container not started yet, or the pod is gone
+                return ""
             raise
-        return text.splitlines()
+
+    def lead_log(self, name: str, tail: int | None = None) -> list[str]:
+        pod = self.lead_pod(name)
+        return [] if pod is None else self._read_log(pod.metadata.name, tail_lines=tail).splitlines()
 
     def stream_logs(self, name: str) -> None:
-        lines = self.master_log(name)
-        seen = self._log_lines_seen.get(name, 0)
-        if len(lines) < seen:  # the container restarted: its log starts again
-            seen = 0
-        for line in lines[seen:]:
-            self.log(f"[{name}-master-0] {line}")
-        self._log_lines_seen[name] = len(lines)
+        """Print the lead pod's log lines written since the last call (each line once, across container restarts
+        and re-created pods)."""
+        pod = self.lead_pod(name)
+        if pod is None:
+            return
+        statuses = [c for c in (pod.status.container_statuses or []) if c.name == "pytorch"] if pod.status else []
+        restarts = statuses[0].restart_count if statuses else 0
+        uid, now = pod.metadata.uid, self.clock()
+        prev = self._log_pos.get(name)
+        if prev is None:  # first look (also after a re-attach): the recent past only, not a week of log
+            kw = {"tail_lines": FIRST_READ_TAIL}
+            last_ts = None
+        elif prev[0] != uid or prev[1] != restarts:  # a new pod or a restarted container: its log starts anew
+            kw, last_ts = {}, None
+        else:
+            kw, last_ts = {"since_seconds": max(1, math.ceil(now - prev[3]) + 5)}, prev[2]
+        text = self._read_log(pod.metadata.name, timestamps=True, **kw)
+        for raw in text.splitlines():
+            ts, _, line = raw.partition(" ")
+            try:
+                key = _parse_ts(ts)
+            except ValueError:  # not a timestamped line
+                key, line = None, raw
+            if key is not None and last_ts is not None and key <= last_ts:
+                continue  # read again because of the overlap of since_seconds
+            self.log(f"[{pod.metadata.name}] {line}")
+            if key is not None:
+                last_ts = key
+        self._log_pos[name] = (uid, restarts, last_ts, now)
+
+    def disrupted(self) -> bool:
+        """Whether the step's own pod is being evicted or preempted (``DisruptionTarget`` condition, set by the
+        API server's eviction, the scheduler's preemption, the taint manager and the kubelet's node shutdown)."""
+        if not self.own_pod:
+            return False
+        try:
+            pod = self.core.read_namespaced_pod(self.own_pod, self.namespace)
+        except Exception:
+            return False
+        conds = (pod.status.conditions or []) if pod.status else []
+        return any(c.type == "DisruptionTarget" and str(c.status) == "True" for c in conds)
+
+    def _on_terminated(self, name: str) -> None:
+        if self.disrupted():
+            self.log(f"SIGTERM: this step's pod is being evicted; PyTorchJob {self.namespace}/{name} keeps running "
+                     "and the step's retry re-attaches to it")
+        else:
+            self.log(f"SIGTERM: the run was terminated; deleting PyTorchJob {self.namespace}/{name}")
+            self.delete(name)
 
     def wait(self, name: str, timeout_seconds: float) -> str:
-        """Block until the job succeeds; raise JobFailed (failure, deletion or time limit) with the last logs."""
+        """Block until the job succeeds; raise JobFailed (failure, deletion or time limit) with the last logs.
+        SIGTERM (main thread only) ends the wait with StepTerminated after deleting or keeping the job."""
+        terminated: list[int] = []
+
+        def on_sigterm(signum, frame):
+            terminated.append(signum)
+            raise StepTerminated()
+
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
+        try:
+            return self._wait(name, timeout_seconds)
+        except StepTerminated:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one clean-up, even if SIGTERM comes again
+            self._on_terminated(name)
+            raise
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
+
+    def _wait(self, name: str, timeout_seconds: float) -> str:
         deadline = self.clock() + timeout_seconds
         last = None
         while True:
@@ -128,9 +241,9 @@ class PyTorchJobLauncher:
 
     def _failure_text(self, name: str, what: str) -> str:
         msg = next((c.get("message", "") for c in reversed(self.conditions(name)) if c.get("type") == "Failed"), "")
-        tail = self.master_log(name, tail=30)
+        tail = self.lead_log(name, tail=30)
         return (f"PyTorchJob {self.namespace}/{name} {what}" + (f": {msg}" if msg else "") +
-                ("\nlast lines of the master's log:\n" + "\n".join(tail) if tail else ""))
+                ("\nlast lines of worker 0's log:\n" + "\n".join(tail) if tail else ""))
 
     def delete(self, name: str) -> bool:
         try:

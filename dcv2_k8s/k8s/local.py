@@ -1,21 +1,28 @@
 """``dcv2 k8s run-local MANIFEST``: run a PyTorchJob's replicas as local processes, with the operator's env.
 
-Each replica (Master, then Workers) is started like the training operator starts a pod: the container
-``pytorch``'s own ``command`` + ``args`` (with ``--set`` overrides appended), and exactly the variables the
-operator injects (``MASTER_ADDR``, ``MASTER_PORT``, ``WORLD_SIZE``, ``RANK`` = pod index, ``PET_NNODES``,
-``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR``, ``PET_MASTER_PORT``, ``PYTHONUNBUFFERED``) plus
-the container's literal ``env``. The master address is 127.0.0.1 instead of ``<job>-master-0``. Logs are
-prefixed by replica; the exit status is the Master's. Init containers, volumes and secrets are not emulated:
-point the data and checkpoint paths at local ones with ``--set``.
+Each replica (Master, then Workers) is started like the training operator v1.9 starts a pod
+(pkg/controller.v1/pytorch/envvar.go): the container ``pytorch``'s own ``command`` + ``args`` (with ``--set``
+overrides appended), the container's literal ``env``, then exactly the variables the operator injects:
+``PYTHONUNBUFFERED``, ``PET_NPROC_PER_NODE`` (``spec.nprocPerNode``), ``PET_NNODES`` (all replicas), and only when
+the job has a Master: ``MASTER_ADDR``, ``MASTER_PORT``, ``WORLD_SIZE``, ``RANK`` = ``PET_NODE_RANK`` = pod index
+(Workers count from 1). A replica's Service name (``<job>-worker-0:PORT``, ``<job>-master-0``) in any of those
+values is resolved to 127.0.0.1 and a free local port, as cluster DNS resolves it to the pod. Logs are prefixed by
+replica; the exit status is the Master's, or with Workers only the first non-zero one (the job succeeds only when
+every worker does). A permanent exit code stops the other replicas (the operator fails the job); a retryable one
+(>= 128 with ``restartPolicy: ExitCode``) does not, and the pod is not recreated here. SIGTERM (Ctrl-C) goes to
+each replica's main process only, as the kubelet signals a container. Init containers, volumes and secrets are not
+emulated: point the data and checkpoint paths at local ones with ``--set``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import yaml
@@ -39,22 +46,70 @@ def trainer_container(replica: dict) -> dict:
 
 
 def replica_envs(job: dict, nproc_override: int | None = None) -> list[tuple[str, str, dict]]:
-    """``(replica name, replica type, injected env)`` for every pod of the job, master first."""
+    """``(replica name, replica type, environment)`` for every pod of the job, master first: the container's own
+    literal ``env`` plus what the operator injects, Service names resolved to 127.0.0.1."""
     spec = job["spec"]
     specs = spec["pytorchReplicaSpecs"]
     pods = [("master-0", "Master")] if "Master" in specs else []
     pods += [(f"worker-{i}", "Worker") for i in range(int(specs.get("Worker", {}).get("replicas", 0)))]
-    nproc = str(nproc_override) if nproc_override else str(spec.get("nprocPerNode", "auto"))
+    nproc = str(nproc_override) if nproc_override else str(spec.get("nprocPerNode", "1"))
     nnodes = len(pods)
     world = nnodes * int(nproc) if nproc.isdigit() else nnodes
-    port = str(free_port())
+    name = job["metadata"]["name"]
+    ports: dict[str, str] = {}  # "<service>:<port>" -> local port
+
+    def resolve(value: str) -> str:
+        def sub(m):
+            key = m.group(0)
+            if m.group(2):
+                ports.setdefault(key, str(free_port()))
+                return f"127.0.0.1:{ports[key]}"
+            return "127.0.0.1"
+        return re.sub(rf"{re.escape(name)}-(master|worker)-\d+(?::(\d+))?", sub, value)
+
+    master_port = str(free_port())
     out = []
-    for rank, (name, rtype) in enumerate(pods):
-        env = {"PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": str(world),
-               "RANK": str(rank), "PET_NNODES": str(nnodes), "PET_NPROC_PER_NODE": nproc,
-               "PET_NODE_RANK": str(rank), "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": port}
-        out.append((name, rtype, env))
+    for rank, (pod, rtype) in enumerate(pods):
+        c = trainer_container(specs[rtype])
+        env = {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
+        env["PYTHONUNBUFFERED"] = "1"
+        if "Master" in specs:
+            env.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": master_port, "WORLD_SIZE": str(world),
+                        "RANK": str(rank), "PET_NODE_RANK": str(rank), "PET_MASTER_ADDR": "127.0.0.1",
+                        "PET_MASTER_PORT": master_port})
+        env["PET_NPROC_PER_NODE"] = nproc
+        env["PET_NNODES"] = str(nnodes)
+        out.append((pod, rtype, {k: resolve(v) for k, v in env.items()}))
     return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc). torchrun starts each worker in a session of its own, so a
+    process group does not reach them; the container's cgroup would."""
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
+
+
+def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Signal ``pid`` and everything below it, as the kubelet's kill of a container's cgroup does."""
+    for p in [pid, *descendants(pid)]:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
 
 
 def _pump(stream, prefix: str) -> None:
@@ -71,15 +126,14 @@ def run_local(manifest: str, overrides: list[str], nproc_override: int | None = 
     for name, rtype, injected in replica_envs(job, nproc_override):
         c = trainer_container(specs[rtype])
         cmd = list(c.get("command", [])) + list(c.get("args", [])) + list(overrides)
-        env = dict(os.environ)
-        for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"):
-            env.pop(k, None)
-        env.update({e["name"]: e["value"] for e in c.get("env", []) if "value" in e})
-        env["HOME"] = os.environ.get("HOME", "/tmp")  # the image's writable HOME is not this machine's
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "TORCHELASTIC_")) and k not in (
+            "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")}
         env.update(injected)
+        env["HOME"] = os.environ.get("HOME", "/tmp")  # the image's writable HOME is not this machine's
+        env["HOSTNAME"] = f"{job['metadata']['name']}-{name}"  # a pod's hostname is its name
         env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")  # torchrun / dcv2 of this environment
-        print(f"[run-local] {name}: RANK={injected['RANK']} WORLD_SIZE={injected['WORLD_SIZE']} "
-              f"PET_NPROC_PER_NODE={injected['PET_NPROC_PER_NODE']}: {' '.join(cmd[:6])} ...", flush=True)
+        shown = " ".join(f"{k}={v}" for k, v in sorted(injected.items()) if k.startswith(("PET_", "RANK", "WORLD")))
+        print(f"[run-local] {name}: {shown}: {' '.join(cmd[:6])} ...", flush=True)
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)
         t = threading.Thread(target=_pump, args=(p.stdout, name), daemon=True)
@@ -87,24 +141,40 @@ def run_local(manifest: str, overrides: list[str], nproc_override: int | None = 
         procs.append((name, p, t))
 
     def stop_all(sig=signal.SIGTERM) -> None:
+        """SIGTERM goes to each replica's main process only, as the kubelet signals a container's PID 1 (the
+        replica passes it on); SIGKILL takes the replica's whole process tree."""
         for _, p, _ in procs:
             if p.poll() is None:
-                try:
-                    os.killpg(p.pid, sig)
-                except ProcessLookupError:
-                    pass
+                if sig == signal.SIGKILL:
+                    kill_tree(p.pid)
+                else:
+                    try:
+                        p.send_signal(sig)
+                    except ProcessLookupError:
+                        pass
 
     previous = {s: signal.signal(s, lambda *_: stop_all()) for s in (signal.SIGTERM, signal.SIGINT)}
+    has_master = "Master" in specs
+    policy = specs["Master" if has_master else "Worker"].get("restartPolicy", "OnFailure")
+    codes: dict[str, int] = {}
     try:
-        master = procs[0][1]
-        code = master.wait(timeout=timeout or None)
-        if code != 0:
-            stop_all()  # like cleanPodPolicy: Running after a failed master
-        for name, p, t in procs[1:]:
-            try:
-                p.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                stop_all(signal.SIGKILL)
+        deadline = time.time() + timeout if timeout else None
+        while len(codes) < len(procs):  # the first replica to fail stops the rest (cleanPodPolicy: Running)
+            for name, p, _ in procs:
+                if name not in codes and p.poll() is not None:
+                    # a container killed by a signal is reported by the kubelet as 128 + the signal
+                    code = p.returncode if p.returncode >= 0 else 128 - p.returncode
+                    codes[name] = code
+                    print(f"[run-local] {name} exited with {code}", flush=True)
+                    # the operator fails the job (and cleanPodPolicy: Running stops the other pods) on a
+                    # permanent code; a retryable one (>= 128 under restartPolicy ExitCode) only recreates that
+                    # pod, which run-local does not do: the others find out about their lost peer themselves
+                    if code != 0 and not (policy == "ExitCode" and code >= 128) and (
+                            not has_master or name == "master-0"):
+                        stop_all()
+            if deadline and time.time() > deadline:
+                raise subprocess.TimeoutExpired("run-local", timeout)
+            time.sleep(0.2)
         for _, _, t in procs:
             t.join(timeout=5)
     except subprocess.TimeoutExpired:
@@ -114,5 +184,6 @@ def run_local(manifest: str, overrides: list[str], nproc_override: int | None = 
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-    print(f"[run-local] master exited with {code}", flush=True)
+    code = codes[procs[0][0]] if has_master else next((c for c in codes.values() if c != 0), 0)
+    print(f"[run-local] job {'succeeded' if code == 0 else f'failed with exit code {code}'}", flush=True)
     return code

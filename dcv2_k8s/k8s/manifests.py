@@ -7,7 +7,6 @@ parameters applied (the pipeline's launcher uses this template too).
 
 from __future__ import annotations
 
-import copy
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,15 @@ SECRET = "dcv2-s3"
 APP = "dcv2-trainer"
 BASE_PRESET = "pretrain/deepcluster_v2/deepclusterv2_2crops_resnet"
 METRICS_PORT = 8000
+RDZV_PORT = 23456                     # the operator's "pytorchjob-port"; torchrun's c10d rendezvous store on worker 0
 UID = 1000
+RESTART_INCIDENTS = 3                 # backoffLimit = incidents x pods (see pytorchjob())
+# per GPU: the node shapes this fits are in the README ("Node sizing")
+CPU_REQUEST_PER_GPU, CPU_LIMIT_PER_GPU = 10, 12
+MEM_REQUEST_PER_GPU, MEM_LIMIT_PER_GPU = 48, 64      # GiB; the limit includes the /dev/shm tmpfs
+SHM_PER_GPU = 8                                      # GiB
+DATA_SIZE_LIMIT, TMP_SIZE_LIMIT = 400, 20            # GiB, the emptyDirs
+STORAGE_REQUEST = 200                                # GiB of node-local disk: ImageNet train + val staged is ~155 GB
 
 
 @dataclass
@@ -37,6 +44,14 @@ class JobSpec:
     description: str = ""
     command: str = "train"
     val_uri: str = ""                     # linear eval: the validation split, staged to /data/val
+    active_deadline_seconds: int = 0      # runPolicy.activeDeadlineSeconds (0: none); the pipeline sets its timeout
+    image_pull_secrets: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        longest = f"{self.name}-worker-{max(0, self.nodes - 1)}"
+        if len(longest) > 63:
+            raise ValueError(f"PyTorchJob name {self.name!r} is too long: its pod and Service {longest!r} must be a "
+                             "DNS label of at most 63 characters")
 
 
 def _restricted_security_context() -> dict:
@@ -46,9 +61,11 @@ def _restricted_security_context() -> dict:
 
 
 def _resources(gpus: int) -> dict:
-    cpu, mem = 12 * gpus, 96 * gpus
-    return {"requests": {"cpu": str(cpu - 2 * gpus), "memory": f"{mem - 16 * gpus}Gi", "nvidia.com/gpu": str(gpus)},
-            "limits": {"cpu": str(cpu), "memory": f"{mem}Gi", "nvidia.com/gpu": str(gpus)}}
+    return {"requests": {"cpu": str(CPU_REQUEST_PER_GPU * gpus), "memory": f"{MEM_REQUEST_PER_GPU * gpus}Gi",
+                         "ephemeral-storage": f"{STORAGE_REQUEST}Gi", "nvidia.com/gpu": str(gpus)},
+            "limits": {"cpu": str(CPU_LIMIT_PER_GPU * gpus), "memory": f"{MEM_LIMIT_PER_GPU * gpus}Gi",
+                       "ephemeral-storage": f"{DATA_SIZE_LIMIT + TMP_SIZE_LIMIT + 10}Gi",
+                       "nvidia.com/gpu": str(gpus)}}
 
 
 def dcv2_args(spec: JobSpec) -> list[str]:
@@ -67,8 +84,20 @@ def _stage_container(spec: JobSpec, name: str, uri: str, dest: str) -> dict:
             "securityContext": _restricted_security_context()}
 
 
+def rendezvous_env(name: str) -> list[dict]:
+    """torchrun's rendezvous, read by torchrun from PET_* variables: c10d, hosted by worker 0's torchrun on the
+    operator's port, reached through the Service the operator creates for every replica (``<job>-worker-0``).
+    The operator itself adds ``PET_NNODES`` (the number of replicas) and ``PET_NPROC_PER_NODE``
+    (``spec.nprocPerNode``) and, because the job has no Master, no ``MASTER_ADDR``/``RANK``/``WORLD_SIZE``
+    (pkg/controller.v1/pytorch/envvar.go)."""
+    return [{"name": "PET_RDZV_BACKEND", "value": "c10d"},
+            {"name": "PET_RDZV_ENDPOINT", "value": f"{name}-worker-0:{RDZV_PORT}"},
+            {"name": "PET_RDZV_ID", "value": name}]
+
+
 def pod_template(spec: JobSpec) -> dict:
-    env = [{"name": "NCCL_DEBUG", "value": "WARN"}, {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "1"},
+    env = [*rendezvous_env(spec.name),
+           {"name": "NCCL_DEBUG", "value": "WARN"}, {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "1"},
            {"name": "OMP_NUM_THREADS", "value": "8"}, {"name": "HOME", "value": "/tmp"}]
     mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "data", "mountPath": "/data"},
               {"name": "tmp", "mountPath": "/tmp"}]
@@ -86,30 +115,49 @@ def pod_template(spec: JobSpec) -> dict:
                               ([_stage_container(spec, "stage-val", spec.val_uri, "/data/val")] if spec.val_uri else []),
             "containers": [{
                 "name": "pytorch", "image": spec.image, "imagePullPolicy": "IfNotPresent",
-                "command": ["torchrun"],
-                # nnodes, node rank, nproc-per-node, master address and port come from the PET_* variables
-                # the training operator injects; torchrun gives each process its RANK/LOCAL_RANK/WORLD_SIZE
-                "args": ["--no-python", "--max-restarts=0", "dcv2", *dcv2_args(spec)],
-                "ports": [{"name": "pytorchjob-port", "containerPort": 23456, "protocol": "TCP"},
+                # dcv2 stays the container's main process (the one the kubelet signals) and starts torchrun, which
+                # reads nnodes, nproc-per-node and the rendezvous from the PET_* variables and gives each process
+                # its RANK/LOCAL_RANK/WORLD_SIZE; dcv2 turns the processes' exit codes into the container's
+                # (dcv2_k8s/exitcodes.py: < 128 fails the job, >= 128 restarts the pod)
+                "command": ["dcv2"],
+                "args": dcv2_args(spec),
+                "ports": [{"name": "pytorchjob-port", "containerPort": RDZV_PORT, "protocol": "TCP"},
                           {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
                 "envFrom": [{"secretRef": {"name": SECRET}}], "env": env,
                 "resources": _resources(spec.gpus_per_node), "volumeMounts": mounts,
                 "securityContext": _restricted_security_context()}],
-            "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{8 * spec.gpus_per_node}Gi"}},
-                        {"name": "data", "emptyDir": {"sizeLimit": "400Gi"}},
-                        {"name": "tmp", "emptyDir": {"sizeLimit": "20Gi"}}]}}
+            "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory",
+                                                      "sizeLimit": f"{SHM_PER_GPU * spec.gpus_per_node}Gi"}},
+                        {"name": "data", "emptyDir": {"sizeLimit": f"{DATA_SIZE_LIMIT}Gi"}},
+                        {"name": "tmp", "emptyDir": {"sizeLimit": f"{TMP_SIZE_LIMIT}Gi"}}]}}
 
 
 def pytorchjob(spec: JobSpec) -> dict:
+    """The PyTorchJob of ``spec``: Worker replicas only.
+
+    - No Master: with a Master the operator adds an ``init-pytorch`` container (image ``alpine:3.10``, no
+      securityContext) to every Worker (pkg/controller.v1/pytorch/initcontainer.go, "There is no need to set init
+      container if no master is specified"), which Pod Security "restricted" rejects and an air-gapped cluster
+      cannot pull. Rank 0 runs on worker 0; the job succeeds when every worker has (pytorchjob_controller.go).
+    - ``restartPolicy: ExitCode``: the operator recreates a pod that exited with a code >= 128 (preempted, lost
+      peer) and fails the job at once on any other code (a config mistake): pkg/controller.v1/common/pod.go.
+    - ``backoffLimit`` = RESTART_INCIDENTS x pods: the operator compares it with the sum of container restarts
+      over all running pods (pkg/core/job.go ``PastBackoffLimit``), and one incident restarts every pod. With
+      ExitCode the pods are recreated rather than restarted in place, so v1.9 does not count them there: the run's
+      hard limit is ``activeDeadlineSeconds`` (README, "Restarts and exit codes").
+    """
     tpl = pod_template(spec)
-    replicas = {"Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": tpl}}
-    if spec.nodes > 1:
-        replicas["Worker"] = {"replicas": spec.nodes - 1, "restartPolicy": "OnFailure", "template": copy.deepcopy(tpl)}
+    if spec.image_pull_secrets:
+        tpl["spec"]["imagePullSecrets"] = [{"name": n} for n in spec.image_pull_secrets]
+    replicas = {"Worker": {"replicas": spec.nodes, "restartPolicy": "ExitCode", "template": tpl}}
+    run_policy = {"cleanPodPolicy": "Running", "backoffLimit": RESTART_INCIDENTS * spec.nodes,
+                  "ttlSecondsAfterFinished": 604800}
+    if spec.active_deadline_seconds:
+        run_policy["activeDeadlineSeconds"] = int(spec.active_deadline_seconds)
     return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
             "metadata": {"name": spec.name, "labels": {"app.kubernetes.io/name": APP,
                                                        "app.kubernetes.io/part-of": "dcv2-k8s"}},
-            "spec": {"nprocPerNode": str(spec.gpus_per_node),
-                     "runPolicy": {"cleanPodPolicy": "Running", "backoffLimit": 6, "ttlSecondsAfterFinished": 604800},
+            "spec": {"nprocPerNode": str(spec.gpus_per_node), "runPolicy": run_policy,
                      "pytorchReplicaSpecs": replicas}}
 
 
@@ -117,7 +165,7 @@ G = "+config/pretrain/deepcluster_v2"
 JOBS = [
     JobSpec("dcv2-r50", description="ResNet-50, 2 x 224 crops, 2 nodes x 8 GPUs (global batch 1024)"),
     JobSpec("dcv2-r50-32gpu", nodes=4, description="ResNet-50, 2 x 224 crops, 4 nodes x 8 GPUs"),
-    JobSpec("dcv2-r50-1gpu", nodes=1, gpus_per_node=1, description="ResNet-50 on one GPU (Master only)",
+    JobSpec("dcv2-r50-1gpu", nodes=1, gpus_per_node=1, description="ResNet-50 on one GPU (one worker)",
             overrides=["config.LOSS.deepclusterv2_loss.num_clusters=[3000]"]),
     JobSpec("dcv2-r101", overrides=[f"{G}/models=resnet101"], description="ResNet-101, 2 nodes x 8 GPUs"),
     JobSpec("dcv2-r50w2", overrides=[f"{G}/models=resnet50_w2"], description="ResNet-50-w2, 2 nodes x 8 GPUs"),
