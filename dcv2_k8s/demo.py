@@ -71,6 +71,7 @@ def run_demo(out: str, epochs: int = 0, minutes: float = 0) -> int:
         knn_t = _knn(str(staged / "train"), str(staged / "val"), ["--checkpoint", "s3://runs/demo/pretrain"])
         knn_r = _knn(str(staged / "train"), str(staged / "val"), [f"config={DEMO_PRESET}"])
         html = next((out_dir / "kfp").rglob("html"), None)
+        card = next((out_dir / "kfp").rglob("model_card.json"), None)
     finally:
         s3.stop()
     result = {"linear_top1_trained": trained["top1"], "linear_top1_random_init": base["top1"],
@@ -78,7 +79,8 @@ def run_demo(out: str, epochs: int = 0, minutes: float = 0) -> int:
               "knn_top1_trained": knn_t["top1"], "knn_top1_random_init": knn_r["top1"],
               "knn_top5_trained": knn_t["top5"], "knn_top5_random_init": knn_r["top5"],
               "margin_top1": knn_t["top1"] - knn_r["top1"], "seconds": time.time() - t0,
-              "pipeline_root": str(out_dir / "kfp"), "report_html": str(html) if html else None}
+              "pipeline_root": str(out_dir / "kfp"), "report_html": str(html) if html else None,
+              "model_card": str(card) if card else None}
     (out_dir / "demo_result.json").write_text(json.dumps(result, indent=1))
     curve = [e for e in events if e["kind"] == "knn"]
     print()
@@ -91,6 +93,6 @@ def run_demo(out: str, epochs: int = 0, minutes: float = 0) -> int:
           "k-NN top-1 (chance is 10 %)")
     if curve:
         print("  k-NN top-1 during training: " + ", ".join(f"ep {c['epoch']}: {c['top1']:.0f}%" for c in curve))
-    print(f"  pipeline artifacts: {out_dir / 'kfp'} (report: {html})")
+    print(f"  pipeline artifacts: {out_dir / 'kfp'} (report: {html}; model: {card.parent if card else None})")
     print(f"  result            : {out_dir / 'demo_result.json'} ({result['seconds']:.0f} s in all)")
     return 0

@@ -140,8 +140,8 @@ def export_model(ckpt_uri: str, model_dir: str) -> dict:
     with open(os.path.join(model_dir, name), "wb") as f:
         f.write(to_bytes(weights))
     card = {"checkpoint": ckpt_uri, "format": fmt, "weights": name, "depth": int(trunk.DEPTH),
-            "width_multiplier": float(trunk.WIDTH_MULTIPLIER), "epoch": obj.get("epoch"),
-            "global_step": obj.get("global_step"),
+            "width_multiplier": float(trunk.WIDTH_MULTIPLIER), "epoch": obj.get("train_state", {}).get("epoch"),
+            "global_step": obj.get("train_state", {}).get("global_step"),
             "load": (f"torchvision.models.resnet{int(trunk.DEPTH)}().load_state_dict(torch.load('{name}'))"
                      if fmt == "torchvision" else f"dcv2 import / swav layout: {name}")}
     with open(os.path.join(model_dir, "model_card.json"), "w") as f:

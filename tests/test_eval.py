@@ -52,6 +52,23 @@ def test_export_torchvision_loads_strictly_and_matches(tmp_path):
     torch.testing.assert_close(tv(x), model.trunk(x))
 
 
+def test_pipeline_model_artifact_is_torchvision_weights_and_a_card(tmp_path):
+    """The report step's Model artifact (pipeline_steps.export_model): weights torchvision loads strictly, plus a
+    card naming the checkpoint, written under the artifact's own directory."""
+    from dcv2_k8s.pipeline_steps import export_model
+
+    path, model, _ = _our_checkpoint(tmp_path)
+    card = export_model(str(path), str(tmp_path / "model"))
+    saved = json.loads((tmp_path / "model" / "model_card.json").read_text())
+    assert card == saved and card["format"] == "torchvision" and card["checkpoint"] == str(path)
+    tv = torchvision.models.resnet18()
+    tv.load_state_dict(torch.load(tmp_path / "model" / card["weights"], weights_only=True), strict=True)
+    tv.fc = torch.nn.Identity()
+    tv.eval(), model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(tv(x), model.trunk(x))
+
+
 def test_export_swav_then_import_is_lossless(tmp_path):
     path, model, r = _our_checkpoint(tmp_path)
     p = run_cli("export", str(path), str(tmp_path / "swav.pth"), "--format", "swav", timeout=120)

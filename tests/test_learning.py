@@ -5,9 +5,11 @@ beats the same network at random initialisation in weighted k-NN and in linear e
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from dcv2_k8s.weights import read_file, split_weights
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
@@ -24,3 +26,17 @@ def test_demo_trained_features_beat_random_init(tmp_path):
     # linear evaluation (fast mode) of the same two trunks, run by the pipeline: the trained one wins clearly too
     assert result["linear_top1_trained"] >= result["linear_top1_random_init"] + 8, result
     assert result["report_html"] and result["pipeline_root"]
+    # the Model artifact: weights and a model card under the artifact's own path, inside the pipeline root. A KFP
+    # backend uploads every output artifact and refuses a URI outside the pipeline root (kubeflow/pipelines
+    # backend/src/v2/component/launcher_v2.go -> objectstore/config.go KeyFromURI: "URI %q does not have expected
+    # bucket prefix"), so the artifact's URI is never the s3:// checkpoint; that goes in the card and the metadata.
+    card_path = Path(result["model_card"])
+    root = Path(result["pipeline_root"]).resolve()
+    assert card_path.resolve().is_relative_to(root)
+    card = json.loads(card_path.read_text())
+    assert card["checkpoint"] == "s3://runs/demo/pretrain" and card["format"] == "swav"  # half width: no torchvision
+    weights = read_file(str(card_path.parent / card["weights"]))
+    assert split_weights(weights)[0] == "swav" and card["depth"] == 18 and card["epoch"] == 60
+    report_out = json.loads(next(root.rglob("report/executor_output.json")).read_text())
+    uris = [a["uri"] for arts in report_out.get("artifacts", {}).values() for a in arts.get("artifacts", [])]
+    assert uris and all(Path(u).resolve().is_relative_to(root) for u in uris), uris

@@ -8,7 +8,10 @@
 - SIGTERM while waiting (the KFP run was terminated, or the step pod is going away): when the step's own pod
   carries a ``DisruptionTarget`` condition (eviction, node drain or shutdown, preemption) the job is kept, because
   the step's retry re-attaches to it; otherwise the run was terminated and the job is deleted, so no GPUs stay
-  busy when the exit handler does not run. Either way the step exits with 143.
+  busy when the exit handler does not run. Either way the step exits with 143. (The signal reaches this Python
+  process: Argo's emissary starts the step's command in a process group of its own and forwards signals to the
+  whole group, argo-workflows cmd/argoexec/commands/emissary.go and workflow/executor/osspecific; the KFP launcher
+  runs the component as a plain child in that group, kubeflow/pipelines backend/src/v2/component/launcher_v2.go.)
 - ``delete`` removes the job (the pipeline's exit handler calls it when the run fails or is cancelled).
 
 The Kubernetes API objects are injected (``kubernetes.client.CustomObjectsApi`` and ``CoreV1Api``); only the
