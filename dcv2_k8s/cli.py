@@ -94,11 +94,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_stage(args) -> int:
-    from dcv2_k8s.data.stage import stage, verify
+    from dcv2_k8s.data.stage import Interrupted, stage, verify
     from dcv2_k8s.storage import StorageError
 
     if args.verify:
-        problems = verify(args.dest)
+        problems = verify(args.dest, checksum=not args.no_checksum)
         for line in problems[:50]:
             print(line)
         if len(problems) > 50:
@@ -114,14 +114,18 @@ def cmd_stage(args) -> int:
         exporter = StageMetrics(args.src, args.metrics_port)
     try:
         m = stage(args.src, args.dest, workers=args.workers, progress=sys.stderr.isatty() or args.progress,
-                  checksum=not args.no_checksum, on_event=exporter)
+                  checksum=not args.no_checksum, on_event=exporter, labels=args.labels,
+                  class_names=args.class_names, replace=args.replace, log_every=args.log_every)
+    except Interrupted as e:
+        print(f"dcv2: {e}", file=sys.stderr)
+        return 128 + e.signum
     except StorageError as e:
         return _fail(str(e))
     finally:
         if exporter is not None:
             exporter.close()
-    print(json.dumps({k: m[k] for k in ("source", "num_files", "transferred", "skipped", "bytes")} |
-                     {"classes": len(m["classes"])}))
+    print(json.dumps({k: m[k] for k in ("source", "num_files", "transferred", "skipped", "repaired", "removed",
+                                        "bytes")} | {"classes": len(m["classes"])}))
     return 0
 
 
@@ -134,6 +138,7 @@ def cmd_s3_serve(args) -> int:
 def cmd_linear_eval(args) -> int:
     from dcv2_k8s import distributed as D
     from dcv2_k8s.config import ConfigError, env_world, resolve
+    from dcv2_k8s.data.dataset import SplitMismatch, check_splits
     from dcv2_k8s.storage import StorageError
     from dcv2_k8s.weights import WeightsError
 
@@ -149,15 +154,20 @@ def cmd_linear_eval(args) -> int:
         weights = str(r.cfg.MODEL.WEIGHTS_INIT.PARAMS_FILE)
         if weights and not weights.startswith("s3://") and not os.path.exists(weights):
             raise ConfigError([f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE: {weights} does not exist"])
+        train_dir, val_dir = str(r.cfg.DATA.TRAIN.DATA_PATHS[0]), str(r.cfg.DATA.TEST.DATA_PATHS[0])
+        if not train_dir.startswith("s3://") and not val_dir.startswith("s3://"):
+            check_splits(train_dir, val_dir)  # s3:// splits are checked once staged
     except ConfigError as e:
         return _fail(e.lines)
+    except (SplitMismatch, FileNotFoundError) as e:
+        return _fail(str(e))
     if D.operator_env() or (not D.launched() and int(r.cfg.DISTRIBUTED.NUM_PROC_PER_NODE) > 1):
         return D.spawn_local(int(r.cfg.DISTRIBUTED.NUM_PROC_PER_NODE), ["linear-eval", *args.tokens])
     from dcv2_k8s.eval.linear import linear_eval
 
     try:
         res = linear_eval(r)
-    except (WeightsError, StorageError, FileNotFoundError) as e:
+    except (WeightsError, StorageError, FileNotFoundError, SplitMismatch) as e:
         return _fail(str(e))
     if D.env_info().is_main:
         print(json.dumps({k: v for k, v in res.items() if k != "history"}))
@@ -268,9 +278,15 @@ def cmd_knn(args) -> int:
     from dcv2_k8s.model.resnet import build_trunk
     from dcv2_k8s.weights import WeightsError, load_into_trunk, read_file, split_weights
 
+    from dcv2_k8s.data.dataset import SplitMismatch, check_splits
+
     for d in (args.train, args.val):
         if not os.path.isdir(d):
             return _fail(f"{d}: no such directory (expected an ImageFolder tree)")
+    try:
+        check_splits(args.train, args.val)
+    except (SplitMismatch, FileNotFoundError) as e:
+        return _fail(str(e))
     try:
         state = read_file(args.checkpoint) if args.checkpoint else None
         ours = state is not None and "config_yaml" in state
@@ -382,16 +398,28 @@ def build_parser() -> argparse.ArgumentParser:
                     help="what defines a class: a texture family (default) or a shape")
     ds.set_defaults(fn=cmd_data_synth)
 
-    st = sub.add_parser("stage", help="copy/extract a dataset from s3:// (or a directory) to a local directory")
-    st.add_argument("src", nargs="?", help="s3://bucket/prefix/ holding CLASS/IMAGE objects or .tar archives")
+    st = sub.add_parser("stage", help="copy/extract a dataset from s3:// (or a local path) into a local ImageFolder",
+                        description="Layouts: CLASS/IMAGE objects, per-class tars, CLASS/IMAGE shards, the ILSVRC "
+                                    "train release (a tar of tars), flat validation sets with --labels, WebDataset "
+                                    "shards (KEY.jpg + KEY.cls); .tar, .tar.gz, .tgz; a prefix or one object.")
+    st.add_argument("src", nargs="?", help="s3://bucket/prefix, s3://bucket/object.tar, or a local path")
     st.add_argument("dest", help="local directory (node-local disk, emptyDir or PVC)")
     st.add_argument("--workers", type=int, default=16, help="parallel transfers")
-    st.add_argument("--verify", action="store_true", help="re-check DEST against its manifest and report differences")
+    st.add_argument("--labels", default="",
+                    help="classes of flat images: the ILSVRC 2012 devkit (.tar.gz or directory), LOC_val_solution.csv, "
+                         "or an IMAGE,CLASS file; local or s3://")
+    st.add_argument("--class-names", default="",
+                    help="WebDataset: class names, one per line (line i = label i); default: the zero-padded label")
+    st.add_argument("--replace", action="store_true", help="DEST holds another dataset: delete it and stage SRC")
+    st.add_argument("--verify", action="store_true",
+                    help="re-check DEST against its manifest (size and MD5 of every file) and report differences")
     st.add_argument("--progress", action="store_true", help="progress bar even when not on a terminal")
+    st.add_argument("--log-every", type=float, default=30.0, metavar="SECONDS",
+                    help="outside a terminal: one progress line every SECONDS (files, bytes, rate, ETA)")
     st.add_argument("--metrics-port", type=int, default=0,
                     help="serve staging progress as Prometheus metrics on this port while staging")
     st.add_argument("--no-checksum", action="store_true",
-                    help="on resume, trust a present file of the right size without comparing its MD5 to the ETag")
+                    help="check staged files by size only (no MD5) when resuming, repairing and verifying")
     st.set_defaults(fn=cmd_stage)
 
     s3 = sub.add_parser("s3", help="embedded S3 endpoint for local runs")

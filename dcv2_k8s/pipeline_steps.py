@@ -33,17 +33,18 @@ def _dcv2(args: list[str], what: str, tail: int = 40) -> None:
         raise StepFailed(f"{what} failed with exit code {proc.returncode}; last lines:\n" + "\n".join(last))
 
 
-def stage_step(launcher: str, data_uri: str, val_uri: str, stage_root: str) -> dict:
+def stage_step(launcher: str, data_uri: str, val_uri: str, stage_root: str, val_labels: str = "") -> dict:
     """Local: stage (idempotent: a complete staged copy of the same source is reused). Cluster: verify the source
     (the PyTorchJob pods stage it to node-local disk themselves)."""
-    from dcv2_k8s.data.dataset import scan_image_folder
+    from dcv2_k8s.data.dataset import check_splits, scan_image_folder
     from dcv2_k8s.data.stage import ensure_local
     from dcv2_k8s.storage import open_storage
 
-    out = {}
+    out = {"val_labels": val_labels}
     for split, uri in (("train", data_uri), ("val", val_uri)):
         if launcher == "local":
-            path = ensure_local(uri, os.path.join(stage_root, split) if uri.startswith("s3://") else "")
+            path = ensure_local(uri, os.path.join(stage_root, split) if uri.startswith("s3://") else "",
+                                labels=val_labels if split == "val" else "")
             classes, samples = scan_image_folder(path)
             out[split] = {"uri": uri, "local": path, "classes": len(classes), "images": len(samples)}
         else:
@@ -53,6 +54,8 @@ def stage_step(launcher: str, data_uri: str, val_uri: str, stage_root: str) -> d
             if not objects:
                 raise StepFailed(f"{uri}: no objects; upload the dataset first")
             out[split] = {"uri": uri, "objects": len(objects), "bytes": sum(o["Size"] for o in objects)}
+    if launcher == "local":
+        check_splits(out["train"]["local"], out["val"]["local"])  # the eval steps compare labels by class index
     return out
 
 
@@ -107,6 +110,7 @@ def linear_eval_step(launcher: str, run_id: str, weights: str, preset: str, over
         name = job_name(run_id, f"eval-{tag}")
         job = pytorchjob(JobSpec(name, nodes=1, gpus_per_node=gpus, command="linear-eval", config=preset,
                                  overrides=tokens[1:], data_uri=data["train"]["uri"], val_uri=data["val"]["uri"],
+                                 val_labels=data.get("val_labels", ""),
                                  checkpoint_uri=f"{output_uri.rstrip('/')}/eval-{tag}", image=image,
                                  active_deadline_seconds=int(timeout_seconds),
                                  image_pull_secrets=list(image_pull_secrets)))

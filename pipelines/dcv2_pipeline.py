@@ -25,7 +25,7 @@ S3_KEYS = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "
 WATCHER_RETRIES, WATCHER_BACKOFF = 4, "30s"
 
 
-def stage(launcher: str, data_uri: str, val_uri: str, dataset: Output[Dataset]) -> str:
+def stage(launcher: str, data_uri: str, val_uri: str, val_labels: str, dataset: Output[Dataset]) -> str:
     """Stage (local) or verify (pytorchjob) the train and val splits."""
     import json
     import os
@@ -34,7 +34,8 @@ def stage(launcher: str, data_uri: str, val_uri: str, dataset: Output[Dataset]) 
     from dcv2_k8s.pipeline_steps import stage_step
 
     started = time.time()
-    info = stage_step(launcher, data_uri, val_uri, os.path.join(os.path.dirname(dataset.path), "staged"))
+    info = stage_step(launcher, data_uri, val_uri, os.path.join(os.path.dirname(dataset.path), "staged"),
+                      val_labels)
     info["started"] = started
     with open(dataset.path, "w") as f:
         json.dump(info, f)
@@ -126,6 +127,7 @@ def build_pipeline(image: str = IMAGE, image_pull_secrets: tuple = ()):
     def dcv2_pipeline(
         data_uri: str = "s3://datasets/imagenet/train",
         val_uri: str = "s3://datasets/imagenet/val",
+        val_labels: str = "",
         output_uri: str = "s3://dcv2-runs/r50",
         config: str = "pretrain/deepcluster_v2/deepclusterv2_2crops_resnet",
         overrides: list = [],
@@ -146,7 +148,7 @@ def build_pipeline(image: str = IMAGE, image_pull_secrets: tuple = ()):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         done = settings(c_cleanup(launcher=launcher, run_id=run_id, namespace=namespace))
         with dsl.ExitHandler(done):
-            st = settings(c_stage(launcher=launcher, data_uri=data_uri, val_uri=val_uri))
+            st = settings(c_stage(launcher=launcher, data_uri=data_uri, val_uri=val_uri, val_labels=val_labels))
             st.set_display_name("stage / verify data").set_caching_options(False)  # its start time is the run's
             st.set_retry(num_retries=3, backoff_duration="30s")
             pt = settings(c_pretrain(launcher=launcher, run_id=run_id, config=config, overrides=overrides,

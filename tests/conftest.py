@@ -34,6 +34,24 @@ def child_env(extra: dict | None = None) -> dict:
     return env
 
 
+@pytest.fixture(scope="module")
+def s3():
+    """A real HTTP S3 endpoint on 127.0.0.1 (moto's server) with buckets ``data`` and ``ckpt``, its variables set
+    in this process for the module's tests."""
+    from dcv2_k8s.s3server import EmbeddedS3
+
+    server = EmbeddedS3().start(["data", "ckpt"])
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:
     """10 classes x 24 train + 6 val images of 48 px."""

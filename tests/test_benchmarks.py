@@ -43,3 +43,6 @@ def test_component_benchmarks_run_small(tmp_path):
     assert set(inp["layouts"]) == {"2x224+6x96", "2x160+4x96"}
     step = _run("bench_step.py", tmp_path / "step", "--tiny", "--steps", "2", "--repeats", "1")
     assert step["ratio"] > 0
+    st = _run("bench_stage.py", tmp_path / "stage", "--files", "60", "--classes", "6", "--tar-mb", "3",
+              "--workers", "4", "--repeats", "1")
+    assert st["folder"][0]["ratio"] > 0 and st["tar"]["ours_extra_disk_bytes"] == 0 and st["tar"]["files"] >= 6

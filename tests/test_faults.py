@@ -131,6 +131,16 @@ def reference(synth_data, tmp_path_factory):
     return read_file(str(ckpt))["model"]
 
 
+def _resume_after_stop(synth_data, ckpt: Path, log: Path, reference: dict, **res) -> dict:
+    """After a stopped run: where it stopped, then resume it to the end and compare with the uninterrupted run."""
+    m = CheckpointManager(str(ckpt)).latest()
+    res.update(stopped_at=m and m["global_step"], log=log.read_text()[-2000:])
+    p = run_cli("train", *tiny_train_tokens(synth_data, ckpt, *COMMON))
+    res.update(resumed=m is not None and f"resumed from {m['name']}" in p.stdout,
+               equal=p.returncode == 0 and same_params(read_file(str(ckpt))["model"], reference))
+    return res
+
+
 # ------------------------------------------------------------------------------------------- scenarios
 def test_kill9_one_rank_under_torchrun_restarts(reference, synth_data, tmp_path):
     """kill -9 of one rank at a random step; torchrun restarts both from the last committed checkpoint."""
@@ -177,13 +187,8 @@ def test_sigterm_every_process_commits_and_resumes_exactly(reference, synth_data
             seconds = time.time() - t0
         finally:
             stop_all(proc)
-        m = CheckpointManager(str(ckpt)).latest()
-        res = {"rc": rc, "seconds": seconds, "target": target, "stopped_at": m and m["global_step"],
-               "log": log.read_text()[-2000:]}
-        p = run_cli("train", *tiny_train_tokens(synth_data, ckpt, *COMMON))
-        res.update(resume_rc=p.returncode, resumed=m is not None and f"resumed from {m['name']}" in p.stdout,
-                   equal=p.returncode == 0 and same_params(read_file(str(ckpt))["model"], reference),
-                   recomputed=recomputed_steps(ckpt))
+        res = _resume_after_stop(synth_data, ckpt, log, reference, rc=rc, seconds=seconds, target=target)
+        res["recomputed"] = recomputed_steps(ckpt)
         results.append(res)
     ok = [r for r in results if r["rc"] == 143 and r["resumed"] and r["equal"]]
     record("SIGTERM to every process (preemption)", RUNS, len(ok), [r["recomputed"] for r in results],
@@ -583,13 +588,8 @@ def test_sigterm_to_the_container_main_process_within_torchruns_window(reference
                 seconds = time.time() - t0
             finally:
                 stop_all(proc)
-            m = CheckpointManager(str(ckpt)).latest()
-            res = {"rc": rc, "seconds": seconds, "target": target, "stopped_at": m and m["global_step"],
-                   "log": log.read_text()[-2000:]}
-            p = run_cli("train", *tiny_train_tokens(synth_data, ckpt, *COMMON))
-            res.update(resumed=m is not None and f"resumed from {m['name']}" in p.stdout,
-                       equal=p.returncode == 0 and same_params(read_file(str(ckpt))["model"], reference))
-            results.append(res)
+            results.append(_resume_after_stop(synth_data, ckpt, log, reference, rc=rc, seconds=seconds,
+                                              target=target))
     ok = [r for r in results if r["rc"] == 143 and r["resumed"] and r["equal"]]
     record("SIGTERM to the container's main process only (LOG_FREQUENCY=1000, other core busy)", RUNS, len(ok),
            "-", sum(not r["equal"] for r in results),

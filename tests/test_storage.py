@@ -19,25 +19,10 @@ import torch
 
 from dcv2_k8s.checkpoint import CheckpointManager, from_bytes
 from dcv2_k8s.data.stage import UnsafeArchive, stage, verify
-from dcv2_k8s.s3server import EmbeddedS3
 from dcv2_k8s.storage import S3Storage, open_storage
 from tests.conftest import ROOT, run_cli, tiny_train_tokens
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def s3():
-    server = EmbeddedS3().start(["data", "ckpt"])
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    yield server
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def _client(s3):
@@ -84,11 +69,16 @@ def test_stage_image_folder_then_resume(s3, synth_data, tmp_path):
     assert len(problems) == 31 and any("size differs" in p for p in problems)
     m2 = stage("s3://data/folder", str(dest), workers=8, progress=False)
     assert m2["transferred"] == 31 and m2["skipped"] == n - 31 and verify(str(dest)) == []
-    # the staged manifest fixes the dataset's file list
-    from dcv2_k8s.data.dataset import IndexedImageFolder
+    # the staged manifest fixes the dataset's file list; a directory that no longer matches it is an error naming
+    # both (not a silent change of sample indices), and staging again brings them back in line
+    from dcv2_k8s.data.dataset import IndexedImageFolder, ManifestMismatch
 
-    (dest / "c00_stripes" / "late_arrival.jpg").write_bytes(files[0].read_bytes() if files[0].exists() else b"")
     assert len(IndexedImageFolder(dest)) == n
+    (dest / "c00_stripes" / "late_arrival.jpg").write_bytes(files[0].read_bytes())
+    with pytest.raises(ManifestMismatch, match="late_arrival.jpg"):
+        IndexedImageFolder(dest)
+    m3 = stage("s3://data/folder", str(dest), workers=8, progress=False)
+    assert m3["removed"] == 1 and len(IndexedImageFolder(dest)) == n
 
 
 def _tar_bytes(members: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:
@@ -149,7 +139,7 @@ def test_unsafe_archives_are_refused(s3, tmp_path, bad):
         links = {"ok/link.JPEG": "/etc/passwd"}
     else:
         members[bad] = b"evil"
-    key = f"evil/{abs(hash(bad))}.tar"
+    key = f"evil-{abs(hash(bad))}/x.tar"  # one archive per case (moto's objects outlive a server in one process)
     _client(s3).put_object(Bucket="data", Key=key, Body=_tar_bytes(members, links))
     dest = tmp_path / "e"
     with pytest.raises(UnsafeArchive, match="refusing the archive"):

@@ -27,16 +27,40 @@ MAX_REPLACEMENT_TRIES = 64
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+class ManifestMismatch(FileNotFoundError):
+    """A staged directory whose manifest and files disagree (one line naming both)."""
+
+
+class SplitMismatch(ValueError):
+    """Train and validation splits whose class names differ (labels would be compared by index)."""
+
+
 def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
     """Sorted classes and ``(relative path, class index)`` samples of an ImageFolder tree.
 
     A staged directory's manifest (``.dcv2_manifest.json``, written by ``dcv2 stage``) is the file list when
-    present, so indices do not depend on what else appears in the directory later.
+    present, so indices are fixed by what was staged. When the directory no longer matches it (a file moved,
+    deleted or added in a class folder), that is an error naming both, not a silent change of indices.
     """
     root = Path(root)
     manifest = root / ".dcv2_manifest.json"
     if manifest.is_file():
-        files = sorted(rel for rel, _ in json.loads(manifest.read_text())["files"])
+        files = sorted(entry[0] for entry in json.loads(manifest.read_text())["files"])
+        missing = [rel for rel in files if not (root / rel).is_file()]
+        listed = set(files)
+        extra = [str(Path(d).relative_to(root) / f) for d, _, fs in os.walk(root) for f in fs
+                 if Path(d) != root and not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS)
+                 and not any(part.startswith(".") for part in Path(d).relative_to(root).parts)
+                 and str(Path(d).relative_to(root) / f) not in listed]
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} listed files are missing (e.g. {missing[0]})")
+            if extra:
+                parts.append(f"{len(extra)} image files are not listed (e.g. {sorted(extra)[0]})")
+            raise ManifestMismatch(f"{manifest} (the file list of this staged dataset) disagrees with {root}: "
+                                   f"{' and '.join(parts)}; stage it again (dcv2 stage SRC {root}) to repair it, or "
+                                   "delete the manifest to use the directory as it is")
         classes = sorted({Path(rel).parts[0] for rel in files})
         index = {c: i for i, c in enumerate(classes)}
         return classes, [(rel, index[Path(rel).parts[0]]) for rel in files]
@@ -56,6 +80,23 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[st
         raise FileNotFoundError(f"dataset directory {root} has no images in class sub-directories "
                                 "(expected ROOT/CLASS/IMAGE.jpg)")
     return classes, samples
+
+
+def check_splits(train_root: str | os.PathLike, val_root: str | os.PathLike) -> list[str]:
+    """The class names, when train and val hold the same ones; otherwise SplitMismatch (one line). An empty split
+    raises FileNotFoundError from scan_image_folder."""
+    train, _ = scan_image_folder(train_root)
+    val, _ = scan_image_folder(val_root)
+    if train != val:
+        only_t, only_v = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+        what = []
+        if only_t:
+            what.append(f"only in train: {', '.join(only_t[:3])}{' ...' if len(only_t) > 3 else ''}")
+        if only_v:
+            what.append(f"only in val: {', '.join(only_v[:3])}{' ...' if len(only_v) > 3 else ''}")
+        raise SplitMismatch(f"{train_root} ({len(train)} classes) and {val_root} ({len(val)} classes) do not hold the "
+                            f"same classes ({'; '.join(what)}); a flat validation set needs `dcv2 stage --labels`")
+    return train
 
 
 class BadImage(Exception):

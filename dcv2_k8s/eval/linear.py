@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
 from dcv2_k8s import distributed as D
-from dcv2_k8s.data.dataset import IndexedImageFolder, ResumableDistributedSampler, scan_image_folder
+from dcv2_k8s.data.dataset import IndexedImageFolder, ResumableDistributedSampler, check_splits
 from dcv2_k8s.data.stage import ensure_local
 from dcv2_k8s.data.transforms import eval_transform, normalize_params
 from dcv2_k8s.eval.knn import extract_features
@@ -105,7 +105,7 @@ class LinearEval:
                         "(a baseline)")
         self.trunk = self.trunk.to(self.device).eval().requires_grad_(False)
         self.weights = weights or "random-init"
-        self.num_classes = len(scan_image_folder(self.train_dir)[0])
+        self.num_classes = len(check_splits(self.train_dir, self.val_dir))  # same class names, or one line
         self.head = build_head(str(le.HEAD), self.trunk.out_dim, self.num_classes).to(self.device)
         self.ddp = DDP(self.head, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
             if info.distributed else self.head

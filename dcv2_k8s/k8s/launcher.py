@@ -20,7 +20,6 @@ calls used here are needed, which is what the tests exercise.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import math
 import os

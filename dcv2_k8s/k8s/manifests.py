@@ -44,6 +44,7 @@ class JobSpec:
     description: str = ""
     command: str = "train"
     val_uri: str = ""                     # linear eval: the validation split, staged to /data/val
+    val_labels: str = ""                  # a flat validation set: its labels (dcv2 stage --labels)
     active_deadline_seconds: int = 0      # runPolicy.activeDeadlineSeconds (0: none); the pipeline sets its timeout
     image_pull_secrets: list[str] = field(default_factory=list)
 
@@ -76,8 +77,10 @@ def dcv2_args(spec: JobSpec) -> list[str]:
             f"config.RUN_NAME={spec.name}", "config.DATA.NUM_DATALOADER_WORKERS=10"]
 
 
-def _stage_container(spec: JobSpec, name: str, uri: str, dest: str) -> dict:
-    return {"name": name, "image": spec.image, "command": ["dcv2"], "args": ["stage", uri, dest, "--workers", "32"],
+def _stage_container(spec: JobSpec, name: str, uri: str, dest: str, labels: str = "") -> dict:
+    # outside a terminal dcv2 stage logs one progress line every 30 s: kubectl logs -c stage-data shows it
+    args = ["stage", uri, dest, "--workers", "32", "--log-every", "30"] + (["--labels", labels] if labels else [])
+    return {"name": name, "image": spec.image, "command": ["dcv2"], "args": args,
             "envFrom": [{"secretRef": {"name": SECRET}}], "env": [{"name": "HOME", "value": "/tmp"}],
             "volumeMounts": [{"name": "data", "mountPath": "/data"}, {"name": "tmp", "mountPath": "/tmp"}],
             "resources": {"requests": {"cpu": "4", "memory": "8Gi"}, "limits": {"cpu": "16", "memory": "16Gi"}},
@@ -112,7 +115,8 @@ def pod_template(spec: JobSpec) -> dict:
             "nodeSelector": {"nvidia.com/gpu.present": "true"},
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
             "initContainers": [_stage_container(spec, "stage-data", spec.data_uri, "/data/train")] +
-                              ([_stage_container(spec, "stage-val", spec.val_uri, "/data/val")] if spec.val_uri else []),
+                              ([_stage_container(spec, "stage-val", spec.val_uri, "/data/val", spec.val_labels)]
+                               if spec.val_uri else []),
             "containers": [{
                 "name": "pytorch", "image": spec.image, "imagePullPolicy": "IfNotPresent",
                 # dcv2 stays the container's main process (the one the kubelet signals) and starts torchrun, which
