@@ -43,8 +43,9 @@ def stage_step(launcher: str, data_uri: str, val_uri: str, stage_root: str, val_
     out = {"val_labels": val_labels}
     for split, uri in (("train", data_uri), ("val", val_uri)):
         if launcher == "local":
+            # a step's log is not a terminal: progress comes as one line every 30 s
             path = ensure_local(uri, os.path.join(stage_root, split) if uri.startswith("s3://") else "",
-                                labels=val_labels if split == "val" else "")
+                                progress=sys.stderr.isatty(), labels=val_labels if split == "val" else "")
             classes, samples = scan_image_folder(path)
             out[split] = {"uri": uri, "local": path, "classes": len(classes), "images": len(samples)}
         else:
