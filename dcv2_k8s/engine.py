@@ -44,6 +44,7 @@ from dcv2_k8s.model import build_model
 from dcv2_k8s.model.syncbn import convert_sync_bn
 from dcv2_k8s.optim import LRSchedule, build_optimizer
 from dcv2_k8s.storage import StorageError
+from dcv2_k8s.trainer_status import TrainerStatusReporter
 
 log = logging.getLogger("dcv2")
 
@@ -183,6 +184,8 @@ class Trainer:
         self.skipped_steps = 0
         self.stop_reason = ""           # "", "max_steps" or "preempted"
         self.stop = D.StopAgreement(info, float(cfg.DISTRIBUTED.TIMEOUT_SECONDS))
+        # Kubeflow Trainer v2: progress, ETA and metrics in the TrainJob's status (when its variables are set)
+        self.status = TrainerStatusReporter.from_env() if info.is_main else None
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
 
@@ -352,6 +355,8 @@ class Trainer:
                  time.time() - t0)
         self.emit("knn", epoch=self.state.epoch, **res)
         self.metrics.knn(res["top1"], res["top5"])
+        if self.status is not None:
+            self.status.update(knn_top1=res["top1"])
         return res
 
     def _iter(self, loader, desc: str):
@@ -406,6 +411,8 @@ class Trainer:
                 self.knn_monitor()
         self.wait_checkpoint()
         log.info("training finished: %d epochs, %d steps", self.epochs, s.global_step)
+        if self.status is not None:
+            self.status.update(100.0, 0.0, epoch=self.epochs, global_step=s.global_step)
         self.publish_metrics_log(final=True)
         return last
 
@@ -528,6 +535,11 @@ class Trainer:
                  rec["step"], self.steps_per_epoch, loss, lr, rec["images_per_s"], 100 * rec["data_wait_ratio"],
                  100 * rec["ignored_ratio"])
         self.emit("step", **rec)
+        if self.status is not None:
+            left = (self.total_steps - self.state.global_step) * seconds / max(1, n)
+            self.status.update(100.0 * self.state.global_step / max(1, self.total_steps), left, loss=loss,
+                               epoch=self.state.epoch, global_step=self.state.global_step,
+                               images_per_s=rec["images_per_s"])
         return rec
 
 
@@ -544,6 +556,8 @@ def train(resolved: Resolved) -> dict:
     finally:
         if trainer is not None:
             trainer.metrics.close()
+            if trainer.status is not None:
+                trainer.status.close(flush=True)
             try:
                 trainer.stop.finish()
             except Exception:  # a peer is gone: the process group is torn down anyway

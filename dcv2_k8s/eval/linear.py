@@ -222,9 +222,17 @@ class LinearEval:
 def linear_eval(resolved) -> dict:
     from dcv2_k8s.engine import setup_logging
 
+    from dcv2_k8s.trainer_status import TrainerStatusReporter
+
     info = D.env_info()
     setup_logging(info.rank)
+    status = TrainerStatusReporter.from_env() if info.is_main else None  # a linear-eval TrainJob's status
     try:
-        return LinearEval(resolved, info).run()
+        res = LinearEval(resolved, info).run()
+        if status is not None:
+            status.update(100.0, 0.0, linear_top1=res["top1"], linear_top5=res["top5"])
+        return res
     finally:
+        if status is not None:
+            status.close(flush=True)
         D.destroy()
