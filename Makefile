@@ -8,6 +8,9 @@ DEMO_OUT ?= demo_out
 # backend's (2.15.0) and the one before it (2.14.6, which must reject the pipeline). Installed apart, not imported.
 COMPAT := $(VENV)/compat
 KFPK_PROTOS := 2.15.0 2.14.6
+# Kubeflow Trainer's CRDs and torch runtime, from its Go module at the release the TrainJob manifests target
+TRAINER_MODULE := github.com/kubeflow/trainer/v2@v2.3.0
+TRAINER_CRDS := $(COMPAT)/trainer-v2.3.0
 
 .PHONY: demo test test-fast install clean
 
@@ -25,15 +28,22 @@ $(COMPAT)/.installed: $(STAMP) Makefile
 	done
 	touch $@
 
+$(TRAINER_CRDS)/.installed: Makefile
+	mkdir -p $(TRAINER_CRDS)
+	dir=$$(cd $(TRAINER_CRDS) && GOFLAGS=-mod=mod go mod download -json $(TRAINER_MODULE) | $(PYTHON) -c 'import json,sys; print(json.load(sys.stdin)["Dir"])') \
+	  && cp $$dir/manifests/base/crds/trainer.kubeflow.org_*.yaml $$dir/manifests/base/runtimes/torch_distributed.yaml $(TRAINER_CRDS)/ \
+	  && chmod u+w $(TRAINER_CRDS)/*.yaml
+	touch $@
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m dcv2_k8s demo --out $(DEMO_OUT)
 
-test: $(STAMP) $(COMPAT)/.installed
+test: $(STAMP) $(COMPAT)/.installed $(TRAINER_CRDS)/.installed
 	$(PY) -m pytest -q -ra --durations=15
 
-test-fast: $(STAMP) $(COMPAT)/.installed
+test-fast: $(STAMP) $(COMPAT)/.installed $(TRAINER_CRDS)/.installed
 	$(PY) -m pytest -q -m "not slow"
 
 clean:

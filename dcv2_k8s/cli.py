@@ -346,14 +346,30 @@ def cmd_k8s_render(args) -> int:
 def cmd_k8s_validate(args) -> int:
     import yaml
 
+    from dcv2_k8s.k8s.crdschema import validate_resource
     from dcv2_k8s.k8s.validate import validate_builtin, validate_pytorchjob
 
+    crds = {}
+    if args.crds:
+        for path in sorted(__import__("glob").glob(os.path.join(args.crds, "*.yaml"))):
+            for d in yaml.safe_load_all(open(path)):
+                if d and d.get("kind") == "CustomResourceDefinition":
+                    crds[d["spec"]["names"]["kind"]] = d
     problems = 0
     for f in args.files:
         for doc in yaml.safe_load_all(open(f)):
             if not doc or doc.get("kind") == "Kustomization":
                 continue
-            errs = validate_pytorchjob(doc) if doc.get("kind") == "PyTorchJob" else validate_builtin(doc)
+            kind = doc.get("kind")
+            if kind == "PyTorchJob":
+                errs = validate_pytorchjob(doc)
+            elif kind in crds:
+                errs = validate_resource(doc, crds[kind])
+            elif "." in doc.get("apiVersion", "").split("/")[0]:  # a custom resource without its CRD
+                errs = [f"{kind}: no CRD to check it against; pass --crds DIR (e.g. Kubeflow Trainer's "
+                        "manifests/base/crds)"]
+            else:
+                errs = validate_builtin(doc)
             for e in errs:
                 print(f"{f}: {e}")
             problems += len(errs)
@@ -473,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     k8 = sub.add_parser("k8s", help="Kubernetes: render and validate manifests, run a PyTorchJob locally")
     k8sub = k8.add_subparsers(dest="k8s_cmd", required=True)
-    rl = k8sub.add_parser("run-local", help="run a PyTorchJob's replicas as local processes with the operator's env")
+    rl = k8sub.add_parser("run-local", help="run a PyTorchJob's or a TrainJob's pods as local processes with the environment the training operator or Trainer v2 gives them")
     rl.add_argument("manifest")
     rl.add_argument("--set", action="append", default=[], metavar="config.KEY=VALUE",
                     help="appended to the trainer command (repeatable)")
@@ -485,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     rr.set_defaults(fn=cmd_k8s_render)
     rv = k8sub.add_parser("validate", help="validate manifests strictly against the API types (offline)")
     rv.add_argument("files", nargs="+")
+    rv.add_argument("--crds", default="", metavar="DIR",
+                    help="a directory of CustomResourceDefinition YAMLs (e.g. Kubeflow Trainer v2.3.0's) to check custom "
+                         "resources such as TrainJob and TrainingRuntime against, unknown fields included")
     rv.set_defaults(fn=cmd_k8s_validate)
 
     dm = sub.add_parser("demo", help="generate data, train with 2 CPU processes, compare k-NN vs random init")

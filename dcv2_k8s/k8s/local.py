@@ -1,4 +1,5 @@
-"""``dcv2 k8s run-local MANIFEST``: run a PyTorchJob's replicas as local processes, with the operator's env.
+"""``dcv2 k8s run-local MANIFEST``: run a PyTorchJob's (or a TrainJob's) pods as local processes, with the
+environment the training operator (or Kubeflow Trainer v2's torch plugin, see ``trainjob_replicas``) gives them.
 
 Each replica (Master, then Workers) is started like the training operator v1.9 starts a pod
 (pkg/controller.v1/pytorch/envvar.go): the container ``pytorch``'s own ``command`` + ``args`` (with ``--set``
@@ -30,12 +31,54 @@ import yaml
 from dcv2_k8s.distributed import free_port
 
 
+KINDS = ("PyTorchJob", "TrainJob")
+
+
 def load_job(path: str) -> dict:
     docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d]
-    jobs = [d for d in docs if d.get("kind") == "PyTorchJob"]
+    jobs = [d for d in docs if d.get("kind") in KINDS]
     if len(jobs) != 1:
-        raise ValueError(f"{path}: expected exactly one PyTorchJob, found {len(jobs)}")
+        raise ValueError(f"{path}: expected exactly one PyTorchJob or TrainJob, found {len(jobs)}")
     return jobs[0]
+
+
+def trainjob_replicas(job: dict, nproc_override: int | None = None) -> list[tuple[str, list[str], dict]]:
+    """``(pod, command, environment)`` of every node of a TrainJob as Kubeflow Trainer v2.3 starts it: the runtime
+    container's literal ``env`` (our ``dcv2-torch`` runtime's), ``spec.trainer.env``, then what the torch plugin
+    injects (pkg/runtime/framework/plugins/torch/torch.go): ``PET_NNODES`` = numNodes, ``PET_NPROC_PER_NODE`` =
+    numProcPerNode (``auto`` when unset), ``PET_NODE_RANK`` = the Job completion index, ``PET_MASTER_ADDR`` =
+    ``<job>-node-0-0.<job>`` and ``PET_MASTER_PORT`` = 29500, here 127.0.0.1 and a free port. The TrainJobStatus
+    variables are not set (there is no status server here)."""
+    from dcv2_k8s.k8s.manifests import RUNTIME, training_runtime
+
+    name, trainer = job["metadata"]["name"], job["spec"].get("trainer", {})
+    nodes = int(trainer.get("numNodes", 1))
+    nproc = str(nproc_override or trainer.get("numProcPerNode", "auto"))
+    base = {}
+    if job["spec"]["runtimeRef"]["name"] == RUNTIME:
+        pod = training_runtime()["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+        base = {e["name"]: e["value"] for e in pod["spec"]["containers"][0].get("env", []) if "value" in e}
+    port = str(free_port())
+    out = []
+    for i in range(nodes):
+        env = dict(base)
+        env.update({e["name"]: e["value"] for e in trainer.get("env", []) if "value" in e})
+        env.update({"PET_NNODES": str(nodes), "PET_NPROC_PER_NODE": nproc, "PET_NODE_RANK": str(i),
+                    "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": port})
+        out.append((f"node-0-{i}", list(trainer.get("command", [])) + list(trainer.get("args", [])), env))
+    return out
+
+
+def job_replicas(job: dict, nproc_override: int | None = None) -> list[tuple[str, list[str], dict]]:
+    """``(pod, command, environment)`` of every pod of a PyTorchJob or a TrainJob, the lead pod first."""
+    if job["kind"] == "TrainJob":
+        return trainjob_replicas(job, nproc_override)
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    out = []
+    for name, rtype, env in replica_envs(job, nproc_override):
+        c = trainer_container(specs[rtype])
+        out.append((name, list(c.get("command", [])) + list(c.get("args", [])), env))
+    return out
 
 
 def trainer_container(replica: dict) -> dict:
@@ -120,12 +163,10 @@ def _pump(stream, prefix: str) -> None:
 
 def run_local(manifest: str, overrides: list[str], nproc_override: int | None = None, timeout: float = 0) -> int:
     job = load_job(manifest)
-    specs = job["spec"]["pytorchReplicaSpecs"]
     procs = []
     bin_dir = os.path.dirname(sys.executable)
-    for name, rtype, injected in replica_envs(job, nproc_override):
-        c = trainer_container(specs[rtype])
-        cmd = list(c.get("command", [])) + list(c.get("args", [])) + list(overrides)
+    for name, command, injected in job_replicas(job, nproc_override):
+        cmd = command + list(overrides)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "TORCHELASTIC_")) and k not in (
             "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")}
         env.update(injected)
@@ -154,8 +195,11 @@ def run_local(manifest: str, overrides: list[str], nproc_override: int | None = 
                         pass
 
     previous = {s: signal.signal(s, lambda *_: stop_all()) for s in (signal.SIGTERM, signal.SIGINT)}
+    specs = job["spec"].get("pytorchReplicaSpecs", {})
     has_master = "Master" in specs
-    policy = specs["Master" if has_master else "Worker"].get("restartPolicy", "OnFailure")
+    # a TrainJob on our runtime: its podFailurePolicy fails the job on 1 and 2 and retries the rest, as ExitCode does
+    policy = "ExitCode" if job["kind"] == "TrainJob" else \
+        specs["Master" if has_master else "Worker"].get("restartPolicy", "OnFailure")
     codes: dict[str, int] = {}
     try:
         deadline = time.time() + timeout if timeout else None

@@ -185,6 +185,72 @@ JOBS = [
 ]
 
 
+# ------------------------------------------------------------------------------------ Kubeflow Trainer v2
+TRAINER_API = "trainer.kubeflow.org/v1alpha1"
+RUNTIME = "dcv2-torch"
+
+
+def trainjob_args(spec: JobSpec) -> list[str]:
+    """The same ``dcv2`` call as the PyTorchJob's, except that the run stages its data itself (local rank 0 of each
+    node, into the node-local ``/data``; the other ranks wait): a TrainJob has no per-job init containers."""
+    out = []
+    for a in dcv2_args(spec):
+        if a == "config.DATA.TRAIN.DATA_PATHS=[/data/train]":
+            out += [f"config.DATA.TRAIN.DATA_PATHS=[{spec.data_uri}]", "config.DATA.TRAIN.STAGE_DIR=/data/train"]
+        elif a == "config.DATA.TEST.DATA_PATHS=[/data/val]":
+            out.append(f"config.DATA.TEST.DATA_PATHS=[{spec.val_uri}]")
+        else:
+            out.append(a)
+    return out
+
+
+def trainjob(spec: JobSpec) -> dict:
+    """The TrainJob of ``spec`` (Trainer v2.3), on our TrainingRuntime ``dcv2-torch``: the same command, image,
+    resources and environment as the PyTorchJob; Trainer's torch plugin injects PET_NNODES, PET_NPROC_PER_NODE,
+    PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT (pkg/runtime/framework/plugins/torch/torch.go)."""
+    env = [e for e in pod_template(spec)["spec"]["containers"][0]["env"] if not e["name"].startswith("PET_")]
+    job = {"apiVersion": TRAINER_API, "kind": "TrainJob",
+           "metadata": {"name": spec.name, "labels": {"app.kubernetes.io/name": APP,
+                                                      "app.kubernetes.io/part-of": "dcv2-k8s"}},
+           "spec": {"runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime", "name": RUNTIME},
+                    "trainer": {"image": spec.image, "command": ["dcv2"], "args": trainjob_args(spec),
+                                "numNodes": spec.nodes, "numProcPerNode": spec.gpus_per_node,
+                                "resourcesPerNode": _resources(spec.gpus_per_node), "env": env}}}
+    if spec.active_deadline_seconds:
+        job["spec"]["activeDeadlineSeconds"] = int(spec.active_deadline_seconds)
+    return job
+
+
+def training_runtime(image: str = IMAGE) -> dict:
+    """Our TrainingRuntime for clusters without ``torch-distributed``, or where it does not fit: the S3 Secret,
+    /dev/shm, node-local /data and /tmp, the restricted security context, the metrics port, GPU node selection, and
+    the exit-code contract as a Job ``podFailurePolicy`` (dcv2_k8s/exitcodes.py: 1 and 2 fail the job at once, a
+    pod evicted or preempted is not counted; 143/200 are retried within ``backoffLimit``)."""
+    spec = JobSpec(RUNTIME, nodes=1, gpus_per_node=1, image=image)
+    pod = pod_template(spec)
+    c = pod["spec"]["containers"][0]
+    container = {"name": "node", "image": image, "imagePullPolicy": "IfNotPresent",
+                 "envFrom": c["envFrom"], "env": [{"name": "HOME", "value": "/tmp"}],
+                 "ports": [p for p in c["ports"] if p["name"] == "metrics"], "volumeMounts": c["volumeMounts"],
+                 "securityContext": c["securityContext"]}
+    pod_spec = {k: v for k, v in pod["spec"].items() if k not in ("initContainers", "containers")}
+    pod_spec.update(containers=[container], restartPolicy="Never")
+    job_spec = {"backoffLimit": RESTART_INCIDENTS,
+                "podFailurePolicy": {"rules": [
+                    {"action": "FailJob", "onExitCodes": {"containerName": "node", "operator": "In",
+                                                          "values": [1, 2]}},
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]},
+                "template": {"metadata": pod["metadata"], "spec": pod_spec}}
+    return {"apiVersion": TRAINER_API, "kind": "TrainingRuntime",
+            "metadata": {"name": RUNTIME, "labels": {"trainer.kubeflow.org/framework": "torch",
+                                                     "app.kubernetes.io/part-of": "dcv2-k8s"}},
+            "spec": {"mlPolicy": {"numNodes": 1, "torch": {}},
+                     "template": {"spec": {"replicatedJobs": [
+                         {"name": "node", "template": {
+                             "metadata": {"labels": {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}},
+                             "spec": job_spec}}]}}}}
+
+
 def secret_example() -> dict:
     return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": SECRET}, "type": "Opaque",
             "stringData": {"AWS_ACCESS_KEY_ID": "REPLACE_ME", "AWS_SECRET_ACCESS_KEY": "REPLACE_ME",
@@ -222,6 +288,12 @@ def render() -> dict[str, str]:
     """File name (relative to manifests/) -> content."""
     files = {f"{'pytorchjob-r50.yaml' if j.name == 'dcv2-r50' else 'variants/' + j.name + '.yaml'}":
              _dump([pytorchjob(j)], j.description) for j in JOBS}
+    for j in JOBS:
+        rel = "trainjob-r50.yaml" if j.name == "dcv2-r50" else f"trainjob/{j.name}.yaml"
+        files[rel] = _dump([trainjob(j)], f"Kubeflow Trainer v2 (TrainJob): {j.description}; needs "
+                           "trainjob/runtime-dcv2-torch.yaml")
+    files["trainjob/runtime-dcv2-torch.yaml"] = _dump([training_runtime()], "Kubeflow Trainer v2 TrainingRuntime "
+                                                      "for the dcv2 TrainJobs (apply it in their namespace)")
     files["secret-s3.example.yaml"] = _dump([secret_example()], "Placeholders only: fill in, apply, never commit "
                                             "real keys. Keys are read as environment variables (envFrom).")
     files["rbac-launcher.yaml"] = _dump(rbac(), "Least rights for a launcher (the pipeline) that creates and "
