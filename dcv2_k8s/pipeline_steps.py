@@ -1,6 +1,7 @@
 """The work of each pipeline step, as plain functions (the KFP components in pipelines/ call these).
 
-Two launchers: ``pytorchjob`` (on a cluster: pretraining and linear eval run as PyTorchJobs from the same template
+Launchers: ``trainjob`` (on a cluster with Kubeflow Trainer v2: TrainJobs on our ``dcv2-torch`` runtime, rendered
+from the same JobSpecs), ``pytorchjob`` (on a cluster: pretraining and linear eval run as PyTorchJobs from the same template
 as ``manifests/``) and ``local`` (the same commands as subprocesses on this machine, for ``make demo`` and tests).
 """
 
@@ -40,6 +41,9 @@ def stage_step(launcher: str, data_uri: str, val_uri: str, stage_root: str, val_
     from dcv2_k8s.data.stage import ensure_local
     from dcv2_k8s.storage import open_storage
 
+    if launcher not in ("local", *JOB_LAUNCHERS):
+        raise StepFailed(f"launcher={launcher!r}: use pytorchjob (training operator), trainjob (Kubeflow Trainer v2) "
+                         "or local")
     out = {"val_labels": val_labels}
     for split, uri in (("train", data_uri), ("val", val_uri)):
         if launcher == "local":
@@ -60,10 +64,20 @@ def stage_step(launcher: str, data_uri: str, val_uri: str, stage_root: str, val_
     return out
 
 
-def _launcher(namespace: str):
-    from dcv2_k8s.k8s.launcher import PyTorchJobLauncher
+JOB_LAUNCHERS = ("pytorchjob", "trainjob")
 
-    return PyTorchJobLauncher.in_cluster(namespace)
+
+def _launcher(namespace: str, launcher: str = "pytorchjob"):
+    from dcv2_k8s.k8s.launcher import KINDS, JobLauncher
+
+    return JobLauncher.in_cluster(namespace, kind=KINDS[launcher])
+
+
+def _render(launcher: str, spec) -> dict:
+    """The job of ``spec`` for the launcher: a PyTorchJob, or a TrainJob on our dcv2-torch runtime."""
+    from dcv2_k8s.k8s.manifests import pytorchjob, trainjob
+
+    return trainjob(spec) if launcher == "trainjob" else pytorchjob(spec)
 
 
 def pretrain_step(launcher: str, run_id: str, config: str, overrides: list[str], output_uri: str, data: dict,
@@ -78,15 +92,15 @@ def pretrain_step(launcher: str, run_id: str, config: str, overrides: list[str],
                f"config.DATA.TEST.DATA_PATHS=[{data['val']['local']}]", f"config.CHECKPOINT.DIR={ckpt}"],
               "pretraining")
         return ckpt
-    from dcv2_k8s.k8s.manifests import JobSpec, pytorchjob
+    from dcv2_k8s.k8s.manifests import JobSpec
 
     name = job_name(run_id, "pretrain")
     # the job's own deadline is the step's timeout: a watcher that is gone (a terminated run) cannot leave it running
-    job = pytorchjob(JobSpec(name, nodes=nodes, gpus_per_node=gpus_per_node, config=config, overrides=list(overrides),
-                             data_uri=data["train"]["uri"], checkpoint_uri=ckpt, image=image,
-                             active_deadline_seconds=int(timeout_seconds),
-                             image_pull_secrets=list(image_pull_secrets)))
-    lx = _launcher(namespace)
+    job = _render(launcher, JobSpec(name, nodes=nodes, gpus_per_node=gpus_per_node, config=config,
+                                    overrides=list(overrides), data_uri=data["train"]["uri"], checkpoint_uri=ckpt,
+                                    image=image, active_deadline_seconds=int(timeout_seconds),
+                                    image_pull_secrets=list(image_pull_secrets)))
+    lx = _launcher(namespace, launcher)
     lx.launch(job)
     lx.wait(name, timeout_seconds)
     return ckpt
@@ -106,16 +120,16 @@ def linear_eval_step(launcher: str, run_id: str, weights: str, preset: str, over
                f"config.DATA.TEST.DATA_PATHS=[{data['val']['local']}]"], f"linear evaluation ({tag})")
     else:
         from dcv2_k8s.k8s.launcher import job_name
-        from dcv2_k8s.k8s.manifests import JobSpec, pytorchjob
+        from dcv2_k8s.k8s.manifests import JobSpec
 
         name = job_name(run_id, f"eval-{tag}")
-        job = pytorchjob(JobSpec(name, nodes=1, gpus_per_node=gpus, command="linear-eval", config=preset,
+        job = _render(launcher, JobSpec(name, nodes=1, gpus_per_node=gpus, command="linear-eval", config=preset,
                                  overrides=tokens[1:], data_uri=data["train"]["uri"], val_uri=data["val"]["uri"],
                                  val_labels=data.get("val_labels", ""),
                                  checkpoint_uri=f"{output_uri.rstrip('/')}/eval-{tag}", image=image,
                                  active_deadline_seconds=int(timeout_seconds),
                                  image_pull_secrets=list(image_pull_secrets)))
-        lx = _launcher(namespace)
+        lx = _launcher(namespace, launcher)
         lx.launch(job)
         lx.wait(name, timeout_seconds)
     return json.loads(read_bytes(out))
@@ -188,9 +202,9 @@ def should_clean_up(state: str) -> bool:
 def cleanup_step(launcher: str, run_id: str, namespace: str, state: str) -> list[str]:
     """Delete the run's PyTorchJobs when the run failed or was cancelled (no GPUs left behind); a successful run
     (COMPLETE on a backend, SUCCEEDED in kfp.local) or an unknown state keeps them, with their logs."""
-    if launcher != "pytorchjob" or not should_clean_up(state):
+    if launcher not in JOB_LAUNCHERS or not should_clean_up(state):
         return []
     from dcv2_k8s.k8s.launcher import job_name
 
-    lx = _launcher(namespace)
+    lx = _launcher(namespace, launcher)
     return [n for n in (job_name(run_id, s) for s in ("pretrain", "eval-trained", "eval-baseline")) if lx.delete(n)]

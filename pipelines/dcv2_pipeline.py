@@ -5,7 +5,8 @@ Build it for your image (every step pod runs that image; the PyTorchJobs default
 The committed ``pipelines/dcv2_pipeline.yaml`` is the same with the placeholder image (a test checks it is current).
 Upload the YAML in the Kubeflow Pipelines UI (backend 2.15 or newer). ``launcher=pytorchjob`` runs pretraining and
 linear evaluation as PyTorchJobs (the step pods only launch and watch them; GPUs are requested by the PyTorchJob
-template); ``launcher=local`` runs them inside the step pods instead, which is what ``make demo`` runs through
+template), ``launcher=trainjob`` as Kubeflow Trainer v2 TrainJobs on our ``dcv2-torch`` TrainingRuntime (apply
+``manifests/trainjob/runtime-dcv2-torch.yaml`` in the namespace first); ``launcher=local`` runs them inside the step pods instead, which is what ``make demo`` runs through
 ``kfp.local`` (on a cluster that mode needs GPU nodes: set ``gpu_node_selector``; the steps tolerate the GPU taint).
 """
 

@@ -136,8 +136,9 @@ def test_rbac_is_namespaced_and_least_privilege():
     role = next(d for d in docs if d["kind"] == "Role")
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
-    jobs_rule = next(r for r in role["rules"] if "pytorchjobs" in r["resources"])
-    assert set(jobs_rule["verbs"]) == {"create", "get", "list", "watch", "delete", "patch"}
+    for plural in ("pytorchjobs", "trainjobs"):  # launcher=pytorchjob and launcher=trainjob
+        jobs_rule = next(r for r in role["rules"] if plural in r["resources"])
+        assert set(jobs_rule["verbs"]) == {"create", "get", "list", "watch", "delete", "patch"}
     pods_rule = next(r for r in role["rules"] if "pods" in r["resources"])
     assert set(pods_rule["resources"]) == {"pods", "pods/log", "events"} and set(pods_rule["verbs"]) == {
         "get", "list", "watch"}

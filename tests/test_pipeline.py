@@ -157,8 +157,11 @@ class FakeApi:
         self.jobs, self.logs, self.script, self.clock = {}, {}, [], clock
         self.pod_uid, self.restarts, self.own_pod_conditions, self.log_calls = "uid-1", 0, [], []
 
+    COORDS = {"PyTorchJob": ("kubeflow.org", "v1", "pytorchjobs"),
+              "TrainJob": ("trainer.kubeflow.org", "v1alpha1", "trainjobs")}
+
     def create_namespaced_custom_object(self, group, version, ns, plural, body):
-        assert (group, version, plural) == ("kubeflow.org", "v1", "pytorchjobs")
+        assert (group, version, plural) == self.COORDS[body["kind"]]
         name = body["metadata"]["name"]
         if name in self.jobs:
             raise self.ApiException(409)
@@ -183,19 +186,26 @@ class FakeApi:
 
     def list_namespaced_pod(self, ns, label_selector):
         sel = dict(kv.split("=") for kv in label_selector.split(","))
-        assert sel["training.kubeflow.org/replica-type"] == "worker"
-        assert sel["training.kubeflow.org/replica-index"] == "0"
-        name = sel["training.kubeflow.org/job-name"]
+        if "jobset.sigs.k8s.io/jobset-name" in sel:  # a TrainJob: its JobSet's node 0
+            assert sel["jobset.sigs.k8s.io/replicatedjob-name"] == "node"
+            assert sel["batch.kubernetes.io/job-completion-index"] == "0"
+            name = sel["jobset.sigs.k8s.io/jobset-name"]
+            pod = f"{name}-node-0-0-x7k2q"
+        else:
+            assert sel["training.kubeflow.org/replica-type"] == "worker"
+            assert sel["training.kubeflow.org/replica-index"] == "0"
+            name = sel["training.kubeflow.org/job-name"]
+            pod = f"{name}-worker-0"
         if name not in self.logs:
             return SimpleNamespace(items=[])
         status = SimpleNamespace(container_statuses=[SimpleNamespace(name="pytorch", restart_count=self.restarts)])
-        return SimpleNamespace(items=[SimpleNamespace(metadata=SimpleNamespace(name=f"{name}-worker-0",
+        return SimpleNamespace(items=[SimpleNamespace(metadata=SimpleNamespace(name=pod,
                                                                                uid=self.pod_uid), status=status)])
 
     def read_namespaced_pod_log(self, pod, ns, container, tail_lines=None, since_seconds=None, timestamps=False):
-        assert container == "pytorch"
+        assert container in ("pytorch", "node")
         self.log_calls.append({"tail_lines": tail_lines, "since_seconds": since_seconds})
-        lines = self.logs[pod[: -len("-worker-0")]]
+        lines = self.logs[re.sub(r"-(worker-0|node-0-0-x7k2q)$", "", pod)]
         if since_seconds is not None:
             lines = [(t, l) for t, l in lines if t >= self.clock.now - since_seconds]
         if tail_lines:
@@ -219,11 +229,11 @@ class Clock:
         return self.now
 
 
-def _launcher(printed, clock=None):
+def _launcher(printed, clock=None, kind=L.PYTORCHJOB):
     clock = clock or Clock()
     api = FakeApi(clock)
     return api, PyTorchJobLauncher(api, api, "ml", poll_seconds=0, log=printed.append, clock=clock.tick,
-                                   sleep=lambda s: None, own_pod="step-pod")
+                                   sleep=lambda s: None, own_pod="step-pod", kind=kind)
 
 
 def _job(name="dcv2-pretrain-x", **kw):
@@ -341,7 +351,7 @@ def test_pretrain_step_job_carries_the_step_timeout_as_its_deadline(monkeypatch)
     timeout."""
     printed = []
     api, lx = _launcher(printed)
-    monkeypatch.setattr(pipeline_steps, "_launcher", lambda ns: lx)
+    monkeypatch.setattr(pipeline_steps, "_launcher", lambda ns, launcher="pytorchjob": lx)
     api.script = [("Succeeded", "done")]
     data = {"train": {"uri": "s3://d/train"}, "val": {"uri": "s3://d/val"}}
     ckpt = pipeline_steps.pretrain_step("pytorchjob", "run-1", "pretrain/x", [], "s3://out", data, 2, 8, "img:1",
@@ -364,9 +374,40 @@ def test_pretrain_step_job_carries_the_step_timeout_as_its_deadline(monkeypatch)
 def test_exit_handler_cleans_up_only_failed_or_cancelled_runs(monkeypatch, state, deleted):
     printed = []
     api, lx = _launcher(printed)
-    monkeypatch.setattr(pipeline_steps, "_launcher", lambda ns: lx)
+    monkeypatch.setattr(pipeline_steps, "_launcher", lambda ns, launcher="pytorchjob": lx)
     for step in ("pretrain", "eval-trained"):
         api.jobs[job_name("run-9", step)] = {"status": {}}
     out = pipeline_steps.cleanup_step("pytorchjob", "run-9", "ml", state)
     assert bool(out) == deleted and (not api.jobs) == deleted
     assert pipeline_steps.cleanup_step("local", "run-9", "ml", "FAILED") == []
+
+
+def test_trainjob_launcher_creates_waits_on_complete_streams_node_0_and_cleans_up(monkeypatch):
+    """launcher=trainjob: the TrainJob of the same JobSpec on our runtime, attached to by name on a retry, done when
+    its condition is ``Complete`` (Trainer v2.3 pkg/apis/trainer/v1alpha1/trainjob_types.go: Complete, Failed), with
+    the log of the JobSet's node 0 (label batch.kubernetes.io/job-completion-index=0), deleted by the exit handler
+    on failure."""
+    printed = []
+    api, lx = _launcher(printed, kind=L.TRAINJOB)
+    monkeypatch.setattr(pipeline_steps, "_launcher", lambda ns, launcher: lx)
+    api.script = [("Created", ""), ("Running", "epoch 0 step 5/15 loss 8.0"), ("Complete", "training finished")]
+    data = {"train": {"uri": "s3://d/train"}, "val": {"uri": "s3://d/val"}}
+    ckpt = pipeline_steps.pretrain_step("trainjob", "run-7", "pretrain/x", [], "s3://out", data, 2, 8, "img:2",
+                                        "", 7200.0)
+    name = job_name("run-7", "pretrain")
+    job = api.jobs[name]
+    assert ckpt == "s3://out/pretrain" and job["kind"] == "TrainJob" and job["spec"]["activeDeadlineSeconds"] == 7200
+    assert job["spec"]["trainer"]["numNodes"] == 2 and job["spec"]["trainer"]["image"] == "img:2"
+    assert f"[{name}-node-0-0-x7k2q] epoch 0 step 5/15 loss 8.0" in printed
+    assert lx.launch(job) == name and any("attaching" in p for p in printed)
+    assert pipeline_steps.cleanup_step("trainjob", "run-7", "ml", "COMPLETE") == []
+    assert pipeline_steps.cleanup_step("trainjob", "run-7", "ml", "FAILED") == [name] and not api.jobs
+    api.jobs[name] = {"kind": "TrainJob", "status": {"conditions": [{"type": "Failed", "status": "True",
+                                                                     "message": "pod node-0 exited 2"}]}}
+    with pytest.raises(JobFailed, match="TrainJob ml/.* failed: pod node-0 exited 2"):
+        lx.wait(name, 100)
+
+
+def test_unknown_launcher_is_refused_at_the_first_step():
+    with pytest.raises(pipeline_steps.StepFailed, match="use pytorchjob .* trainjob .* or local"):
+        pipeline_steps.stage_step("pytorchJob", "s3://d/train", "s3://d/val", "/tmp/x")

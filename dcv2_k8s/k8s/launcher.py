@@ -1,4 +1,5 @@
-"""Launch a PyTorchJob and see it through, for the pipeline (and anyone scripting against a cluster).
+"""Launch a PyTorchJob (training operator) or a TrainJob (Kubeflow Trainer v2) and see it through, for the
+pipeline (and anyone scripting against a cluster).
 
 - The job name is derived from the pipeline run (``job_name(run_id, step)``), so a retried step re-attaches to
   the job it created instead of starting a second one (a 409 on create means "attach").
@@ -26,14 +27,39 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
-# the pod whose log is streamed: rank 0's node. Our jobs have Worker replicas only (see manifests.py), so that is
-# worker 0; the labels are the training operator's (pkg/apis/kubeflow.org/v1/common_types.go).
-LEAD_POD_LABELS = "training.kubeflow.org/replica-type=worker,training.kubeflow.org/replica-index=0"
 FIRST_READ_TAIL = 200
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """Where a kind of job lives in the API, which pod runs rank 0, and the condition types that end it."""
+
+    kind: str
+    group: str
+    version: str
+    plural: str
+    lead_pod: str      # label selector of rank 0's pod, {name} = the job's name
+    container: str     # the trainer container in that pod
+    succeeded: str
+    failed: str = "Failed"
+
+
+# training operator v1.9: our jobs have Worker replicas only (see manifests.py), so rank 0 runs on worker 0; labels
+# from pkg/apis/kubeflow.org/v1/common_types.go
+PYTORCHJOB = JobKind("PyTorchJob", GROUP, VERSION, PLURAL,
+                     "training.kubeflow.org/job-name={name},training.kubeflow.org/replica-type=worker,"
+                     "training.kubeflow.org/replica-index=0", "pytorch", "Succeeded")
+# Trainer v2.3: a JobSet named after the TrainJob, replicated job "node", completion index 0 is PET_NODE_RANK 0;
+# conditions Complete / Failed (pkg/apis/trainer/v1alpha1/trainjob_types.go)
+TRAINJOB = JobKind("TrainJob", "trainer.kubeflow.org", "v1alpha1", "trainjobs",
+                   "jobset.sigs.k8s.io/jobset-name={name},jobset.sigs.k8s.io/replicatedjob-name=node,"
+                   "batch.kubernetes.io/job-completion-index=0", "node", "Complete")
+KINDS = {"pytorchjob": PYTORCHJOB, "trainjob": TRAINJOB}
 
 
 class JobFailed(RuntimeError):
@@ -87,10 +113,14 @@ def _status_code(err: Exception) -> int | None:
     return getattr(err, "status", None)
 
 
-class PyTorchJobLauncher:
+class JobLauncher:
+    """Creates, re-attaches to, watches and deletes one kind of job (``PYTORCHJOB`` or ``TRAINJOB``)."""
+
     def __init__(self, custom_api, core_api, namespace: str = "", poll_seconds: float = 15.0,
                  log: Callable[[str], None] = print, clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep, own_pod: str | None = None):
+                 sleep: Callable[[float], None] = time.sleep, own_pod: str | None = None,
+                 kind: JobKind = PYTORCHJOB):
+        self.kind = kind
         self.custom, self.core, self.namespace = custom_api, core_api, namespace or current_namespace()
         self.poll, self.log, self.clock, self.sleep = poll_seconds, log, clock, sleep
         # the step's own pod (HOSTNAME is the pod name in a pod), to tell an eviction from a terminated run
@@ -98,7 +128,7 @@ class PyTorchJobLauncher:
         self._log_pos: dict[str, tuple] = {}  # job -> (pod uid, restart count, last timestamp, wall time of read)
 
     @classmethod
-    def in_cluster(cls, namespace: str = "", **kw) -> "PyTorchJobLauncher":
+    def in_cluster(cls, namespace: str = "", **kw) -> "JobLauncher":
         from kubernetes import client, config
 
         try:
@@ -107,20 +137,23 @@ class PyTorchJobLauncher:
             config.load_kube_config()
         return cls(client.CustomObjectsApi(), client.CoreV1Api(), namespace, **kw)
 
+    def _coords(self) -> tuple[str, str, str, str]:
+        return self.kind.group, self.kind.version, self.namespace, self.kind.plural
+
     def launch(self, job: dict) -> str:
         """Create ``job`` or attach to the job of the same name created by an earlier try."""
         name = job["metadata"]["name"]
         try:
-            self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, job)
-            self.log(f"created PyTorchJob {self.namespace}/{name}")
+            self.custom.create_namespaced_custom_object(*self._coords(), job)
+            self.log(f"created {self.kind.kind} {self.namespace}/{name}")
         except Exception as e:  # kubernetes.client.ApiException
             if _status_code(e) != 409:
                 raise
-            self.log(f"PyTorchJob {self.namespace}/{name} exists already (a retried step): attaching to it")
+            self.log(f"{self.kind.kind} {self.namespace}/{name} exists already (a retried step): attaching to it")
         return name
 
     def conditions(self, name: str) -> list[dict]:
-        obj = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+        obj = self.custom.get_namespaced_custom_object(*self._coords(), name)
         return obj.get("status", {}).get("conditions", []) or []
 
     def state(self, name: str) -> str:
@@ -129,15 +162,14 @@ class PyTorchJobLauncher:
         return true[-1] if true else "Pending"
 
     def lead_pod(self, name: str):
-        """Rank 0's pod of the job (worker 0), or None before it exists."""
-        pods = self.core.list_namespaced_pod(self.namespace, label_selector=(
-            f"training.kubeflow.org/job-name={name},{LEAD_POD_LABELS}"))
+        """Rank 0's pod of the job, or None before it exists."""
+        pods = self.core.list_namespaced_pod(self.namespace, label_selector=self.kind.lead_pod.format(name=name))
         items = pods.items if hasattr(pods, "items") else pods.get("items", [])
         return items[0] if items else None
 
     def _read_log(self, pod: str, **kw) -> str:
         try:
-            return self.core.read_namespaced_pod_log(pod, self.namespace, container="pytorch", **kw) or ""
+            return self.core.read_namespaced_pod_log(pod, self.namespace, container=self.kind.container, **kw) or ""
         except Exception as e:
             if _status_code(e) in (400, 404):  # container not started yet, or the pod is gone
                 return ""
@@ -153,7 +185,8 @@ class PyTorchJobLauncher:
         pod = self.lead_pod(name)
         if pod is None:
             return
-        statuses = [c for c in (pod.status.container_statuses or []) if c.name == "pytorch"] if pod.status else []
+        statuses = [c for c in (pod.status.container_statuses or []) if c.name == self.kind.container] \
+            if pod.status else []
         restarts = statuses[0].restart_count if statuses else 0
         uid, now = pod.metadata.uid, self.clock()
         prev = self._log_pos.get(name)
@@ -192,10 +225,10 @@ class PyTorchJobLauncher:
 
     def _on_terminated(self, name: str) -> None:
         if self.disrupted():
-            self.log(f"SIGTERM: this step's pod is being evicted; PyTorchJob {self.namespace}/{name} keeps running "
-                     "and the step's retry re-attaches to it")
+            self.log(f"SIGTERM: this step's pod is being evicted; {self.kind.kind} {self.namespace}/{name} keeps "
+                     "running and the step's retry re-attaches to it")
         else:
-            self.log(f"SIGTERM: the run was terminated; deleting PyTorchJob {self.namespace}/{name}")
+            self.log(f"SIGTERM: the run was terminated; deleting {self.kind.kind} {self.namespace}/{name}")
             self.delete(name)
 
     def wait(self, name: str, timeout_seconds: float) -> str:
@@ -227,15 +260,15 @@ class PyTorchJobLauncher:
                 state = self.state(name)
             except Exception as e:
                 if _status_code(e) == 404:
-                    raise JobFailed(f"PyTorchJob {name} was deleted while waiting for it") from None
+                    raise JobFailed(f"{self.kind.kind} {name} was deleted while waiting for it") from None
                 raise
             if state != last:
-                self.log(f"PyTorchJob {name}: {state}")
+                self.log(f"{self.kind.kind} {name}: {state}")
                 last = state
             self.stream_logs(name)
-            if state == "Succeeded":
+            if state == self.kind.succeeded:
                 return state
-            if state == "Failed":
+            if state == self.kind.failed:
                 raise JobFailed(self._failure_text(name, "failed"))
             if self.clock() > deadline:
                 raise JobFailed(self._failure_text(name, f"did not finish within {timeout_seconds:.0f} s"))
@@ -244,15 +277,18 @@ class PyTorchJobLauncher:
     def _failure_text(self, name: str, what: str) -> str:
         msg = next((c.get("message", "") for c in reversed(self.conditions(name)) if c.get("type") == "Failed"), "")
         tail = self.lead_log(name, tail=30)
-        return (f"PyTorchJob {self.namespace}/{name} {what}" + (f": {msg}" if msg else "") +
-                ("\nlast lines of worker 0's log:\n" + "\n".join(tail) if tail else ""))
+        return (f"{self.kind.kind} {self.namespace}/{name} {what}" + (f": {msg}" if msg else "") +
+                ("\nlast lines of rank 0's log:\n" + "\n".join(tail) if tail else ""))
 
     def delete(self, name: str) -> bool:
         try:
-            self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
-            self.log(f"deleted PyTorchJob {self.namespace}/{name}")
+            self.custom.delete_namespaced_custom_object(*self._coords(), name)
+            self.log(f"deleted {self.kind.kind} {self.namespace}/{name}")
             return True
         except Exception as e:
             if _status_code(e) == 404:
                 return False
             raise
+
+
+PyTorchJobLauncher = JobLauncher  # the name of earlier releases

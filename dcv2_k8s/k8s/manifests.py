@@ -267,6 +267,9 @@ def rbac() -> list[dict]:
          "rules": [{"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"],
                     "verbs": ["create", "get", "list", "watch", "delete", "patch"]},
                    {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs/status"], "verbs": ["get"]},
+                   {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"],
+                    "verbs": ["create", "get", "list", "watch", "delete", "patch"]},
+                   {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs/status"], "verbs": ["get"]},
                    {"apiGroups": [""], "resources": ["pods", "pods/log", "events"], "verbs": ["get", "list", "watch"]}]},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": name},
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
@@ -297,7 +300,8 @@ def render() -> dict[str, str]:
     files["secret-s3.example.yaml"] = _dump([secret_example()], "Placeholders only: fill in, apply, never commit "
                                             "real keys. Keys are read as environment variables (envFrom).")
     files["rbac-launcher.yaml"] = _dump(rbac(), "Least rights for a launcher (the pipeline) that creates and "
-                                        "watches PyTorchJobs in this namespace and reads their pods' logs.")
+                                        "watches PyTorchJobs or TrainJobs in this namespace and reads their pods' "
+                                        "logs.")
     files["kustomization.yaml"] = HEADER + yaml.safe_dump({
         "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
         "resources": ["rbac-launcher.yaml", "pytorchjob-r50.yaml"]}, sort_keys=False)
