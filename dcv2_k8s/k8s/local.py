@@ -51,7 +51,7 @@ def trainjob_replicas(job: dict, nproc_override: int | None = None) -> list[tupl
     variables are not set (there is no status server here)."""
     from dcv2_k8s.k8s.manifests import RUNTIME, training_runtime
 
-    name, trainer = job["metadata"]["name"], job["spec"].get("trainer", {})
+    trainer = job["spec"].get("trainer", {})
     nodes = int(trainer.get("numNodes", 1))
     nproc = str(nproc_override or trainer.get("numProcPerNode", "auto"))
     base = {}
