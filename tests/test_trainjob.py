@@ -132,3 +132,17 @@ def test_k8s_validate_cli_checks_trainjobs_with_the_crds(tmp_path):
     assert p.returncode == 1 and ".spec.trainer.imagee: unknown field" in p.stdout
     p = run_cli("k8s", "validate", str(tmp_path / "bad.yaml"), timeout=120)
     assert p.returncode == 1 and "pass --crds DIR" in p.stdout
+
+
+def test_trainjob_pods_are_scraped():
+    """The TrainJob PodMonitor selects the runtime's pods: our label from the pod template, JobSet's
+    ``jobset.sigs.k8s.io/replicatedjob-name`` = the replicated job's name; the port it scrapes is on the container."""
+    pm = yaml.safe_load((MAN / "monitoring" / "podmonitor-trainjob.yaml").read_text())
+    assert "podmonitor-trainjob.yaml" in yaml.safe_load((MAN / "monitoring" / "kustomization.yaml").read_text())[
+        "resources"]
+    rj = M.training_runtime()["spec"]["template"]["spec"]["replicatedJobs"][0]
+    pod = rj["template"]["spec"]["template"]
+    labels = {**pod["metadata"]["labels"], "jobset.sigs.k8s.io/replicatedjob-name": rj["name"]}
+    assert all(labels.get(k) == v for k, v in pm["spec"]["selector"]["matchLabels"].items())
+    port = pm["spec"]["podMetricsEndpoints"][0]["port"]
+    assert any(p["name"] == port for p in pod["spec"]["containers"][0]["ports"])
