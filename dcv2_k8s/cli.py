@@ -489,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     k8 = sub.add_parser("k8s", help="Kubernetes: render and validate manifests, run a PyTorchJob locally")
     k8sub = k8.add_subparsers(dest="k8s_cmd", required=True)
-    rl = k8sub.add_parser("run-local", help="run a PyTorchJob's or a TrainJob's pods as local processes with the environment the training operator or Trainer v2 gives them")
+    rl = k8sub.add_parser("run-local", help="run a PyTorchJob's or a TrainJob's pods as local processes with the "
+                                            "environment the training operator or Trainer v2 gives them")
     rl.add_argument("manifest")
     rl.add_argument("--set", action="append", default=[], metavar="config.KEY=VALUE",
                     help="appended to the trainer command (repeatable)")
@@ -502,8 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     rv = k8sub.add_parser("validate", help="validate manifests strictly against the API types (offline)")
     rv.add_argument("files", nargs="+")
     rv.add_argument("--crds", default="", metavar="DIR",
-                    help="a directory of CustomResourceDefinition YAMLs (e.g. Kubeflow Trainer v2.3.0's) to check custom "
-                         "resources such as TrainJob and TrainingRuntime against, unknown fields included")
+                    help="a directory of CustomResourceDefinition YAMLs (e.g. Kubeflow Trainer v2.3.0's) to check "
+                         "custom resources such as TrainJob and TrainingRuntime against, unknown fields included")
     rv.set_defaults(fn=cmd_k8s_validate)
 
     dm = sub.add_parser("demo", help="generate data, train with 2 CPU processes, compare k-NN vs random init")

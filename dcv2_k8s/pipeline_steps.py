@@ -1,8 +1,8 @@
 """The work of each pipeline step, as plain functions (the KFP components in pipelines/ call these).
 
 Launchers: ``trainjob`` (on a cluster with Kubeflow Trainer v2: TrainJobs on our ``dcv2-torch`` runtime, rendered
-from the same JobSpecs), ``pytorchjob`` (on a cluster: pretraining and linear eval run as PyTorchJobs from the same template
-as ``manifests/``) and ``local`` (the same commands as subprocesses on this machine, for ``make demo`` and tests).
+from the same JobSpecs), ``pytorchjob`` (on a cluster: pretraining and linear eval run as PyTorchJobs from the same
+template as ``manifests/``) and ``local`` (the same commands as subprocesses on this machine, for ``make demo`` and tests).
 """
 
 from __future__ import annotations

@@ -78,6 +78,16 @@ def tiny_train_tokens(data: Path, ckpt: Path, *extra: str) -> list[str]:
             "config.LOG_FREQUENCY=1", "config.CHECKPOINT.CHECKPOINT_FREQUENCY=1", *extra]
 
 
+def run_local_args(manifest: Path, data: Path, ckpt: Path, *extra: str) -> list[str]:
+    """``dcv2 k8s run-local MANIFEST`` with tiny settings (one CPU process per pod, ResNet-18) as ``--set``s."""
+    sets = tiny_train_tokens(data, ckpt, "config.METRICS.ENABLED=false", "config.MACHINE.DEVICE=cpu",
+                             "config.MODEL.TRUNK.RESNETS.DEPTH=18", *extra)[1:]
+    args = ["k8s", "run-local", str(manifest), "--nproc-per-node", "1", "--timeout", "500"]
+    for s in sets:
+        args += ["--set", s]
+    return args
+
+
 def pytest_terminal_summary(terminalreporter):
     """The fault-injection figures (tests/test_faults.py), as a Markdown table; also to $DCV2_FAULT_REPORT."""
     rows = getattr(sys.modules.get("tests.test_faults"), "REPORT", None)

@@ -30,7 +30,7 @@ from dcv2_k8s.k8s.local import descendants, kill_tree
 from dcv2_k8s.s3server import EmbeddedS3
 from dcv2_k8s.storage import S3Storage
 from dcv2_k8s.weights import read_file
-from tests.conftest import ROOT, child_env, run_cli, tiny_train_tokens
+from tests.conftest import ROOT, child_env, run_cli, run_local_args, tiny_train_tokens
 
 pytestmark = pytest.mark.slow
 
@@ -616,13 +616,8 @@ def test_lost_peer_pod_is_retryable(synth_data, tmp_path):
     failing the job, and both resume from the last committed checkpoint. Run through ``dcv2 k8s run-local`` with
     the real pytorchjob-r50.yaml (c10d rendezvous across the two replicas)."""
     ckpt, log = tmp_path / "ckpt", tmp_path / "run-local.log"
-    sets = tiny_train_tokens(synth_data, ckpt, "config.OPTIMIZER.num_epochs=50", "config.METRICS.ENABLED=false",
-                             "config.MACHINE.DEVICE=cpu", "config.DISTRIBUTED.TIMEOUT_SECONDS=20",
-                             "config.MODEL.TRUNK.RESNETS.DEPTH=18")[1:]
-    args = ["k8s", "run-local", str(ROOT / "manifests" / "pytorchjob-r50.yaml"), "--nproc-per-node", "1",
-            "--timeout", "300"]
-    for s in sets:
-        args += ["--set", s]
+    args = run_local_args(ROOT / "manifests" / "pytorchjob-r50.yaml", synth_data, ckpt,
+                          "config.OPTIMIZER.num_epochs=50", "config.DISTRIBUTED.TIMEOUT_SECONDS=20")
     proc = subprocess.Popen([sys.executable, "-m", "dcv2_k8s", *args], stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, cwd=str(ROOT), env=child_env(), start_new_session=True)
     try:

@@ -20,7 +20,7 @@ from dcv2_k8s.config import resolve
 from dcv2_k8s.k8s import manifests as M
 from dcv2_k8s.k8s.local import replica_envs
 from dcv2_k8s.k8s.validate import validate_builtin, validate_pytorchjob
-from tests.conftest import ROOT, run_cli, tiny_train_tokens
+from tests.conftest import ROOT, run_cli, run_local_args
 
 MAN = ROOT / "manifests"
 
@@ -296,13 +296,8 @@ def test_run_local_env_contract():
 
 @pytest.mark.slow
 def test_run_local_pytorchjob_r50_two_replicas_on_cpu(synth_data, tmp_path):
-    sets = [t for t in tiny_train_tokens(synth_data, tmp_path / "ckpt", "config.OPTIMIZER.num_epochs=1",
-                                         "config.TRAINER.MAX_STEPS=4", "config.METRICS.ENABLED=false",
-                                         "config.MACHINE.DEVICE=cpu", "config.MODEL.TRUNK.RESNETS.DEPTH=18")[1:]]
-    args = ["k8s", "run-local", str(MAN / "pytorchjob-r50.yaml"), "--nproc-per-node", "1", "--timeout", "500"]
-    for s in sets:
-        args += ["--set", s]
-    p = run_cli(*args, timeout=600)
+    p = run_cli(*run_local_args(MAN / "pytorchjob-r50.yaml", synth_data, tmp_path / "ckpt",
+                                "config.OPTIMIZER.num_epochs=1", "config.TRAINER.MAX_STEPS=4"), timeout=600)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
     assert "[worker-0]" in out and "[worker-1]" in out

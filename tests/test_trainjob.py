@@ -14,7 +14,7 @@ import yaml
 from dcv2_k8s.k8s import manifests as M
 from dcv2_k8s.k8s.crdschema import validate_resource
 from dcv2_k8s.k8s.local import trainjob_replicas
-from tests.conftest import ROOT, run_cli, tiny_train_tokens
+from tests.conftest import ROOT, run_cli, run_local_args
 
 MAN = ROOT / "manifests"
 CRDS = ROOT / ".venv" / "compat" / "trainer-v2.3.0"
@@ -108,13 +108,8 @@ def test_run_local_gives_the_torch_plugin_environment():
 
 @pytest.mark.slow
 def test_run_local_trainjob_r50_two_nodes_on_cpu(synth_data, tmp_path):
-    sets = tiny_train_tokens(synth_data, tmp_path / "ckpt", "config.OPTIMIZER.num_epochs=1",
-                             "config.TRAINER.MAX_STEPS=4", "config.METRICS.ENABLED=false", "config.MACHINE.DEVICE=cpu",
-                             "config.MODEL.TRUNK.RESNETS.DEPTH=18")[1:]
-    args = ["k8s", "run-local", str(MAN / "trainjob-r50.yaml"), "--nproc-per-node", "1", "--timeout", "500"]
-    for s in sets:
-        args += ["--set", s]
-    p = run_cli(*args, timeout=600)
+    p = run_cli(*run_local_args(MAN / "trainjob-r50.yaml", synth_data, tmp_path / "ckpt",
+                                "config.OPTIMIZER.num_epochs=1", "config.TRAINER.MAX_STEPS=4"), timeout=600)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
     assert "[node-0-0]" in out and "[node-0-1]" in out and "[node-0-0] " in out.split("2 processes x batch 16")[0][-200:]
