@@ -11,6 +11,9 @@ KFPK_PROTOS := 2.15.0 2.14.6
 # Kubeflow Trainer's CRDs and torch runtime, from its Go module at the release the TrainJob manifests target
 TRAINER_MODULE := github.com/kubeflow/trainer/v2@v2.3.0
 TRAINER_CRDS := $(COMPAT)/trainer-v2.3.0
+GO ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
+# the module cache stays in .venv (writable, removed with it); no toolchain download
+GOENV_VARS := GOMODCACHE=$(abspath $(COMPAT))/gomod GOPATH=$(abspath $(COMPAT))/gopath GOFLAGS=-modcacherw GOTOOLCHAIN=local
 
 .PHONY: demo test test-fast install clean
 
@@ -30,7 +33,7 @@ $(COMPAT)/.installed: $(STAMP) Makefile
 
 $(TRAINER_CRDS)/.installed: Makefile
 	mkdir -p $(TRAINER_CRDS)
-	dir=$$(cd $(TRAINER_CRDS) && GOFLAGS=-mod=mod go mod download -json $(TRAINER_MODULE) | $(PYTHON) -c 'import json,sys; print(json.load(sys.stdin)["Dir"])') \
+	dir=$$(cd $(TRAINER_CRDS) && $(GOENV_VARS) $(GO) mod download -json $(TRAINER_MODULE) | $(PYTHON) -c 'import json,sys; print(json.load(sys.stdin)["Dir"])') \
 	  && cp $$dir/manifests/base/crds/trainer.kubeflow.org_*.yaml $$dir/manifests/base/runtimes/torch_distributed.yaml $(TRAINER_CRDS)/ \
 	  && chmod u+w $(TRAINER_CRDS)/*.yaml
 	touch $@
