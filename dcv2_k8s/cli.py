@@ -344,6 +344,8 @@ def cmd_k8s_render(args) -> int:
 
 
 def cmd_k8s_validate(args) -> int:
+    import glob
+
     import yaml
 
     from dcv2_k8s.k8s.crdschema import validate_resource
@@ -351,7 +353,7 @@ def cmd_k8s_validate(args) -> int:
 
     crds = {}
     if args.crds:
-        for path in sorted(__import__("glob").glob(os.path.join(args.crds, "*.yaml"))):
+        for path in sorted(glob.glob(os.path.join(args.crds, "*.yaml"))):
             for d in yaml.safe_load_all(open(path)):
                 if d and d.get("kind") == "CustomResourceDefinition":
                     crds[d["spec"]["names"]["kind"]] = d

@@ -186,20 +186,25 @@ class FakeApi:
 
     def list_namespaced_pod(self, ns, label_selector):
         sel = dict(kv.split("=") for kv in label_selector.split(","))
-        if "jobset.sigs.k8s.io/jobset-name" in sel:  # a TrainJob: its JobSet's node 0
-            assert sel["jobset.sigs.k8s.io/replicatedjob-name"] == "node"
-            assert sel["batch.kubernetes.io/job-completion-index"] == "0"
+        if "jobset.sigs.k8s.io/jobset-name" in sel:  # a TrainJob's JobSet: node 1 listed before node 0
             name = sel["jobset.sigs.k8s.io/jobset-name"]
-            pod = f"{name}-node-0-0-x7k2q"
+            if name not in self.logs:
+                return SimpleNamespace(items=[])
+            node = [SimpleNamespace(name="node")]
+            return SimpleNamespace(items=[SimpleNamespace(
+                metadata=SimpleNamespace(name=f"{name}-node-0-{i}-x7k2q", uid="uid-1",
+                                         annotations={"batch.kubernetes.io/job-completion-index": str(i)}),
+                spec=SimpleNamespace(containers=node),
+                status=SimpleNamespace(container_statuses=[SimpleNamespace(name="node", restart_count=0)]))
+                for i in (1, 0)])
         else:
             assert sel["training.kubeflow.org/replica-type"] == "worker"
             assert sel["training.kubeflow.org/replica-index"] == "0"
             name = sel["training.kubeflow.org/job-name"]
-            pod = f"{name}-worker-0"
         if name not in self.logs:
             return SimpleNamespace(items=[])
         status = SimpleNamespace(container_statuses=[SimpleNamespace(name="pytorch", restart_count=self.restarts)])
-        return SimpleNamespace(items=[SimpleNamespace(metadata=SimpleNamespace(name=pod,
+        return SimpleNamespace(items=[SimpleNamespace(metadata=SimpleNamespace(name=f"{name}-worker-0",
                                                                                uid=self.pod_uid), status=status)])
 
     def read_namespaced_pod_log(self, pod, ns, container, tail_lines=None, since_seconds=None, timestamps=False):

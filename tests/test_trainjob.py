@@ -130,14 +130,21 @@ def test_k8s_validate_cli_checks_trainjobs_with_the_crds(tmp_path):
 
 
 def test_trainjob_pods_are_scraped():
-    """The TrainJob PodMonitor selects the runtime's pods: our label from the pod template, JobSet's
-    ``jobset.sigs.k8s.io/replicatedjob-name`` = the replicated job's name; the port it scrapes is on the container."""
+    """The TrainJob PodMonitor selects the runtime's pods: our label from the pod template plus JobSet's
+    ``jobset.sigs.k8s.io/jobset-name``, which JobSet puts on every pod it creates; the port it scrapes is on the
+    container; a PyTorchJob's pod (no JobSet label) is not selected twice."""
     pm = yaml.safe_load((MAN / "monitoring" / "podmonitor-trainjob.yaml").read_text())
     assert "podmonitor-trainjob.yaml" in yaml.safe_load((MAN / "monitoring" / "kustomization.yaml").read_text())[
         "resources"]
-    rj = M.training_runtime()["spec"]["template"]["spec"]["replicatedJobs"][0]
-    pod = rj["template"]["spec"]["template"]
-    labels = {**pod["metadata"]["labels"], "jobset.sigs.k8s.io/replicatedjob-name": rj["name"]}
-    assert all(labels.get(k) == v for k, v in pm["spec"]["selector"]["matchLabels"].items())
+    sel = pm["spec"]["selector"]
+
+    def selected(labels: dict) -> bool:
+        return all(labels.get(k) == v for k, v in sel["matchLabels"].items()) and all(
+            e["key"] in labels for e in sel["matchExpressions"] if e["operator"] == "Exists")
+
+    pod = M.training_runtime()["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+    assert selected({**pod["metadata"]["labels"], "jobset.sigs.k8s.io/jobset-name": "dcv2-r50"})
+    pj = M.pytorchjob(M.JOBS[0])["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]
+    assert not selected(pj["metadata"]["labels"])
     port = pm["spec"]["podMetricsEndpoints"][0]["port"]
     assert any(p["name"] == port for p in pod["spec"]["containers"][0]["ports"])

@@ -43,10 +43,11 @@ class JobKind:
     group: str
     version: str
     plural: str
-    lead_pod: str      # label selector of rank 0's pod, {name} = the job's name
+    lead_pod: str      # label selector of the job's pods that may run rank 0, {name} = the job's name
     container: str     # the trainer container in that pod
     succeeded: str
     failed: str = "Failed"
+    index_annotation: str = ""  # when set: rank 0's pod is the one with this annotation "0" and the container
 
 
 # training operator v1.9: our jobs have Worker replicas only (see manifests.py), so rank 0 runs on worker 0; labels
@@ -54,11 +55,13 @@ class JobKind:
 PYTORCHJOB = JobKind("PyTorchJob", GROUP, VERSION, PLURAL,
                      "training.kubeflow.org/job-name={name},training.kubeflow.org/replica-type=worker,"
                      "training.kubeflow.org/replica-index=0", "pytorch", "Succeeded")
-# Trainer v2.3: a JobSet named after the TrainJob, replicated job "node", completion index 0 is PET_NODE_RANK 0;
-# conditions Complete / Failed (pkg/apis/trainer/v1alpha1/trainjob_types.go)
+# Trainer v2.3: a JobSet named after the TrainJob (its pods carry the label jobset.sigs.k8s.io/jobset-name); the
+# indexed Job's completion index (annotation batch.kubernetes.io/job-completion-index) is PET_NODE_RANK
+# (plugins/torch/torch.go), so rank 0 runs in the pod of index 0 with the "node" container; conditions
+# Complete / Failed (pkg/apis/trainer/v1alpha1/trainjob_types.go)
 TRAINJOB = JobKind("TrainJob", "trainer.kubeflow.org", "v1alpha1", "trainjobs",
-                   "jobset.sigs.k8s.io/jobset-name={name},jobset.sigs.k8s.io/replicatedjob-name=node,"
-                   "batch.kubernetes.io/job-completion-index=0", "node", "Complete")
+                   "jobset.sigs.k8s.io/jobset-name={name}", "node", "Complete",
+                   index_annotation="batch.kubernetes.io/job-completion-index")
 KINDS = {"pytorchjob": PYTORCHJOB, "trainjob": TRAINJOB}
 
 
@@ -165,6 +168,9 @@ class JobLauncher:
         """Rank 0's pod of the job, or None before it exists."""
         pods = self.core.list_namespaced_pod(self.namespace, label_selector=self.kind.lead_pod.format(name=name))
         items = pods.items if hasattr(pods, "items") else pods.get("items", [])
+        if self.kind.index_annotation:
+            items = [p for p in items if (p.metadata.annotations or {}).get(self.kind.index_annotation) == "0"
+                     and any(c.name == self.kind.container for c in p.spec.containers)]
         return items[0] if items else None
 
     def _read_log(self, pod: str, **kw) -> str:
