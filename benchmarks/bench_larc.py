@@ -51,7 +51,7 @@ class ReferenceLARC:
 
 def tensors(tiny: bool, device: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     cfg = resolve(["config=pretrain/deepcluster_v2/deepclusterv2_2crops_resnet"]).cfg
-    model = build_model(cfg.MODEL)
+    model = build_model(cfg)
     shapes = [p.shape for p in model.parameters()]
     g = torch.Generator().manual_seed(0)
     make = (lambda s: torch.randn(4, generator=g)) if tiny else (lambda s: torch.randn(s, generator=g) * 0.05)

@@ -41,7 +41,7 @@ def make_trainer(spec: dict, data_dir: str, ckpt_dir: str, device: str, log_ever
                f"config.LOSS.deepclusterv2_loss.num_clusters=[{k},{k},{k}]", f"config.LOG_FREQUENCY={log_every}",
                f"config.MACHINE.DEVICE={'gpu' if device == 'cuda' else 'cpu'}", "config.CHECKPOINT.AUTO_RESUME=false",
                "config.DISTRIBUTED.NUM_NODES=1", "config.DISTRIBUTED.NUM_PROC_PER_NODE=1"]
-    resolved = resolve(tokens, world_size=1, local_world_size=1, num_train_samples=spec["images"])
+    resolved = resolve(tokens, world_size=1, local_world_size=1)
     return Trainer(resolved, D.env_info())
 
 
@@ -56,7 +56,7 @@ def main() -> None:
     args = ap.parse_args()
     spec = TINY if args.tiny else FULL
     from dcv2_k8s.data.synth import generate
-    from dcv2_k8s.engine import setup_logging
+    from dcv2_k8s.runtime import setup_logging
 
     setup_logging(1)  # quiet: warnings only
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,20 +69,20 @@ def main() -> None:
         b = tr.batch
         batches = [(torch.randint(0, len(tr.dataset), (b,), generator=g),
                     [torch.randn(b, 3, s, s, generator=g) for s in sizes]) for _ in range(args.steps)]
-        for h, k in enumerate(tr.num_clusters):
-            proto = getattr(tr.model, f"prototypes{h}")
-            proto.copy_(torch.nn.functional.normalize(torch.randn(proto.shape, generator=g), dim=1))
-        tr.table = torch.randint(0, min(tr.num_clusters), (len(tr.num_clusters), len(tr.dataset)), generator=g)
-        tr.table = tr.table.to(tr.device)
+        ks = tr.method.num_clusters
+        tr.model.set_prototypes([torch.nn.functional.normalize(torch.randn(p.shape, generator=g), dim=1)
+                                 for p in tr.model.prototypes])
+        tr.method.table = torch.randint(0, min(ks), (len(ks), len(tr.dataset)), generator=g).to(tr.device)
         tr.loader = batches
+        tr.max_steps = tr.iter_freq = -1
         sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
         def ours() -> float:
             tr.state.step_in_epoch = 0
-            tr.bank.ptr = 0
+            tr.method.bank.ptr = 0
             sync()
             t0 = time.perf_counter()
-            tr.train_one_epoch(-1, -1)
+            tr.train_one_epoch()
             sync()
             return (time.perf_counter() - t0) / len(batches)
 
@@ -107,7 +107,7 @@ def main() -> None:
             t_plain.append(plain())
             t_ours.append(ours())
         tr.metrics.close()
-    res = {"machine": machine(), "tiny": args.tiny, "batch": b, "crops": sizes, "clusters": tr.num_clusters,
+    res = {"machine": machine(), "tiny": args.tiny, "batch": b, "crops": sizes, "clusters": ks,
            "steps": args.steps, "repeats": args.repeats, "log_frequency": args.log_frequency,
            "ours_step_s": statistics.median(t_ours), "plain_step_s": statistics.median(t_plain),
            "ours_runs": t_ours, "plain_runs": t_plain}

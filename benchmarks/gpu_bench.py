@@ -82,8 +82,8 @@ class Bench:
             batches = [(torch.randint(0, len(tr.dataset), (b,), device=tr.device, generator=g),
                         [torch.randn(b, 3, s, s, device=tr.device, generator=g) for s in sizes])
                        for _ in range(self.args.steps)]
-            tr.table = torch.randint(0, min(tr.num_clusters), (len(tr.num_clusters), len(tr.dataset)),
-                                     device=tr.device)
+            ks = tr.method.num_clusters
+            tr.method.table = torch.randint(0, min(ks), (len(ks), len(tr.dataset)), device=tr.device)
             tr.loader = batches
             if self.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -113,10 +113,11 @@ class Bench:
     def timed_pass(self, tr) -> float:
         """Seconds for one pass of ``tr.train_one_epoch`` over its loader, from the epoch's start."""
         tr.state.step_in_epoch = 0
-        tr.bank.ptr = 0
+        tr.method.bank.ptr = 0
         self.sync()
         t0 = time.perf_counter()
-        tr.train_one_epoch(-1, -1)
+        tr.max_steps = tr.iter_freq = -1
+        tr.train_one_epoch()
         self.sync()
         return time.perf_counter() - t0
 
@@ -126,17 +127,16 @@ class Bench:
         sync debug mode. fp16's GradScaler has one by design (its inf check); bf16 and fp32 should have none."""
         import warnings
 
-        temperature = float(tr.loss_cfg.temperature)
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 for index, crops in batches[:3]:
-                    tr.train_step(index, crops, 0.1, temperature)
+                    tr.train_step(index, crops, 0.1)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        tr.bank.ptr = 0
+        tr.method.bank.ptr = 0
         return sum("synchroniz" in str(w.message) for w in caught) / min(3, len(batches))
 
     def end_to_end(self, layout: str, variant: str, photo_dir: str, ckpt: str) -> None:
@@ -144,13 +144,13 @@ class Bench:
         tr = self.trainer(layout, variant, photo_dir, ckpt, [f"config.DATA.NUM_DATALOADER_WORKERS={workers}"])
         try:
             sizes = tr.dataset.transform.sizes
-            tr.table = torch.randint(0, min(tr.num_clusters), (len(tr.num_clusters), len(tr.dataset)),
-                                     device=tr.device)
+            ks = tr.method.num_clusters
+            tr.method.table = torch.randint(0, min(ks), (len(ks), len(tr.dataset)), device=tr.device)
             self.timed_pass(tr)  # warm-up epoch: workers start, caches fill
             tr.state.epoch += 1
             ips = tr.steps_per_epoch * tr.batch / self.timed_pass(tr)
             rec = {"layout": layout, "variant": variant, "batch": tr.batch, "workers": workers, "images_per_s": ips,
-                   "eq_crops_per_s": ips * eq_crops(sizes), "aug_backend": str(tr.cfg.DATA.TRAIN.AUG_BACKEND)}
+                   "eq_crops_per_s": ips * eq_crops(sizes), "aug_backend": tr.cfg.DATA.TRAIN.AUG_BACKEND}
             self.res["end_to_end"].append(rec)
             self.rows.append(["end-to-end", layout, variant, tr.batch, f"{ips:.1f}", f"{rec['eq_crops_per_s']:.0f}",
                               "", f"{workers} workers, {rec['aug_backend']}, 500x375 JPEGs"])

@@ -20,41 +20,56 @@ def _fail(lines) -> int:
     return EXIT_USAGE
 
 
-def resolve_for_run(tokens: list[str], need_data: bool = True):
-    """Resolve tokens for a run on this node: launcher world size and dataset size included."""
-    from dcv2_k8s.config import env_world, resolve
-    from dcv2_k8s.data.dataset import scan_image_folder
-    from dcv2_k8s.data.stage import local_data_dir
+def _note(resolved) -> None:
+    for note in resolved.notes:
+        print(f"dcv2: note: {note}", file=sys.stderr)
 
-    world, local = env_world()
-    first = resolve(tokens, world, local)
-    if not need_data:
-        return first
-    paths = list(first.cfg.DATA.TRAIN.DATA_PATHS)
-    if not paths:
-        from dcv2_k8s.config import ConfigError
 
-        raise ConfigError(["config.DATA.TRAIN.DATA_PATHS is empty; set config.DATA.TRAIN.DATA_PATHS=[/path/to/train] "
-                           "(an ImageFolder directory)"])
-    _, samples = scan_image_folder(local_data_dir(first.cfg))
-    limit = int(first.cfg.DATA.TRAIN.DATA_LIMIT)
-    n = min(len(samples), limit) if limit > 0 else len(samples)
-    return resolve(tokens, world, local, num_train_samples=n)
+def _resolve(args, for_training: bool = True):
+    """The run's config: resolved once from the tokens (with the launcher's world size), or, in a process that a
+    launcher started, loaded as the parent resolved it (``--resolved FILE``)."""
+    from dcv2_k8s import distributed as D
+    from dcv2_k8s.config import load_resolved, resolve
+
+    if getattr(args, "resolved", None):
+        return load_resolved(args.resolved)
+    resolved = resolve(args.tokens, *D.launcher_world(), for_training=for_training)
+    _note(resolved)
+    return resolved
+
+
+def _spawn(resolved, command: str, nproc: int, max_restarts: int = 0) -> int:
+    """Start ``nproc`` processes of ``dcv2 COMMAND --resolved FILE`` on this node (torchrun): they read the config
+    this process resolved, not the tokens."""
+    import shutil
+    import tempfile
+
+    from dcv2_k8s import distributed as D
+    from dcv2_k8s.config import write_resolved
+
+    tmp = tempfile.mkdtemp(prefix="dcv2-run-")
+    try:
+        path = write_resolved(resolved, os.path.join(tmp, "resolved.yaml"))
+        return D.spawn_local(nproc, [command, "--resolved", path], max_restarts)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def preflight(cfg) -> None:
-    """What the run needs from this machine, checked before any process group forms (one line on failure):
-    optional packages the configuration asks for, then the checkpoint store (reachable, credentials)."""
-    import importlib.util
-
+    """What the run needs from this machine, checked before any process starts (one line on failure): the
+    training data's location, then the checkpoint store (reachable, credentials)."""
     from dcv2_k8s.config import ConfigError
     from dcv2_k8s.storage import open_storage
 
-    sbn = cfg.MODEL.SYNC_BN_CONFIG
-    if sbn.CONVERT_BN_TO_SYNC_BN and str(sbn.SYNC_BN_TYPE) == "apex" and importlib.util.find_spec("apex") is None:
-        raise ConfigError(["config.MODEL.SYNC_BN_CONFIG.SYNC_BN_TYPE=apex but apex is not installed; set "
-                           "config.MODEL.SYNC_BN_CONFIG.SYNC_BN_TYPE=pytorch (torch's SyncBatchNorm, same groups)"])
-    open_storage(str(cfg.CHECKPOINT.DIR)).check()
+    paths = cfg.DATA.TRAIN.DATA_PATHS
+    if not paths:
+        raise ConfigError(["config.DATA.TRAIN.DATA_PATHS is empty; set config.DATA.TRAIN.DATA_PATHS=[/path/to/train] "
+                           "(an ImageFolder directory, or s3://bucket/prefix)"])
+    if "://" not in paths[0] and not os.path.isdir(paths[0]):
+        what = "is not a directory" if os.path.exists(paths[0]) else "does not exist"
+        raise ConfigError([f"config.DATA.TRAIN.DATA_PATHS: {paths[0]} {what} (expected an ImageFolder tree "
+                           "CLASS/IMAGE, or s3://bucket/prefix)"])
+    open_storage(cfg.CHECKPOINT.DIR).check()
 
 
 # ------------------------------------------------------------------------------------------- commands
@@ -64,25 +79,27 @@ def cmd_train(args) -> int:
     from dcv2_k8s.storage import StorageError
 
     try:
-        resolved = resolve_for_run(args.tokens)
-        preflight(resolved.cfg)
-    except (ConfigError, FileNotFoundError, StorageError) as e:
+        resolved = _resolve(args)
+        if not args.resolved:
+            preflight(resolved.cfg)
+    except (ConfigError, StorageError) as e:
         return _fail(e.lines if isinstance(e, ConfigError) else str(e))
     dist_cfg = resolved.cfg.DISTRIBUTED
     if D.operator_env():  # a pod: this process stays the container's main process, torchrun runs the ranks
-        return D.spawn_local(int(dist_cfg.NUM_PROC_PER_NODE), ["train", *args.tokens], int(dist_cfg.MAX_RESTARTS))
+        return _spawn(resolved, "train", dist_cfg.NUM_PROC_PER_NODE, dist_cfg.MAX_RESTARTS)
     if not D.launched():
-        if int(dist_cfg.NUM_NODES) > 1:
+        if dist_cfg.NUM_NODES > 1:
             return _fail(f"config.DISTRIBUTED.NUM_NODES={dist_cfg.NUM_NODES} needs a launcher on every node "
                          "(torchrun or a PyTorchJob); on one machine set config.DISTRIBUTED.NUM_NODES=1")
-        if int(dist_cfg.NUM_PROC_PER_NODE) > 1:
-            return D.spawn_local(int(dist_cfg.NUM_PROC_PER_NODE), ["train", *args.tokens],
-                                 int(dist_cfg.MAX_RESTARTS))
+        if dist_cfg.NUM_PROC_PER_NODE > 1:
+            return _spawn(resolved, "train", dist_cfg.NUM_PROC_PER_NODE, dist_cfg.MAX_RESTARTS)
     from dcv2_k8s import exitcodes
     from dcv2_k8s.engine import Preempted, TrainingError, train
 
     try:
         train(resolved)
+    except ConfigError as e:  # what the data's size means for the config, known once the data is here
+        return _fail(e.lines)
     except Preempted:
         return exitcodes.PREEMPTED
     except (TrainingError, StorageError) as e:
@@ -137,32 +154,33 @@ def cmd_s3_serve(args) -> int:
 
 def cmd_linear_eval(args) -> int:
     from dcv2_k8s import distributed as D
-    from dcv2_k8s.config import ConfigError, env_world, resolve
+    from dcv2_k8s.config import ConfigError
     from dcv2_k8s.data.dataset import SplitMismatch, check_splits
     from dcv2_k8s.storage import StorageError
     from dcv2_k8s.weights import WeightsError
 
     try:
-        world, local = env_world()
-        r = resolve(args.tokens, world, local, for_training=False)
-        for key in ("DATA.TRAIN.DATA_PATHS", "DATA.TEST.DATA_PATHS"):
-            paths = list(r.cfg.DATA.TRAIN.DATA_PATHS if key.startswith("DATA.TRAIN") else r.cfg.DATA.TEST.DATA_PATHS)
-            if not paths:
-                raise ConfigError([f"config.{key} is empty; set it to [DIR] (an ImageFolder with class directories)"])
-            if not paths[0].startswith("s3://") and not os.path.isdir(paths[0]):
-                raise ConfigError([f"config.{key}: {paths[0]} does not exist"])
-        weights = str(r.cfg.MODEL.WEIGHTS_INIT.PARAMS_FILE)
-        if weights and not weights.startswith("s3://") and not os.path.exists(weights):
-            raise ConfigError([f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE: {weights} does not exist"])
-        train_dir, val_dir = str(r.cfg.DATA.TRAIN.DATA_PATHS[0]), str(r.cfg.DATA.TEST.DATA_PATHS[0])
-        if not train_dir.startswith("s3://") and not val_dir.startswith("s3://"):
-            check_splits(train_dir, val_dir)  # s3:// splits are checked once staged
+        r = _resolve(args, for_training=False)
+        if not args.resolved:
+            for key, paths in (("DATA.TRAIN.DATA_PATHS", r.cfg.DATA.TRAIN.DATA_PATHS),
+                               ("DATA.TEST.DATA_PATHS", r.cfg.DATA.TEST.DATA_PATHS)):
+                if not paths:
+                    raise ConfigError([f"config.{key} is empty; set it to [DIR] (an ImageFolder with class "
+                                       "directories)"])
+                if not paths[0].startswith("s3://") and not os.path.isdir(paths[0]):
+                    raise ConfigError([f"config.{key}: {paths[0]} does not exist"])
+            weights = r.cfg.MODEL.WEIGHTS_INIT.PARAMS_FILE
+            if weights and not weights.startswith("s3://") and not os.path.exists(weights):
+                raise ConfigError([f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE: {weights} does not exist"])
+            train_dir, val_dir = r.cfg.DATA.TRAIN.DATA_PATHS[0], r.cfg.DATA.TEST.DATA_PATHS[0]
+            if not train_dir.startswith("s3://") and not val_dir.startswith("s3://"):
+                check_splits(train_dir, val_dir)  # s3:// splits are checked once staged
     except ConfigError as e:
         return _fail(e.lines)
     except (SplitMismatch, FileNotFoundError) as e:
         return _fail(str(e))
-    if D.operator_env() or (not D.launched() and int(r.cfg.DISTRIBUTED.NUM_PROC_PER_NODE) > 1):
-        return D.spawn_local(int(r.cfg.DISTRIBUTED.NUM_PROC_PER_NODE), ["linear-eval", *args.tokens])
+    if D.operator_env() or (not D.launched() and r.cfg.DISTRIBUTED.NUM_PROC_PER_NODE > 1):
+        return _spawn(r, "linear-eval", r.cfg.DISTRIBUTED.NUM_PROC_PER_NODE)
     from dcv2_k8s.eval.linear import linear_eval
 
     try:
@@ -186,7 +204,7 @@ def cmd_export(args) -> int:
         if args.format == "torchvision":
             depth = args.depth
             if layout == "dcv2":
-                depth = int(config_from_checkpoint(obj).cfg.MODEL.TRUNK.RESNETS.DEPTH)
+                depth = config_from_checkpoint(obj).cfg.MODEL.TRUNK.RESNETS.DEPTH
             out = export_torchvision(obj, depth)
         else:
             from dcv2_k8s.model.head import build_head
@@ -221,16 +239,16 @@ def cmd_clusters(args) -> int:
 
 
 def cmd_config_show(args) -> int:
-    from dcv2_k8s.config import ConfigError, env_world, resolve, to_yaml
+    from dcv2_k8s import distributed as D
+    from dcv2_k8s.config import ConfigError, resolve
 
     try:
-        world, local = env_world()
-        r = resolve(args.tokens, world, local)
+        r = resolve(args.tokens, *D.launcher_world())
     except ConfigError as e:
         return _fail(e.lines)
     for note in r.notes:
         print(f"# note: {note}", file=sys.stderr)
-    sys.stdout.write(to_yaml(r.cfg))
+    sys.stdout.write(r.yaml())
     return 0
 
 
@@ -273,7 +291,6 @@ def cmd_knn(args) -> int:
     import torch
 
     from dcv2_k8s.config import ConfigError, config_from_checkpoint, resolve
-    from dcv2_k8s.data.transforms import normalize_params
     from dcv2_k8s.eval.knn import knn_eval
     from dcv2_k8s.model.resnet import build_trunk
     from dcv2_k8s.weights import WeightsError, load_into_trunk, read_file, split_weights
@@ -290,8 +307,10 @@ def cmd_knn(args) -> int:
     try:
         state = read_file(args.checkpoint) if args.checkpoint else None
         ours = state is not None and "config_yaml" in state
-        r = config_from_checkpoint(state, args.tokens) if ours else resolve(args.tokens, for_training=False)
-        torch.manual_seed(int(r.cfg.SEED_VALUE))
+        r = config_from_checkpoint(state, args.tokens, for_training=False) if ours else \
+            resolve(args.tokens, for_training=False)
+        _note(r)
+        torch.manual_seed(r.cfg.SEED_VALUE)
         trunk = build_trunk(r.cfg.MODEL.TRUNK)
         if state is not None:  # any supported layout: ours, torchvision, swav, VISSL
             load_into_trunk(trunk, split_weights(state)[1], args.checkpoint)
@@ -299,9 +318,8 @@ def cmd_knn(args) -> int:
         return _fail(e.lines)
     except (FileNotFoundError, WeightsError) as e:
         return _fail(str(e))
-    transforms = [dict(t) for t in r.cfg.DATA.TRAIN.TRANSFORMS]
-    size = args.size or int(transforms[0]["size_crops"][0])
-    mean, std = normalize_params(transforms)
+    size = args.size or r.cfg.DATA.TRAIN.multicrop.large_size
+    mean, std = r.cfg.DATA.TRAIN.normalize
     res = knn_eval(trunk, args.train, args.val, size, torch.device("cpu"), args.k, args.temperature,
                    mean=mean, std=std, num_workers=args.workers, progress=sys.stderr.isatty())
     res["weights"] = args.checkpoint or "random-init"
@@ -392,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train DCv2: dcv2 train config=NAME [config.KEY=VALUE ...]")
     t.add_argument("tokens", nargs="*", help="config=..., config.A.B=V, +config.A.B=V, +config/GROUP=NAME")
+    t.add_argument("--resolved", default="", metavar="FILE",
+                   help="run a config resolved by a parent dcv2 process (what it passes to the processes it starts)")
     t.set_defaults(fn=cmd_train)
 
     c = sub.add_parser("config", help="show the resolved config or list presets")
@@ -456,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     le = sub.add_parser("linear-eval", help="linear evaluation of a frozen trunk (VISSL-style tokens)")
     le.add_argument("tokens", nargs="*", help="config=benchmark/linear_image_classification/imagenet1k/... "
                                               "config.MODEL.WEIGHTS_INIT.PARAMS_FILE=... config.DATA...")
+    le.add_argument("--resolved", default="", metavar="FILE", help=argparse.SUPPRESS)
     le.set_defaults(fn=cmd_linear_eval)
 
     ex = sub.add_parser("export", help="export weights as a torchvision state dict or the swav/VISSL layout")

@@ -1,6 +1,6 @@
 """``dcv2 demo`` (``make demo``): the whole Kubeflow pipeline, locally.
 
-Generated data is uploaded to an embedded S3 endpoint, then ``pipelines/dcv2_pipeline.py`` runs through
+Generated data is uploaded to an embedded S3 endpoint, then the pipeline (``dcv2_k8s/kfp_pipeline.py``) runs through
 ``kfp.local`` with ``launcher=local``: stage from S3, DCv2 pretraining on 2 CPU processes checkpointing to S3,
 linear evaluation of the trained trunk and of the random-init baseline, report. The k-NN of both trunks is printed
 too. Nothing here is a stand-in: the same components run on a cluster with ``launcher=pytorchjob``.
@@ -42,8 +42,7 @@ def run_demo(out: str, epochs: int = 0, minutes: float = 0) -> int:
     from dcv2_k8s.s3server import EmbeddedS3
     from dcv2_k8s.storage import read_bytes
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from pipelines.dcv2_pipeline import dcv2_pipeline
+    from dcv2_k8s.kfp_pipeline import dcv2_pipeline
 
     out_dir = Path(out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,18 @@ def launched() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
+def launcher_world() -> tuple[int | None, int | None]:
+    """(world size, processes per node) that a launcher set for this run: torchrun's variables in a rank, the
+    ``PET_*`` variables in a pod before torchrun starts; (None, None) outside any launcher."""
+    if "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ:
+        world = int(os.environ["WORLD_SIZE"])
+        return world, int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    nnodes, nproc = os.environ.get("PET_NNODES", ""), os.environ.get("PET_NPROC_PER_NODE", "")
+    if nnodes.isdigit() and nproc.isdigit():
+        return int(nnodes) * int(nproc), int(nproc)
+    return None, None
+
+
 def env_info() -> DistInfo:
     if not launched():
         return DistInfo()

@@ -151,17 +151,17 @@ def export_model(ckpt_uri: str, model_dir: str) -> dict:
     cfg = config_from_checkpoint(obj).cfg
     trunk = cfg.MODEL.TRUNK.RESNETS
     try:
-        weights, fmt = export_torchvision(obj, int(trunk.DEPTH)), "torchvision"
+        weights, fmt = export_torchvision(obj, trunk.DEPTH), "torchvision"
     except WeightsError:
         weights, fmt = export_swav(obj, build_head(cfg.MODEL.HEAD)), "swav"
     os.makedirs(model_dir, exist_ok=True)
     name = f"weights_{fmt}.pth"
     with open(os.path.join(model_dir, name), "wb") as f:
         f.write(to_bytes(weights))
-    card = {"checkpoint": ckpt_uri, "format": fmt, "weights": name, "depth": int(trunk.DEPTH),
-            "width_multiplier": float(trunk.WIDTH_MULTIPLIER), "epoch": obj.get("train_state", {}).get("epoch"),
+    card = {"checkpoint": ckpt_uri, "format": fmt, "weights": name, "depth": trunk.DEPTH,
+            "width_multiplier": trunk.WIDTH_MULTIPLIER, "epoch": obj.get("train_state", {}).get("epoch"),
             "global_step": obj.get("train_state", {}).get("global_step"),
-            "load": (f"torchvision.models.resnet{int(trunk.DEPTH)}().load_state_dict(torch.load('{name}'))"
+            "load": (f"torchvision.models.resnet{trunk.DEPTH}().load_state_dict(torch.load('{name}'))"
                      if fmt == "torchvision" else f"dcv2 import / swav layout: {name}")}
     with open(os.path.join(model_dir, "model_card.json"), "w") as f:
         json.dump(card, f, indent=2)

@@ -168,8 +168,8 @@ def load_weights(model: nn.Module, path: str, trunk_only: bool = False) -> str:
                 load_flat_head(model.head, head_sd)
         except (RuntimeError, KeyError) as e:
             raise WeightsError(f"{path}: the head does not match config.MODEL.HEAD.PARAMS ({str(e)[:120]})") from None
-    for name, value in protos.items():
-        buf = getattr(model, name, None)
-        if buf is not None and tuple(buf.shape) == tuple(value.shape):
-            buf.copy_(value)
+    current = getattr(model, "prototypes", [])
+    if protos and len(protos) == len(current) and all(tuple(protos.get(f"prototypes{h}", torch.empty(0)).shape)
+                                                      == tuple(c.shape) for h, c in enumerate(current)):
+        model.set_prototypes([protos[f"prototypes{h}"] for h in range(len(current))])
     return layout

@@ -15,7 +15,7 @@ BASE = "config=pretrain/deepcluster_v2/deepclusterv2_2crops_resnet"
 
 
 def _multicrop(*tokens):
-    return MultiCrop([dict(t) for t in resolve([BASE, *tokens]).cfg.DATA.TRAIN.TRANSFORMS])
+    return MultiCrop(resolve([BASE, *tokens]).cfg.DATA.TRAIN.TRANSFORMS)
 
 
 def test_multicrop_shapes_2x160_4x96():
@@ -200,7 +200,7 @@ def test_opencv_backend_shapes_normalisation_and_seeding():
     from dcv2_k8s.data.transforms import build_multicrop
 
     tokens = ("+config/pretrain/deepcluster_v2/transforms=multicrop_2x160_4x96",)
-    t = [dict(x) for x in resolve([BASE, *tokens]).cfg.DATA.TRAIN.TRANSFORMS]
+    t = resolve([BASE, *tokens]).cfg.DATA.TRAIN.TRANSFORMS
     mc = build_multicrop(t, "opencv")
     img = _photo()
     torch.manual_seed(7)
@@ -210,7 +210,7 @@ def test_opencv_backend_shapes_normalisation_and_seeding():
     assert [tuple(c.shape) for c in a] == [(3, 160, 160)] * 2 + [(3, 96, 96)] * 4
     assert all(c.dtype == torch.float32 and torch.equal(x, y) for c, x, y in zip(a, a, b))
     # a crop of a flat image through ToTensor + Normalize is ((v / 255) - mean) / std exactly
-    flat = [dict(x) for x in t if x["name"] in ("ImgPilToMultiCrop", "ToTensor", "Normalize")]
+    flat = [x for x in t if x.name in ("ImgPilToMultiCrop", "ToTensor", "Normalize")]
     out = build_multicrop(flat, "opencv")(Image.new("RGB", (300, 200), (10, 128, 250)))[0]
     want = (torch.tensor([10, 128, 250]) / 255 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
     assert torch.allclose(out[:, 5, 5], want, atol=1e-6)

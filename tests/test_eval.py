@@ -28,14 +28,13 @@ def _our_checkpoint(tmp_path, tokens=R18):
     """A state.pt as the trainer writes it, for a trained-looking ResNet-18 DCv2 model."""
     torch.manual_seed(0)
     r = resolve(tokens)
-    model = build_model(r.cfg.MODEL)
-    for h, k in enumerate(r.cfg.LOSS.deepclusterv2_loss.num_clusters):
-        model.register_buffer(f"prototypes{h}", torch.nn.functional.normalize(torch.randn(k, 128), dim=1))
+    model = build_model(r.cfg)
+    model.set_prototypes([torch.nn.functional.normalize(torch.randn(p.shape), dim=1) for p in model.prototypes])
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     path = tmp_path / "state.pt"
-    path.write_bytes(to_bytes({"model": model.state_dict(), "config_yaml": to_yaml(r.cfg)}))
+    path.write_bytes(to_bytes({"model": model.state_dict(), "config_yaml": to_yaml(r.raw)}))
     return path, model, r
 
 
@@ -77,9 +76,7 @@ def test_export_swav_then_import_is_lossless(tmp_path):
     assert all(k.startswith("module.") for k in sd)
     assert "module.projection_head.0.weight" in sd and "module.projection_head.3.weight" in sd  # Linear-BN-ReLU-Linear
     assert sd["module.prototypes.prototypes1.weight"].shape == (30, 128)
-    fresh = build_model(r.cfg.MODEL)
-    for h, k in enumerate((40, 30)):
-        fresh.register_buffer(f"prototypes{h}", torch.zeros(k, 128))
+    fresh = build_model(r.cfg)
     assert load_weights(fresh, str(tmp_path / "swav.pth")) == "swav"
     a, b = model.state_dict(), fresh.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -91,7 +88,7 @@ def test_vissl_torch_checkpoint_layout_loads(tmp_path):
     vissl = {"phase_idx": 3, "iteration": 100, "loss": {},
              "classy_state_dict": {"base_model": {"model": {"trunk": trunk, "heads": {}}, "meta": {}}}}
     (tmp_path / "model_phase3.torch").write_bytes(to_bytes(vissl))
-    fresh = build_model(r.cfg.MODEL)
+    fresh = build_model(r.cfg)
     assert load_weights(fresh, str(tmp_path / "model_phase3.torch"), trunk_only=True) == "vissl"
     assert all(torch.equal(fresh.trunk.state_dict()[k], v) for k, v in model.trunk.state_dict().items())
 
@@ -103,7 +100,7 @@ def test_bad_inputs_are_one_line(tmp_path):
     (tmp_path / "junk.pt").write_bytes(to_bytes({"foo": torch.zeros(1)}))
     p = run_cli("export", str(tmp_path / "junk.pt"), str(tmp_path / "o.pth"), timeout=120)
     assert p.returncode == 2 and "unknown layout" in p.stderr
-    r50 = build_model(resolve(["config=pretrain/deepcluster_v2/deepclusterv2_2crops_resnet"]).cfg.MODEL)
+    r50 = build_model(resolve(["config=pretrain/deepcluster_v2/deepclusterv2_2crops_resnet"]).cfg)
     with pytest.raises(WeightsError, match="does not match config.MODEL.TRUNK"):
         load_weights(r50, str(path))
     w2 = _our_checkpoint(tmp_path, [*R18, "config.MODEL.TRUNK.RESNETS.WIDTH_MULTIPLIER=2",
@@ -165,3 +162,16 @@ def test_linear_eval_and_clusters_on_a_trained_run(synth_data, tmp_path):
     p = run_cli("linear-eval", *le[:-2], "config.MODEL.WEIGHTS_INIT.PARAMS_FILE=/nonexistent", timeout=120)
     assert p.returncode == 2 and "PARAMS_FILE: /nonexistent does not exist" in p.stderr
 
+
+
+def test_knn_of_a_checkpoint_with_the_base_config_given_too(tmp_path, synth_data):
+    """``dcv2 knn --checkpoint CKPT config=...``: the checkpoint's own config is the base (its model matches the
+    weights); the extra base token is reported as not applied instead of failing as "given twice"."""
+    path, _, _ = _our_checkpoint(tmp_path)
+    p = run_cli("knn", "--train", str(synth_data / "train"), "--val", str(synth_data / "val"), "--checkpoint",
+                str(path), "--size", "32", "--workers", "0",
+                "config=pretrain/deepcluster_v2/deepclusterv2_2crops_resnet", timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "not applied; the checkpoint's own config is the base" in p.stderr
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["weights"] == str(path) and 0 <= res["top1"] <= 100

@@ -437,7 +437,7 @@ def test_frozen_peer_ends_the_others_within_the_timeout(synth_data, tmp_path):
 
 NAN_WRAPPER = '''
 import os, sys
-import dcv2_k8s.engine as E
+import dcv2_k8s.dcv2.method as E
 import dcv2_k8s.metrics as M
 from dcv2_k8s import cli
 

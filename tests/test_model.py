@@ -95,6 +95,6 @@ def test_multi_resolution_forward_groups_crops_and_normalises():
 
 def test_build_model_from_preset_runs():
     cfg = resolve(["config=pretrain/deepcluster_v2/deepclusterv2_demo_cpu"]).cfg
-    model = build_model(cfg.MODEL)
+    model = build_model(cfg)
     z = model([torch.randn(4, 3, 64, 64), torch.randn(4, 3, 64, 64), torch.randn(4, 3, 32, 32)])
     assert z.shape == (12, 64)

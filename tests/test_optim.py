@@ -94,8 +94,8 @@ def test_build_optimizer_wraps_sgd_in_larc():
 
 # ----------------------------------------------------------------------------------------- schedules
 def _lr_cfg(world=64):
-    return dict(resolve(["config=pretrain/deepcluster_v2/deepclusterv2_2crops_resnet"], world_size=world,
-                        local_world_size=8).cfg.OPTIMIZER.param_schedulers.lr)
+    return resolve(["config=pretrain/deepcluster_v2/deepclusterv2_2crops_resnet"], world_size=world,
+                   local_world_size=8).cfg.OPTIMIZER.param_schedulers.lr
 
 
 def test_vissl_composite_schedule_values():

@@ -17,12 +17,16 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+
+from dcv2_k8s import schema
+from dcv2_k8s.config import dicts
+from dcv2_k8s.config.dicts import FREE_FORM
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULTS_FILE = Path(__file__).parent / "defaults.yaml"
@@ -36,27 +40,19 @@ VISSL_IGNORED = {
     "DISTRIBUTED.RUN_ID", "DISTRIBUTED.NCCL_DEBUG", "DISTRIBUTED.DISTR_ON", "CHECKPOINT.OVERWRITE_EXISTING",
     "LOSS.deepclusterv2_loss.memory_params.crops_for_assign", "MODEL.FEATURE_EVAL_SETTINGS",
 }
-# Values whose inside is free-form (passed through to a library).
-FREE_FORM = {"MODEL.AMP_PARAMS.AMP_ARGS"}
-# Lists whose items are checked by dedicated validators rather than against the defaults.
+# VISSL's loss section repeats four values whose source of truth is elsewhere. They are accepted, checked
+# against that source (a disagreeing command-line value is an error, a file's placeholder a note), and dropped.
+LOSS = "LOSS.deepclusterv2_loss"
+VISSL_DERIVED = {f"{LOSS}.num_train_samples", f"{LOSS}.BATCHSIZE_PER_REPLICA", f"{LOSS}.num_crops",
+                 f"{LOSS}.DROP_LAST"}
+# Lists whose items are checked by the typed schema (schema.py) rather than against the defaults.
 ITEM_VALIDATED = {"DATA.TRAIN.TRANSFORMS", "MODEL.HEAD.PARAMS", "OPTIMIZER.param_schedulers.lr.schedulers"}
 # Keys that only some values of a sibling 'name' use (single LR schedulers).
-SCHEDULER_KEYS = {"start_value", "end_value", "value", "values", "milestones", "base_lr", "final_lr",
-                  "start_warmup", "warmup_fraction"}
-OPTIONAL_UNDER = {"OPTIMIZER.param_schedulers.lr": SCHEDULER_KEYS}
+OPTIONAL_UNDER = {"OPTIMIZER.param_schedulers.lr": set(schema.SCHEDULER_KEYS)}
 # Specific advice for keys people are known to get wrong.
 KNOWN_MISTAKES = {
     "DATA.TRANSFORMS": "config.DATA.TRANSFORMS is not read: transforms belong in config.DATA.TRAIN.TRANSFORMS "
     "(VISSL's multicrop group file has this bug; use our group +config/pretrain/deepcluster_v2/transforms=NAME)",
-}
-# Types of keys whose default is null.
-NULL_DEFAULT_TYPES = {
-    "LOSS.deepclusterv2_loss.num_train_samples": int,
-    "LOSS.deepclusterv2_loss.BATCHSIZE_PER_REPLICA": int,
-    "LOSS.deepclusterv2_loss.num_crops": int,
-    "LOSS.deepclusterv2_loss.DROP_LAST": bool,
-    "DISTRIBUTED.NUM_NODES": int,
-    "DISTRIBUTED.NUM_PROC_PER_NODE": int,
 }
 
 
@@ -70,13 +66,18 @@ class ConfigError(Exception):
 
 @dataclass
 class Resolved:
-    """A resolved configuration plus what the user should be told about it."""
+    """A resolved configuration: typed (``cfg``), as the nested dict it came from (``raw``, what checkpoints and
+    spawned processes carry), plus what the user should be told about it."""
 
-    cfg: DictConfig
+    cfg: schema.Config
+    raw: dict
     name: str
     notes: list[str] = field(default_factory=list)
     cli_keys: set[str] = field(default_factory=set)
     file_keys: set[str] = field(default_factory=set)
+
+    def yaml(self) -> str:
+        return to_yaml(self.raw)
 
 
 # --------------------------------------------------------------------------------------------- files
@@ -91,6 +92,13 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(data, dict) or "config" not in data or not isinstance(data["config"], dict):
         raise ConfigError([f"{path}: a config file must have a root key 'config:' holding a mapping"])
     return data["config"]
+
+
+def _header(path: Path) -> dict:
+    """The keys of a config file beside ``config:`` (a resolved file's ``resolved_from``, ``added_keys``)."""
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    return {k: v for k, v in data.items() if k != "config"} if isinstance(data, dict) else {}
 
 
 def preset_names(group: str = "") -> list[str]:
@@ -124,108 +132,29 @@ def find_group_file(group: str, name: str) -> Path:
     raise ConfigError([f"+config/{group}={name}: no such group file{hint}"])
 
 
-# ---------------------------------------------------------------------------------------------- dicts
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    if isinstance(d, dict):
-        for k, v in d.items():
-            key = f"{prefix}.{k}" if prefix else str(k)
-            if isinstance(v, dict) and key not in FREE_FORM and v:
-                out.update(_flatten(v, key))
-            else:
-                out[key] = v
-    return out
-
-
-def _get(d: dict, dotted: str, default: Any = None) -> Any:
-    cur: Any = d
-    for part in dotted.split("."):
-        if isinstance(cur, dict) and part in cur:
-            cur = cur[part]
-        elif isinstance(cur, list) and part.isdigit() and int(part) < len(cur):
-            cur = cur[int(part)]
-        else:
-            return default
-    return cur
-
-
-def _set(d: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    cur: Any = d
-    for part in parts[:-1]:
-        if isinstance(cur, list) and part.isdigit():
-            cur = cur[int(part)]
-            continue
-        if part not in cur or not isinstance(cur[part], (dict, list)):
-            cur[part] = {}
-        cur = cur[part]
-    last = parts[-1]
-    if isinstance(cur, list) and last.isdigit():
-        cur[int(last)] = value
-    else:
-        cur[last] = value
-
-
-def _delete(d: dict, dotted: str) -> None:
-    parts = dotted.split(".")
-    cur = d
-    for part in parts[:-1]:
-        cur = cur.get(part, {})
-    cur.pop(parts[-1], None)
-
-
-def _merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def _has_key(d: dict, dotted: str) -> bool:
-    sentinel = object()
-    return _get(d, dotted, sentinel) is not sentinel
-
-
 # ---------------------------------------------------------------------------------------- validation
-def _type_name(v: Any) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-            dict: "a mapping"}.get(type(v), type(v).__name__)
-
-
-def _type_ok(expected: Any, value: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(expected, bool):
-        return isinstance(value, bool)
-    if isinstance(expected, float):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(expected, int):
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(expected, type):
-        return _type_ok(expected(), value)
-    return isinstance(value, type(expected))
-
-
 def _check_keys(user: dict, defaults: dict, source: str, errors: list[str], ignored: list[str],
-                added: set[str]) -> None:
-    """Unknown keys get the closest valid key suggested; known VISSL-only keys are dropped."""
-    valid = _flatten(defaults)
+                added: set[str], repeated: dict[str, tuple[Any, bool]]) -> None:
+    """Unknown keys get the closest valid key suggested; known VISSL-only keys are dropped; VISSL's repeated
+    values are moved to ``repeated`` (key -> (value, from the command line))."""
+    valid = dicts.flatten(defaults)
     valid_prefixes = set()
     for k in valid:
         parts = k.split(".")
         for i in range(1, len(parts)):
             valid_prefixes.add(".".join(parts[:i]))
-    for key in list(_flatten(user)):
+    for key in list(dicts.flatten(user)):
         if key in valid or key in added or any(key.startswith(f + ".") for f in FREE_FORM):
+            continue
+        if key in VISSL_DERIVED:
+            repeated[key] = (dicts.get(user, key), source == "the command line")
+            dicts.delete(user, key)
             continue
         if any(key == ig or key.startswith(ig + ".") for ig in VISSL_IGNORED):
             top = next(ig for ig in VISSL_IGNORED if key == ig or key.startswith(ig + "."))
             if top not in ignored:
                 ignored.append(top)
-            _delete(user, top)
+            dicts.delete(user, top)
             continue
         if any(key.startswith(f + ".") for f in ITEM_VALIDATED) or any(key.startswith(a + ".") for a in added):
             continue
@@ -246,19 +175,6 @@ def _check_keys(user: dict, defaults: dict, source: str, errors: list[str], igno
             close = difflib.get_close_matches(key, same_leaf, n=1, cutoff=0.3)
         hint = f"; did you mean config.{close[0]}?" if close else ""
         errors.append(f"config.{key} (from {source}) is not a known key{hint}")
-
-
-def _check_types(cfg: dict, defaults: dict, errors: list[str]) -> None:
-    for key, default in _flatten(defaults).items():
-        if key in ITEM_VALIDATED or key in FREE_FORM:
-            continue
-        value = _get(cfg, key)
-        expected = NULL_DEFAULT_TYPES.get(key, default) if default is None else default
-        if expected is None or value is None:
-            continue
-        if not _type_ok(expected, value):
-            want = _type_name(expected() if isinstance(expected, type) else expected)
-            errors.append(f"config.{key}={value!r} must be {want}, got {_type_name(value)}")
 
 
 # ------------------------------------------------------------------------------------------- tokens
@@ -305,25 +221,27 @@ def load_defaults() -> dict:
 
 
 def resolve(tokens: Iterable[str], world_size: int | None = None, local_world_size: int | None = None,
-            num_train_samples: int | None = None, for_training: bool = True) -> Resolved:
-    """Compose, validate and derive a config.
+            for_training: bool = True) -> Resolved:
+    """Compose, validate, derive and type a config. No side effects: nothing is read but the config files.
 
     Args:
         tokens: command-line tokens as described in the module docstring.
-        world_size: number of processes when launched by torchrun / a PyTorchJob (None: not launched).
-        local_world_size: processes on this node when launched.
-        num_train_samples: dataset length when known (it fills and checks the loss section).
+        world_size: number of processes of the run when a launcher (torchrun, a PyTorchJob) says so, else None.
+        local_world_size: processes on this node, likewise.
         for_training: False for evaluation commands: the projection head and the DCv2 loss are not used, so
             their consistency with the trunk is not checked.
 
     Returns:
         A :class:`Resolved`. Raises :class:`ConfigError` listing every problem found.
     """
+    from dcv2_k8s.config import derive
+
     toks = parse_tokens(tokens)
     defaults = load_defaults()
     errors: list[str] = []
     ignored: list[str] = []
     added: set[str] = set()
+    repeated: dict[str, tuple[Any, bool]] = {}
     cfg = copy.deepcopy(defaults)
     file_keys: set[str] = set()
     name = "defaults"
@@ -332,17 +250,21 @@ def resolve(tokens: Iterable[str], world_size: int | None = None, local_world_si
     if toks.base is not None:
         path = find_config_file(toks.base)
         layers.append((f"config={toks.base}", _read_yaml(path)))
+        added.update(_header(path).get("added_keys") or ())  # a resolved file names its added keys
         name = toks.base[:-5] if toks.base.endswith(".yaml") else toks.base
     for group, gname in toks.groups:
         layers.append((f"+config/{group}={gname}", _read_yaml(find_group_file(group, gname))))
     for source, layer in layers:
-        _check_keys(layer, defaults, source, errors, ignored, added)
-        file_keys.update(_flatten(layer))
-        cfg = _merge(cfg, layer)
+        _check_keys(layer, defaults, source, errors, ignored, added, repeated)
+        file_keys.update(dicts.flatten(layer))
+        cfg = dicts.merge(cfg, layer)
 
     cli_keys: set[str] = set()
     for key, value, add in toks.sets:
-        exists = _has_key(cfg, key)
+        if key in VISSL_DERIVED:
+            repeated[key] = (value, True)
+            continue
+        exists = dicts.has(cfg, key)
         if add and exists:
             errors.append(f"+config.{key}: the key exists already; drop the '+' to override it")
             continue
@@ -352,55 +274,75 @@ def resolve(tokens: Iterable[str], world_size: int | None = None, local_world_si
                     ignored.append(key)
                 continue
             probe: dict = {}
-            _set(probe, key, value)
+            dicts.put(probe, key, value)
             before = len(errors)
-            _check_keys(probe, defaults, "the command line", errors, ignored, added)
+            _check_keys(probe, defaults, "the command line", errors, ignored, added, repeated)
             if len(errors) == before:
                 errors.append(f"config.{key}: no such key; use +config.{key}=... to add a new one")
             continue
         if add:
             added.add(key)
-        _set(cfg, key, value)
+        dicts.put(cfg, key, value)
         cli_keys.add(key)
 
-    _check_types(cfg, defaults, errors)
     notes = [f"ignored (not used by dcv2): config.{k}" for k in ignored]
     notes += [f"added key config.{k} is not read by dcv2" for k in sorted(added)]
+    _, type_errors = schema.build(cfg, _added_values(cfg, added))
+    errors += type_errors
     if not errors:
-        from dcv2_k8s.config import derive  # local import: derive needs the helpers above
-
-        derive.derive_and_validate(cfg, cli_keys, file_keys, errors, notes, world_size, local_world_size,
-                                   num_train_samples, for_training)
+        derive.derive_and_validate(cfg, derive.Sources(cli_keys, file_keys, repeated), errors, notes, world_size,
+                                   local_world_size, for_training)
+    typed = None
+    if not errors:
+        typed, errors = schema.build(cfg, _added_values(cfg, added))
     if errors:
         raise ConfigError(errors)
-    return Resolved(OmegaConf.create(cfg), name, notes, cli_keys, file_keys)
+    return Resolved(typed, cfg, name, notes, cli_keys, file_keys)
 
 
-def to_yaml(cfg: DictConfig) -> str:
-    return yaml.safe_dump({"config": OmegaConf.to_container(cfg, resolve=True)}, sort_keys=False,
-                          default_flow_style=None, width=110)
+def _added_values(raw: dict, keys) -> dict:
+    return {k: dicts.get(raw, k) for k in sorted(keys) if dicts.has(raw, k)}
 
 
-def env_world() -> tuple[int | None, int | None]:
-    """World size and processes per node from a launcher's environment (torchrun, PyTorchJob)."""
-    if "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ:
-        world = int(os.environ["WORLD_SIZE"])
-        return world, int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    nnodes, nproc = os.environ.get("PET_NNODES", ""), os.environ.get("PET_NPROC_PER_NODE", "")
-    if nnodes.isdigit() and nproc.isdigit():  # a pod whose torchrun settings come from PET_* (before spawning)
-        return int(nnodes) * int(nproc), int(nproc)
-    return None, None
+def to_yaml(raw: dict) -> str:
+    """A resolved config as a config file (root key ``config:``)."""
+    return yaml.safe_dump({"config": raw}, sort_keys=False, default_flow_style=None, width=110)
 
 
-def config_from_checkpoint(obj: dict, tokens: Iterable[str] = ()) -> Resolved:
-    """The config saved inside one of our checkpoints (``config_yaml``), with ``tokens`` applied on top."""
-    import tempfile
+def write_resolved(resolved: Resolved, path: str | os.PathLike) -> str:
+    """Write the resolved config for the processes a launcher starts (``dcv2 train --resolved FILE``). The file is
+    also a plain config file: ``config=FILE`` resolves to the same values."""
+    with open(path, "w") as f:
+        f.write(yaml.safe_dump({"config": resolved.raw, "resolved_from": resolved.name,
+                                "added_keys": sorted(resolved.cfg.extra)}, sort_keys=False,
+                               default_flow_style=None, width=110))
+    return str(path)
 
+
+def load_resolved(path: str | os.PathLike) -> Resolved:
+    """Read a file written by :func:`write_resolved`: typed as it is, not composed or derived again."""
+    raw = _read_yaml(Path(path))
+    header = _header(Path(path))
+    name = header.get("resolved_from", Path(path).stem)
+    cfg, errors = schema.build(raw, _added_values(raw, header.get("added_keys") or ()))
+    if errors:
+        raise ConfigError([f"{path}: not a resolved config ({e})" for e in errors])
+    return Resolved(cfg, raw, name)
+
+
+def config_from_checkpoint(obj: dict, tokens: Iterable[str] = (), for_training: bool = True) -> Resolved:
+    """The config saved inside one of our checkpoints (``config_yaml``) with ``tokens`` applied on top. The
+    checkpoint's config is the base; a ``config=NAME`` token among ``tokens`` is not applied (a note says so)."""
     if "config_yaml" not in obj:
         raise ConfigError(["the checkpoint carries no config (not one of ours); pass the config tokens"])
+    tokens = list(tokens)
+    bases = [t for t in tokens if t.startswith("config=")]
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(obj["config_yaml"])
     try:
-        return resolve([f"config={f.name}", *tokens])
+        r = resolve([f"config={f.name}", *[t for t in tokens if t not in bases]], for_training=for_training)
     finally:
         os.unlink(f.name)
+    r.notes += [f"{b}: not applied; the checkpoint's own config is the base (its model must match the weights)"
+                for b in bases]
+    return r

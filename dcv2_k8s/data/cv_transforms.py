@@ -149,45 +149,26 @@ class ToTensorNormalize:
         return torch.from_numpy(cv2.LUT(np.ascontiguousarray(img), self.lut)).permute(2, 0, 1)
 
 
-def _per_crop(entries: list[dict]) -> list:
-    ops = []
-    for entry in entries:
-        name = entry["name"]
-        args = {k: v for k, v in entry.items() if k != "name"}
-        if name == "RandomHorizontalFlip":
-            ops.append(Flip(args.get("p", 0.5)))
-        elif name == "ImgPilColorDistortion":
-            ops.append(ColorDistortion(args.get("strength", 1.0)))
-        elif name == "ImgPilRandomGrayscale":
-            ops.append(ColorDistortion(p_jitter=0.0, p_gray=args.get("p", 0.2)))
-        elif name == "ImgPilGaussianBlur":
-            ops.append(GaussianBlur(args.get("p", 0.5), args.get("radius_min", 0.1), args.get("radius_max", 2.0)))
-        elif name == "ToTensor":
-            ops.append(ToTensorNormalize())
-        elif name == "Normalize":
-            if not ops or not isinstance(ops[-1], ToTensorNormalize) or ops[-1].mean is not None:
-                raise ValueError("AUG_BACKEND opencv: Normalize must follow ToTensor")
-            ops[-1] = ToTensorNormalize(list(args["mean"]), list(args["std"]))
-        else:
-            raise ValueError(f"transform {name!r} has no opencv version; use config.DATA.TRAIN.AUG_BACKEND=pil")
-    if not ops or not isinstance(ops[-1], ToTensorNormalize):
-        raise ValueError("AUG_BACKEND opencv: the transform list must end with ToTensor (and Normalize)")
-    return ops
+def normalize_into(ops: list, mean, std) -> None:
+    """``Normalize`` folds into the preceding ``ToTensor`` (one lookup-table pass)."""
+    if not ops or not isinstance(ops[-1], ToTensorNormalize) or ops[-1].mean is not None:
+        raise ValueError("AUG_BACKEND opencv: Normalize must follow ToTensor")
+    ops[-1] = ToTensorNormalize(list(mean), list(std))
 
 
 class CvMultiCrop:
-    """PIL image (or HWC uint8 array) -> list of ``total_num_crops`` tensors, large crops first."""
+    """PIL image (or HWC uint8 array) -> list of ``total_num_crops`` tensors, large crops first. ``crops`` is the
+    (size, scale range) of every crop; ``ops`` the per-crop operations built from the transform registry
+    (``data/transforms.py``)."""
 
-    def __init__(self, transforms: list[dict]):
+    def __init__(self, crops: list[tuple[int, tuple[float, float]]], ops: list):
         if cv2 is None:
             raise ImportError("AUG_BACKEND opencv needs opencv-python-headless (pip install "
                               "opencv-python-headless), or set config.DATA.TRAIN.AUG_BACKEND=pil")
-        entries = [dict(t) for t in transforms]
-        mc = next(t for t in entries if t["name"] == "ImgPilToMultiCrop")
-        self.crops = [(int(size), tuple(scale)) for n, size, scale in
-                      zip(mc["num_crops"], mc["size_crops"], mc["crop_scales"]) for _ in range(n)]
-        self.ops = _per_crop([t for t in entries if t["name"] != "ImgPilToMultiCrop"])
-        self.sizes = [size for size, _ in self.crops]
+        if not ops or not isinstance(ops[-1], ToTensorNormalize):
+            raise ValueError("AUG_BACKEND opencv: the transform list must end with ToTensor (and Normalize)")
+        self.crops, self.ops = crops, ops
+        self.sizes = [size for size, _ in crops]
 
     def __call__(self, img) -> list[torch.Tensor]:
         arr = torch.from_numpy(np.array(img) if isinstance(img, Image.Image) else np.ascontiguousarray(img))

@@ -883,10 +883,3 @@ def ensure_local(uri: str, stage_dir: str = "", local_rank: int = 0, timeout: fl
     else:
         wait_for_marker(dest, timeout)
     return dest
-
-
-def local_data_dir(cfg) -> str:
-    """The training data of a resolved config as a local directory (s3:// is staged by local rank 0 first)."""
-    return ensure_local(str(cfg.DATA.TRAIN.DATA_PATHS[0]), str(cfg.DATA.TRAIN.STAGE_DIR),
-                        int(os.environ.get("LOCAL_RANK", "0")), float(cfg.DISTRIBUTED.TIMEOUT_SECONDS) * 6,
-                        progress=sys.stderr.isatty())

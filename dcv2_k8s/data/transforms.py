@@ -9,9 +9,15 @@ ImgPilToMultiCrop applies to each crop independently.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Callable
+
 import torch
 from PIL import Image, ImageFilter
 from torchvision.transforms import v2
+
+from dcv2_k8s.schema import Transform, multicrop_of
+from dcv2_k8s.data import cv_transforms as cvt
 
 
 class PilGaussianBlur(torch.nn.Module):
@@ -34,39 +40,70 @@ def color_distortion(strength: float = 1.0) -> v2.Compose:
                        v2.RandomGrayscale(p=0.2)])
 
 
-def _per_crop(entry: dict) -> torch.nn.Module:
-    name = entry["name"]
-    args = {k: v for k, v in entry.items() if k != "name"}
-    if name == "RandomHorizontalFlip":
-        return v2.RandomHorizontalFlip(p=args.get("p", 0.5))
-    if name == "ImgPilColorDistortion":
-        return color_distortion(args.get("strength", 1.0))
-    if name == "ColorJitter":
-        return v2.ColorJitter(**args)
-    if name == "ImgPilRandomGrayscale":
-        return v2.RandomGrayscale(p=args.get("p", 0.2))
-    if name == "ImgPilGaussianBlur":
-        return PilGaussianBlur(args.get("p", 0.5), args.get("radius_min", 0.1), args.get("radius_max", 2.0))
-    if name == "ToTensor":
-        return v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)])
-    if name == "Normalize":
-        return v2.Normalize(mean=list(args["mean"]), std=list(args["std"]))
-    raise ValueError(f"unsupported transform {name!r}")
+def _pil_to_tensor(args: dict) -> torch.nn.Module:
+    return v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)])
+
+
+def _cv(build: Callable[[dict], Any]) -> Callable[[dict, list], None]:
+    """An OpenCV op that appends itself to the list of per-crop ops."""
+    return lambda args, ops: ops.append(build(args))
+
+
+@dataclass(frozen=True)
+class Op:
+    """How one VISSL transform name is built by each backend: ``pil(args) -> module``; ``opencv(args, ops)`` adds
+    to the OpenCV op list (None: no OpenCV version, config validation says so)."""
+
+    pil: Callable[[dict], Any] | None
+    opencv: Callable[[dict, list], None] | None
+    multicrop: bool = False
+
+
+MULTICROP = "ImgPilToMultiCrop"
+# The one registry of transform names: config validation, the PIL backend and the OpenCV backend read it.
+TRANSFORMS: dict[str, Op] = {
+    MULTICROP: Op(None, None, multicrop=True),
+    "RandomHorizontalFlip": Op(lambda a: v2.RandomHorizontalFlip(p=a.get("p", 0.5)),
+                               _cv(lambda a: cvt.Flip(a.get("p", 0.5)))),
+    "ImgPilColorDistortion": Op(lambda a: color_distortion(a.get("strength", 1.0)),
+                                _cv(lambda a: cvt.ColorDistortion(a.get("strength", 1.0)))),
+    "ImgPilRandomGrayscale": Op(lambda a: v2.RandomGrayscale(p=a.get("p", 0.2)),
+                                _cv(lambda a: cvt.ColorDistortion(p_jitter=0.0, p_gray=a.get("p", 0.2)))),
+    "ImgPilGaussianBlur": Op(lambda a: PilGaussianBlur(a.get("p", 0.5), a.get("radius_min", 0.1),
+                                                       a.get("radius_max", 2.0)),
+                             _cv(lambda a: cvt.GaussianBlur(a.get("p", 0.5), a.get("radius_min", 0.1),
+                                                            a.get("radius_max", 2.0)))),
+    "ColorJitter": Op(lambda a: v2.ColorJitter(**a), None),
+    "ToTensor": Op(_pil_to_tensor, _cv(lambda a: cvt.ToTensorNormalize())),
+    "Normalize": Op(lambda a: v2.Normalize(mean=list(a["mean"]), std=list(a["std"])),
+                    lambda a, ops: cvt.normalize_into(ops, a["mean"], a["std"])),
+}
+
+
+def _entries(transforms) -> list[dict]:
+    return [t.as_dict() if isinstance(t, Transform) else dict(t) for t in transforms]
+
+
+def _args(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if k != "name"}
+
+
+def _op(name: str) -> Op:
+    if name not in TRANSFORMS:
+        raise ValueError(f"unsupported transform {name!r}; choose from {sorted(TRANSFORMS)}")
+    return TRANSFORMS[name]
 
 
 class MultiCrop:
     """PIL image -> list of ``total_num_crops`` tensors, large crops first (crop-major order)."""
 
-    def __init__(self, transforms: list[dict]):
-        entries = [dict(t) for t in transforms]
-        mc = next(t for t in entries if t["name"] == "ImgPilToMultiCrop")
-        self.crops = []
-        for n, size, scale in zip(mc["num_crops"], mc["size_crops"], mc["crop_scales"]):
-            rrc = v2.RandomResizedCrop(size, scale=tuple(scale), interpolation=v2.InterpolationMode.BILINEAR,
-                                       antialias=True)
-            self.crops += [rrc] * n
-        self.per_crop = v2.Compose([_per_crop(t) for t in entries if t["name"] != "ImgPilToMultiCrop"])
-        self.sizes = [size for n, size in zip(mc["num_crops"], mc["size_crops"]) for _ in range(n)]
+    def __init__(self, transforms):
+        entries = _entries(transforms)
+        spec = multicrop_of(entries)
+        self.crops = [v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BILINEAR,
+                                           antialias=True) for size, scale in spec.crops]
+        self.per_crop = v2.Compose([_op(t["name"]).pil(_args(t)) for t in entries if not _op(t["name"]).multicrop])
+        self.sizes = spec.sizes
 
     def __call__(self, img: Image.Image) -> list[torch.Tensor]:
         return [self.per_crop(crop(img)) for crop in self.crops]
@@ -78,23 +115,24 @@ def eval_transform(size: int, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.2
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
 
 
-def normalize_params(transforms: list[dict]) -> tuple[list[float], list[float]]:
-    for t in transforms:
-        if t["name"] == "Normalize":
-            return list(t["mean"]), list(t["std"])
-    return [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-
-
 AUG_BACKENDS = ("pil", "opencv")
 
 
-def build_multicrop(transforms: list[dict], backend: str = "pil"):
-    """The multi-crop transform for ``DATA.TRAIN.AUG_BACKEND``: ``pil`` (the reference's kernels) or ``opencv``
-    (the same distributions on SIMD kernels, see :mod:`dcv2_k8s.data.cv_transforms`)."""
-    if backend == "opencv":
-        from dcv2_k8s.data.cv_transforms import CvMultiCrop
-
-        return CvMultiCrop(transforms)
-    if backend != "pil":
+def build_multicrop(transforms, backend: str = "pil"):
+    """The multi-crop transform of a ``DATA.TRAIN.TRANSFORMS`` list (typed entries or dicts) for
+    ``DATA.TRAIN.AUG_BACKEND``: ``pil`` (the reference's kernels) or ``opencv`` (the same distributions on SIMD
+    kernels, see :mod:`dcv2_k8s.data.cv_transforms`)."""
+    if backend == "pil":
+        return MultiCrop(transforms)
+    if backend != "opencv":
         raise ValueError(f"AUG_BACKEND {backend!r}: choose one of {', '.join(AUG_BACKENDS)}")
-    return MultiCrop(transforms)
+    entries = _entries(transforms)
+    ops: list = []
+    for t in entries:
+        op = _op(t["name"])
+        if op.multicrop:
+            continue
+        if op.opencv is None:
+            raise ValueError(f"transform {t['name']!r} has no opencv version; use config.DATA.TRAIN.AUG_BACKEND=pil")
+        op.opencv(_args(t), ops)
+    return cvt.CvMultiCrop(multicrop_of(entries).crops, ops)

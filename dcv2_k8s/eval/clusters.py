@@ -1,6 +1,6 @@
 """``dcv2 clusters CHECKPOINT DATA_DIR OUT/``: assign every image to its cluster per head with the trained centroids.
 
-The model of the checkpoint (trunk + head, eval mode) embeds a resized center crop of every image; the cluster
+The model of the checkpoint (trunk + head, eval mode, ``DCv2Model.embed``) embeds a resized center crop of every image; the cluster
 of head h is the centroid with the largest cosine similarity, as in the last E-step of k-means (and as swav
 issue #51 describes for new images). Writes ``assignments.csv`` (index, path, head, cluster, score),
 ``cluster_sizes.json`` (sizes, empty clusters, size entropy per head) and ``contact_sheet_head{h}.png`` with the
@@ -14,11 +14,10 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from dcv2_k8s.data.dataset import IndexedImageFolder
-from dcv2_k8s.data.transforms import eval_transform, normalize_params
+from dcv2_k8s.data.transforms import eval_transform
 from dcv2_k8s.dcv2.stats import size_entropy
 
 
@@ -38,7 +37,7 @@ def embed(model, root: str, size: int, mean, std, batch: int = 64, workers: int 
     model.eval()
     out = []
     for _, x in tqdm(DataLoader(ds, batch_size=batch, num_workers=workers), desc="embed", disable=not progress):
-        out.append(F.normalize(model.head(model.trunk(x)).float(), dim=1))
+        out.append(model.embed(x))
     return ds, torch.cat(out)
 
 
@@ -92,13 +91,8 @@ def run_from_checkpoint(checkpoint: str, data_dir: str, out_dir: str, workers: i
     if "config_yaml" not in obj:
         raise WeightsError(f"{checkpoint}: cluster extraction needs one of our DCv2 checkpoints (with centroids)")
     cfg = config_from_checkpoint(obj).cfg
-    model = build_model(cfg.MODEL)
-    ks = [int(k) for k in cfg.LOSS.deepclusterv2_loss.num_clusters]
-    for h, k in enumerate(ks):
-        model.register_buffer(f"prototypes{h}", torch.zeros(k, int(cfg.LOSS.deepclusterv2_loss.memory_params.embedding_dim)))
+    model = build_model(cfg)
     load_weights(model, checkpoint)
-    transforms = [dict(t) for t in cfg.DATA.TRAIN.TRANSFORMS]
-    size = int(transforms[0]["size_crops"][0])
-    mean, std = normalize_params(transforms)
-    centroids = [getattr(model, f"prototypes{h}") for h in range(len(ks))]
-    return extract_clusters(model, centroids, data_dir, out_dir, size, mean, std, workers, progress)
+    mean, std = cfg.DATA.TRAIN.normalize
+    return extract_clusters(model, model.prototypes, data_dir, out_dir, cfg.DATA.TRAIN.multicrop.large_size, mean, std,
+                            workers, progress)

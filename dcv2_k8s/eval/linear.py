@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from dcv2_k8s import distributed as D
 from dcv2_k8s.data.dataset import IndexedImageFolder, ResumableDistributedSampler, check_splits
 from dcv2_k8s.data.stage import ensure_local
-from dcv2_k8s.data.transforms import eval_transform, normalize_params
+from dcv2_k8s.data.transforms import eval_transform
 from dcv2_k8s.eval.knn import extract_features
 from dcv2_k8s.metrics import Metrics
 from dcv2_k8s.model.resnet import build_trunk
@@ -84,17 +84,17 @@ class LinearEval:
         cfg = self.cfg = resolved.cfg
         self.info = info
         self.device = D.pick_device(cfg.MACHINE.DEVICE, info.local_rank)
-        D.init_process_group(info, cfg.DISTRIBUTED.BACKEND, self.device, float(cfg.DISTRIBUTED.TIMEOUT_SECONDS))
-        torch.manual_seed(int(cfg.SEED_VALUE))
+        D.init_process_group(info, cfg.DISTRIBUTED.BACKEND, self.device, cfg.DISTRIBUTED.TIMEOUT_SECONDS)
+        torch.manual_seed(cfg.SEED_VALUE)
         le = cfg.LINEAR_EVAL
-        self.size = int(le.CROP_SIZE)
-        self.mean, self.std = normalize_params([dict(t) for t in cfg.DATA.TRAIN.TRANSFORMS])
-        timeout = float(cfg.DISTRIBUTED.TIMEOUT_SECONDS) * 6
-        self.train_dir = ensure_local(str(cfg.DATA.TRAIN.DATA_PATHS[0]), str(cfg.DATA.TRAIN.STAGE_DIR),
+        self.size = le.CROP_SIZE
+        self.mean, self.std = cfg.DATA.TRAIN.normalize
+        timeout = cfg.DISTRIBUTED.TIMEOUT_SECONDS * 6
+        self.train_dir = ensure_local(cfg.DATA.TRAIN.DATA_PATHS[0], cfg.DATA.TRAIN.STAGE_DIR,
                                       info.local_rank, timeout)
-        self.val_dir = ensure_local(str(cfg.DATA.TEST.DATA_PATHS[0]), "", info.local_rank, timeout)
+        self.val_dir = ensure_local(cfg.DATA.TEST.DATA_PATHS[0], "", info.local_rank, timeout)
         self.trunk = build_trunk(cfg.MODEL.TRUNK)
-        weights = str(cfg.MODEL.WEIGHTS_INIT.PARAMS_FILE)
+        weights = cfg.MODEL.WEIGHTS_INIT.PARAMS_FILE
         if weights:
             from dcv2_k8s.model.dcv2_model import DCv2Model
 
@@ -106,23 +106,23 @@ class LinearEval:
         self.trunk = self.trunk.to(self.device).eval().requires_grad_(False)
         self.weights = weights or "random-init"
         self.num_classes = len(check_splits(self.train_dir, self.val_dir))  # same class names, or one line
-        self.head = build_head(str(le.HEAD), self.trunk.out_dim, self.num_classes).to(self.device)
+        self.head = build_head(le.HEAD, self.trunk.out_dim, self.num_classes).to(self.device)
         self.ddp = DDP(self.head, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
             if info.distributed else self.head
         oc = cfg.OPTIMIZER
-        groups = param_groups(self.head, float(oc.weight_decay), bool(oc.regularize_bn), bool(oc.regularize_bias))
-        self.optimizer = torch.optim.SGD(groups, lr=0.0, momentum=float(oc.momentum), nesterov=bool(oc.nesterov))
-        self.epochs = int(oc.num_epochs)
-        self.batch = int(cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA)
+        groups = param_groups(self.head, oc.weight_decay, oc.regularize_bn, oc.regularize_bias)
+        self.optimizer = torch.optim.SGD(groups, lr=0.0, momentum=oc.momentum, nesterov=oc.nesterov)
+        self.epochs = oc.num_epochs
+        self.batch = cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA
         self.progress = info.is_main and sys.stderr.isatty()
         mc = cfg.METRICS
-        self.metrics = Metrics(str(cfg.RUN_NAME) or resolved.name.replace("/", "_"), info.node_rank,
-                               bool(mc.ENABLED) and info.local_rank == 0, int(mc.PORT), str(mc.ADDR), resolved.name)
+        self.metrics = Metrics(cfg.RUN_NAME or resolved.name.replace("/", "_"), info.node_rank,
+                               mc.ENABLED and info.local_rank == 0, mc.PORT, mc.ADDR, resolved.name)
 
     # ---------------------------------------------------------------------------------------- data
     def _loaders(self):
         cfg, info = self.cfg, self.info
-        workers = int(cfg.DATA.NUM_DATALOADER_WORKERS)
+        workers = cfg.DATA.NUM_DATALOADER_WORKERS
         if cfg.LINEAR_EVAL.FEATURE_CACHE:
             feats = {}
             for split, root in (("train", self.train_dir), ("val", self.val_dir)):
@@ -131,9 +131,9 @@ class LinearEval:
                                                 progress=self.progress, normalize=False)
             return feats
         train = IndexedImageFolder(self.train_dir, train_transform(self.size, self.mean, self.std),
-                                   seed=int(cfg.SEED_VALUE))
+                                   seed=cfg.SEED_VALUE)
         val = IndexedImageFolder(self.val_dir, eval_transform(self.size, self.mean, self.std))
-        self.sampler = ResumableDistributedSampler(len(train), info.world_size, info.rank, True, int(cfg.SEED_VALUE))
+        self.sampler = ResumableDistributedSampler(len(train), info.world_size, info.rank, True, cfg.SEED_VALUE)
         tl = DataLoader(Labelled(train), batch_size=self.batch, sampler=self.sampler, drop_last=True,
                         num_workers=workers, pin_memory=self.device.type == "cuda")
         vs = ResumableDistributedSampler(len(val), info.world_size, info.rank, shuffle=False)
@@ -152,11 +152,11 @@ class LinearEval:
         cached = isinstance(data["train"], tuple)
         if cached:
             ftr, ytr = data["train"]
-            g = torch.Generator().manual_seed(int(self.cfg.SEED_VALUE))
+            g = torch.Generator().manual_seed(self.cfg.SEED_VALUE)
             steps_per_epoch = max(1, ftr.shape[0] // (self.batch * self.info.world_size))
         else:
             steps_per_epoch = len(data["train"])
-        schedule = LRSchedule(dict(self.cfg.OPTIMIZER.param_schedulers.lr), self.epochs * steps_per_epoch,
+        schedule = LRSchedule(self.cfg.OPTIMIZER.param_schedulers.lr, self.epochs * steps_per_epoch,
                               steps_per_epoch)
         history, step, t0 = [], 0, time.time()
         for epoch in range(self.epochs):
@@ -184,7 +184,7 @@ class LinearEval:
                      top5, loss.item())
             self.metrics.linear_eval(top1, top5)
         best = max(history, key=lambda h: h["top1"])
-        result = {"protocol": str(self.cfg.LINEAR_EVAL.HEAD), "feature_cache": bool(self.cfg.LINEAR_EVAL.FEATURE_CACHE),
+        result = {"protocol": self.cfg.LINEAR_EVAL.HEAD, "feature_cache": self.cfg.LINEAR_EVAL.FEATURE_CACHE,
                   "weights": self.weights, "epochs": self.epochs, "num_classes": self.num_classes,
                   "top1": best["top1"], "top5": best["top5"], "best_epoch": best["epoch"],
                   "final_top1": history[-1]["top1"], "final_top5": history[-1]["top5"],
@@ -213,14 +213,14 @@ class LinearEval:
         return float(100 * counts[0] / counts[2]), float(100 * counts[1] / counts[2])
 
     def write(self, result: dict) -> None:
-        out = str(self.cfg.LINEAR_EVAL.OUTPUT) or open_storage(str(self.cfg.CHECKPOINT.DIR)).join("linear_eval.json")
+        out = self.cfg.LINEAR_EVAL.OUTPUT or open_storage(self.cfg.CHECKPOINT.DIR).join("linear_eval.json")
         write_bytes(out, json.dumps(result, indent=1).encode())
         log.info("linear eval: best top-1 %.2f%% (epoch %d), top-5 %.2f%%; written to %s", result["top1"],
                  result["best_epoch"], result["top5"], out)
 
 
 def linear_eval(resolved) -> dict:
-    from dcv2_k8s.engine import setup_logging
+    from dcv2_k8s.runtime import setup_logging
 
     from dcv2_k8s.trainer_status import TrainerStatusReporter
 

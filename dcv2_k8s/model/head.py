@@ -28,9 +28,7 @@ def mlp_stage(dims: list[int], use_relu: bool = False, use_bn: bool = False, ski
 
 
 def build_head(head_cfg) -> nn.Sequential:
-    stages = []
-    for _, opts in head_cfg.PARAMS:
-        opts = dict(opts)
-        stages.append(mlp_stage(list(opts.pop("dims")), bn_eps=float(head_cfg.BATCHNORM_EPS),
-                                bn_momentum=float(head_cfg.BATCHNORM_MOMENTUM), **opts))
-    return nn.Sequential(*stages)
+    """The head of ``MODEL.HEAD`` (a typed ``config.schema.Head``)."""
+    return nn.Sequential(*[mlp_stage(list(s.dims), s.use_relu, s.use_bn, s.skip_last_layer_relu_bn, s.use_bias,
+                                     s.use_dropout, head_cfg.BATCHNORM_EPS, head_cfg.BATCHNORM_MOMENTUM)
+                           for s in head_cfg.PARAMS])

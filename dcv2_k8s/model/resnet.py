@@ -14,6 +14,13 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 LAYERS = {18: (BasicBlock, [2, 2, 2, 2]), 34: (BasicBlock, [3, 4, 6, 3]), 50: (Bottleneck, [3, 4, 6, 3]),
           101: (Bottleneck, [3, 4, 23, 3]), 152: (Bottleneck, [3, 8, 36, 3])}
+DEPTHS = tuple(sorted(LAYERS))
+
+
+def feature_dim(depth: int, width: float = 1.0) -> int:
+    """Size of the pooled features of a trunk (2048 for ResNet-50, 4096 for ResNet-50 x2, 512 for ResNet-18)."""
+    block = LAYERS[depth][0]
+    return int(64 * width) * 8 * block.expansion
 
 
 class ResNetTrunk(nn.Module):
@@ -35,7 +42,7 @@ class ResNetTrunk(nn.Module):
         self.layer3 = self._make_layer(block, base * 4, layers[2], stride=2)
         self.layer4 = self._make_layer(block, base * 8, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.out_dim = base * 8 * block.expansion
+        self.out_dim = feature_dim(depth, width)
         for m in self.modules():  # torchvision's initialisation
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -68,6 +75,7 @@ class ResNetTrunk(nn.Module):
 
 
 def build_trunk(trunk_cfg) -> ResNetTrunk:
+    """The trunk of ``MODEL.TRUNK`` (a typed ``config.schema.Trunk``)."""
     r = trunk_cfg.RESNETS
-    return ResNetTrunk(depth=int(r.DEPTH), width=float(r.WIDTH_MULTIPLIER), groups=int(r.GROUPS),
-                       width_per_group=int(r.WIDTH_PER_GROUP), zero_init_residual=bool(r.ZERO_INIT_RESIDUAL))
+    return ResNetTrunk(depth=r.DEPTH, width=r.WIDTH_MULTIPLIER, groups=r.GROUPS, width_per_group=r.WIDTH_PER_GROUP,
+                       zero_init_residual=r.ZERO_INIT_RESIDUAL)

@@ -32,13 +32,13 @@ def param_groups(model: nn.Module, weight_decay: float, regularize_bn: bool, reg
 
 
 def build_optimizer(model: nn.Module, opt_cfg) -> torch.optim.Optimizer | LARC:
+    """SGD (+ LARC) of ``OPTIMIZER`` (a typed ``config.schema.Optimizer``)."""
     if opt_cfg.name != "sgd":
         raise ValueError(f"config.OPTIMIZER.name={opt_cfg.name!r}: only sgd is supported")
-    groups = param_groups(model, float(opt_cfg.weight_decay), bool(opt_cfg.regularize_bn),
-                          bool(opt_cfg.regularize_bias))
-    sgd = torch.optim.SGD(groups, lr=0.0, momentum=float(opt_cfg.momentum), nesterov=bool(opt_cfg.nesterov),
-                          weight_decay=float(opt_cfg.weight_decay), foreach=True)
+    groups = param_groups(model, opt_cfg.weight_decay, opt_cfg.regularize_bn, opt_cfg.regularize_bias)
+    sgd = torch.optim.SGD(groups, lr=0.0, momentum=opt_cfg.momentum, nesterov=opt_cfg.nesterov,
+                          weight_decay=opt_cfg.weight_decay, foreach=True)
     if not opt_cfg.use_larc:
         return sgd
     lc = opt_cfg.larc_config
-    return LARC(sgd, trust_coefficient=float(lc.trust_coefficient), clip=bool(lc.clip), eps=float(lc.eps))
+    return LARC(sgd, trust_coefficient=lc.trust_coefficient, clip=lc.clip, eps=lc.eps)

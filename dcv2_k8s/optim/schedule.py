@@ -13,56 +13,58 @@ from __future__ import annotations
 import bisect
 import math
 
+from dcv2_k8s.schema import Schedule, build_section
 
-def _single(cfg: dict, where: float, epoch_frac: float) -> float:
-    name = cfg["name"]
-    if name == "constant":
-        return float(cfg["value"])
-    if name == "linear":
-        return cfg["start_value"] + (cfg["end_value"] - cfg["start_value"]) * where
-    if name == "cosine":
-        return cfg["end_value"] + 0.5 * (cfg["start_value"] - cfg["end_value"]) * (1 + math.cos(math.pi * where))
-    if name in ("multistep", "step"):
+# The scheduler names, the one list config validation reads: children of a composite, and top-level names.
+CHILD_SCHEDULES = ("constant", "linear", "cosine", "multistep", "step")
+SCHEDULES = CHILD_SCHEDULES + ("composite", "swav_warmup_cosine")
+
+
+def _single(s: Schedule, where: float, epoch_frac: float) -> float:
+    if s.name == "constant":
+        return s.value
+    if s.name == "linear":
+        return s.start_value + (s.end_value - s.start_value) * where
+    if s.name == "cosine":
+        return s.end_value + 0.5 * (s.start_value - s.end_value) * (1 + math.cos(math.pi * where))
+    if s.name in ("multistep", "step"):
         # values[i] until milestones[i] (in epochs); VISSL's multistep
-        milestones = list(cfg.get("milestones") or [])
-        return float(cfg["values"][bisect.bisect_right(milestones, epoch_frac)])
-    raise ValueError(f"unknown scheduler {name!r}")
+        return s.values[bisect.bisect_right(list(s.milestones), epoch_frac)]
+    raise ValueError(f"scheduler {s.name!r} cannot be a child of a composite schedule")
 
 
 class LRSchedule:
-    """``schedule(step)`` -> learning rate for the global step ``step`` (0-based)."""
+    """``schedule(step)`` -> learning rate for the global step ``step`` (0-based), from a typed ``Schedule``
+    (``cfg.OPTIMIZER.param_schedulers.lr``) or the same as a plain dict."""
 
-    def __init__(self, lr_cfg: dict, total_steps: int, steps_per_epoch: int):
-        self.cfg = lr_cfg
+    def __init__(self, lr: Schedule | dict, total_steps: int, steps_per_epoch: int):
+        self.cfg = lr if isinstance(lr, Schedule) else build_section(Schedule, dict(lr), "OPTIMIZER.param_schedulers.lr")
         self.total_steps = max(1, total_steps)
         self.steps_per_epoch = max(1, steps_per_epoch)
 
     def where(self, step: int) -> float:
-        if self.cfg.get("update_interval", "step") == "epoch":
+        if self.cfg.update_interval == "epoch":
             step = (step // self.steps_per_epoch) * self.steps_per_epoch
         return min(step / self.total_steps, 1.0 - 1e-12)
 
     def __call__(self, step: int) -> float:
-        cfg = self.cfg
+        s = self.cfg
         where = self.where(step)
         epoch_frac = step / self.steps_per_epoch
-        name = cfg["name"]
-        if name == "swav_warmup_cosine":
-            warm = cfg.get("warmup_fraction", 0.0) * self.total_steps
-            warm_steps = int(round(warm))
-            base, final = float(cfg["base_lr"]), float(cfg.get("final_lr", 0.0))
+        if s.name == "swav_warmup_cosine":
+            warm_steps = int(round((s.warmup_fraction or 0.0) * self.total_steps))
+            base, final = s.base_lr, s.final_lr or 0.0
             if step < warm_steps:
-                start = float(cfg.get("start_warmup", 0.0))
+                start = s.start_warmup or 0.0
                 return start + (base - start) * step / max(1, warm_steps - 1)
             t = (step - warm_steps) / max(1, self.total_steps - warm_steps)
             return final + 0.5 * (base - final) * (1 + math.cos(math.pi * t))
-        if name != "composite":
-            return _single(cfg, where, epoch_frac)
-        lengths = list(cfg["lengths"])
-        scaling = list(cfg.get("interval_scaling") or ["rescaled"] * len(lengths))
+        if s.name != "composite":
+            return _single(s, where, epoch_frac)
+        scaling = s.interval_scaling or ("rescaled",) * len(s.lengths)
         start = 0.0
-        for i, (length, child) in enumerate(zip(lengths, cfg["schedulers"])):
-            if where < start + length or i == len(lengths) - 1:
+        for i, (length, child) in enumerate(zip(s.lengths, s.schedulers)):
+            if where < start + length or i == len(s.lengths) - 1:
                 inner = where if scaling[i] == "fixed" else (where - start) / length
                 return _single(child, min(inner, 1.0), epoch_frac)
             start += length

@@ -1,0 +1,1 @@
+"""Evaluation of a trained trunk: weighted k-NN, linear evaluation, cluster extraction."""

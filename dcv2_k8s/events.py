@@ -1,0 +1,67 @@
+"""The run's event log: one JSON line per event in ``CHECKPOINT.DIR/metrics.jsonl`` (rank 0), read by
+``dcv2 report``, the pipeline's report step and the tests.
+
+A local ``CHECKPOINT.DIR`` holds the file directly. For object storage it is written to a local file (continuing
+what earlier attempts of the run published) and published next to the checkpoints with every checkpoint and at
+the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+
+from dcv2_k8s.storage import StorageError
+
+log = logging.getLogger("dcv2")
+
+
+class EventLog:
+    """``emit(kind, **values)`` appends a line; ``publish()`` copies the file next to remote checkpoints.
+
+    Args:
+        root: ``CHECKPOINT.DIR`` (a local path or ``s3://...``).
+        store: the checkpoint store of ``root`` (used for remote roots).
+        enabled: False on every rank but rank 0 (then every call does nothing).
+    """
+
+    def __init__(self, root: str, store, enabled: bool):
+        self.root, self.store = root, store
+        self.remote = "://" in root
+        self.path = self._local_path() if enabled else None
+
+    def _local_path(self) -> str:
+        if not self.remote:
+            return os.path.join(self.root, "metrics.jsonl")
+        local = os.path.join(tempfile.gettempdir(), "dcv2-metrics", hashlib.sha1(self.root.encode()).hexdigest()[:12],
+                             "metrics.jsonl")
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        remote = self.store.join("metrics.jsonl")
+        with open(local, "wb") as f:  # a resumed run appends to what the earlier attempts wrote
+            f.write(self.store.get_bytes(remote) if self.store.exists(remote) else b"")
+        return local
+
+    def emit(self, kind: str, **values) -> None:
+        if self.path is None:
+            return
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"kind": kind, "time": time.time(), **values}) + "\n")
+
+    def publish(self, final: bool = False) -> None:
+        """Copy the file next to remote checkpoints. Best effort while training (an unreachable store must not stop
+        the run: the next checkpoint publishes it again); the final copy must succeed."""
+        if self.path is None or not self.remote:
+            return
+        with open(self.path, "rb") as f:
+            data = f.read()
+        try:
+            self.store.put_bytes(self.store.join("metrics.jsonl"), data)
+        except StorageError as e:
+            if final or not e.transient:
+                raise
+            log.warning("metrics.jsonl not published this time: %s", e)
