@@ -57,8 +57,11 @@ def _spawn(resolved, command: str, nproc: int, max_restarts: int = 0) -> int:
 
 def preflight(cfg) -> None:
     """What the run needs from this machine, checked before any process starts (one line on failure): the
-    training data's location, then the checkpoint store (reachable, credentials)."""
+    training data's location (and, when local, whether its size fits the config), then the checkpoint store
+    (reachable, credentials)."""
     from dcv2_k8s.config import ConfigError
+    from dcv2_k8s.config.derive import check_dataset
+    from dcv2_k8s.data.dataset import scan_image_folder
     from dcv2_k8s.storage import open_storage
 
     paths = cfg.DATA.TRAIN.DATA_PATHS
@@ -69,6 +72,12 @@ def preflight(cfg) -> None:
         what = "is not a directory" if os.path.exists(paths[0]) else "does not exist"
         raise ConfigError([f"config.DATA.TRAIN.DATA_PATHS: {paths[0]} {what} (expected an ImageFolder tree "
                            "CLASS/IMAGE, or s3://bucket/prefix)"])
+    if "://" not in paths[0]:  # local data: its size is known now (s3:// data is checked once staged, in the run)
+        _, samples = scan_image_folder(paths[0])
+        limit = cfg.DATA.TRAIN.DATA_LIMIT
+        problems = check_dataset(cfg, min(len(samples), limit) if limit > 0 else len(samples))
+        if problems:
+            raise ConfigError(problems)
     open_storage(cfg.CHECKPOINT.DIR).check()
 
 
@@ -82,7 +91,7 @@ def cmd_train(args) -> int:
         resolved = _resolve(args)
         if not args.resolved:
             preflight(resolved.cfg)
-    except (ConfigError, StorageError) as e:
+    except (ConfigError, StorageError, FileNotFoundError) as e:
         return _fail(e.lines if isinstance(e, ConfigError) else str(e))
     dist_cfg = resolved.cfg.DISTRIBUTED
     if D.operator_env():  # a pod: this process stays the container's main process, torchrun runs the ranks
