@@ -81,7 +81,9 @@ class Resolved:
 
 
 # --------------------------------------------------------------------------------------------- files
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path) -> tuple[dict, dict]:
+    """``(config, header)``: the ``config:`` mapping and the file's other root keys (a resolved file's
+    ``resolved_from`` and ``added_keys``), from one parse."""
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
@@ -91,14 +93,7 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError([f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the file"]) from None
     if not isinstance(data, dict) or "config" not in data or not isinstance(data["config"], dict):
         raise ConfigError([f"{path}: a config file must have a root key 'config:' holding a mapping"])
-    return data["config"]
-
-
-def _header(path: Path) -> dict:
-    """The keys of a config file beside ``config:`` (a resolved file's ``resolved_from``, ``added_keys``)."""
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    return {k: v for k, v in data.items() if k != "config"} if isinstance(data, dict) else {}
+    return data["config"], {k: v for k, v in data.items() if k != "config"}
 
 
 def preset_names(group: str = "") -> list[str]:
@@ -217,7 +212,7 @@ def parse_tokens(tokens: Iterable[str]) -> Tokens:
 
 # ------------------------------------------------------------------------------------------ resolve
 def load_defaults() -> dict:
-    return _read_yaml(DEFAULTS_FILE)
+    return _read_yaml(DEFAULTS_FILE)[0]
 
 
 def resolve(tokens: Iterable[str], world_size: int | None = None, local_world_size: int | None = None,
@@ -249,11 +244,12 @@ def resolve(tokens: Iterable[str], world_size: int | None = None, local_world_si
     layers: list[tuple[str, dict]] = []
     if toks.base is not None:
         path = find_config_file(toks.base)
-        layers.append((f"config={toks.base}", _read_yaml(path)))
-        added.update(_header(path).get("added_keys") or ())  # a resolved file names its added keys
+        layer, header = _read_yaml(path)
+        layers.append((f"config={toks.base}", layer))
+        added.update(header.get("added_keys") or ())  # a resolved file names its added keys
         name = toks.base[:-5] if toks.base.endswith(".yaml") else toks.base
     for group, gname in toks.groups:
-        layers.append((f"+config/{group}={gname}", _read_yaml(find_group_file(group, gname))))
+        layers.append((f"+config/{group}={gname}", _read_yaml(find_group_file(group, gname))[0]))
     for source, layer in layers:
         _check_keys(layer, defaults, source, errors, ignored, added, repeated)
         file_keys.update(dicts.flatten(layer))
@@ -321,8 +317,7 @@ def write_resolved(resolved: Resolved, path: str | os.PathLike) -> str:
 
 def load_resolved(path: str | os.PathLike) -> Resolved:
     """Read a file written by :func:`write_resolved`: typed as it is, not composed or derived again."""
-    raw = _read_yaml(Path(path))
-    header = _header(Path(path))
+    raw, header = _read_yaml(Path(path))
     name = header.get("resolved_from", Path(path).stem)
     cfg, errors = schema.build(raw, _added_values(raw, header.get("added_keys") or ()))
     if errors:
