@@ -15,7 +15,17 @@ GO ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
 # the module cache stays in .venv (writable, removed with it); no toolchain download
 GOENV_VARS := GOMODCACHE=$(abspath $(COMPAT))/gomod GOPATH=$(abspath $(COMPAT))/gopath GOFLAGS=-modcacherw GOTOOLCHAIN=local
 
-.PHONY: demo test test-fast install clean
+# The Kubernetes control plane of the end-to-end tests (tests/kube): kube-apiserver, kube-controller-manager and
+# etcd pinned by controlplane/go.mod (k8s.io/kubernetes v1.36.3, etcd v3.6.8), the training operator at the
+# release our manifests target. Built once into $(CP_DIR); rebuilt when a pin changes.
+OPERATOR_MODULE := github.com/kubeflow/training-operator
+OPERATOR_VERSION := v1.9.4
+CP_DIR := build/controlplane
+CP_STAMP := $(CP_DIR)/.built-$(OPERATOR_VERSION)
+KUBE_LDFLAGS := -s -w -X k8s.io/component-base/version.gitVersion=v1.36.3 \
+  -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=36
+
+.PHONY: demo test test-fast install clean controlplane
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,15 +48,33 @@ $(TRAINER_CRDS)/.installed: Makefile
 	  && chmod u+w $(TRAINER_CRDS)/*.yaml
 	touch $@
 
+$(CP_STAMP): controlplane/go.mod controlplane/go.sum
+	@echo "building the control plane (kube-apiserver, kube-controller-manager, etcd, training operator $(OPERATOR_VERSION)) into $(CP_DIR); once, a few minutes"
+	mkdir -p $(CP_DIR)/bin $(CP_DIR)/operator
+	cd controlplane && GOTOOLCHAIN=local GOFLAGS=-buildvcs=false $(GO) build -p 2 -trimpath -ldflags "$(KUBE_LDFLAGS)" \
+	  -o ../$(CP_DIR)/bin/ k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager
+	cd controlplane && GOTOOLCHAIN=local GOFLAGS=-buildvcs=false $(GO) build -p 2 -trimpath -ldflags "-s -w" \
+	  -o ../$(CP_DIR)/bin/etcd go.etcd.io/etcd/server/v3
+	GOBIN=$(abspath $(CP_DIR))/bin GOTOOLCHAIN=local GOFLAGS=-buildvcs=false $(GO) install -p 2 -trimpath -ldflags "-s -w" \
+	  $(OPERATOR_MODULE)/cmd/training-operator.v1@$(OPERATOR_VERSION)
+	dir=$$(GOTOOLCHAIN=local $(GO) mod download -json $(OPERATOR_MODULE)@$(OPERATOR_VERSION) | $(PYTHON) -c 'import json,sys; print(json.load(sys.stdin)["Dir"])') \
+	  && cp $$dir/manifests/base/crds/kubeflow.org_pytorchjobs.yaml $(CP_DIR)/operator/ \
+	  && cp $$dir/manifests/base/webhook/manifests.yaml $(CP_DIR)/operator/webhook.yaml \
+	  && chmod u+w $(CP_DIR)/operator/*.yaml
+	du -sh $(CP_DIR)/bin
+	touch $@
+
+controlplane: $(CP_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m dcv2_k8s demo --out $(DEMO_OUT)
 
-test: $(STAMP) $(COMPAT)/.installed $(TRAINER_CRDS)/.installed
+test: $(STAMP) $(COMPAT)/.installed $(TRAINER_CRDS)/.installed $(CP_STAMP)
 	$(PY) -m pytest -q -ra --durations=15
 
-test-fast: $(STAMP) $(COMPAT)/.installed $(TRAINER_CRDS)/.installed
+test-fast: $(STAMP) $(COMPAT)/.installed $(TRAINER_CRDS)/.installed $(CP_STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 clean:

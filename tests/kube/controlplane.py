@@ -1,0 +1,352 @@
+"""A real Kubernetes control plane on 127.0.0.1 for the end-to-end tests: etcd, kube-apiserver (RBAC and Pod
+Security admission on, webhooks resolved through EndpointSlices), kube-controller-manager (garbage collector,
+namespace and service-account controllers, ...) and the Kubeflow training operator v1.9 with its validating
+webhook, all built by ``make controlplane`` from the Go module proxy (binaries in ``CONTROLPLANE_DIR``).
+
+Test infrastructure only. There is no kubelet or container runtime here: ``nodeagent.py`` stands in for them.
+Every process is started by this module and stopped by PID (SIGTERM, then SIGKILL) in ``stop()``.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import ipaddress
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(os.environ.get("CONTROLPLANE_DIR", ROOT / "build" / "controlplane"))
+BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "training-operator.v1")
+OPERATOR_NS = "kubeflow"
+WEBHOOK_SERVICE = "training-operator"   # the operator's --webhook-service-name default
+WEBHOOK_CONFIG = "validator.training-operator.kubeflow.org"  # cmd/training-operator.v1/main.go
+WEBHOOK_SECRET = "training-operator-webhook-cert"
+CERT_DIR = Path("/tmp/k8s-webhook-server/serving-certs")  # the operator's pkg/cert/cert.go certDir (fixed)
+
+
+def missing_binaries() -> list[str]:
+    return [b for b in BINARIES if not (BIN / "bin" / b).is_file()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def host_ip() -> str:
+    """This machine's first non-loopback IPv4 address. The API server calls webhooks at a Service's endpoint, and
+    EndpointSlice validation refuses loopback addresses (pkg/apis/discovery/validation: ValidateEndpointIP)."""
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        addr = line.split()[3].split("/")[0]
+        ip = ipaddress.ip_address(addr)
+        if not (ip.is_loopback or ip.is_link_local):
+            return addr
+    raise RuntimeError("no non-loopback IPv4 address on this machine: the operator's webhook needs one")
+
+
+# ---------------------------------------------------------------------------------------------------------- certs
+def _key():
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _pem_key(key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                             serialization.NoEncryption())
+
+
+def _cert(cn: str, key, issuer=None, issuer_key=None, org: str | None = None, ca: bool = False,
+          dns: tuple = (), ips: tuple = (), client: bool = False):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    if org:
+        attrs.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
+    name = x509.Name(attrs)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    b = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer.subject if issuer else name)
+         .public_key(key.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
+         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if ca:
+        b = b.add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
+    else:
+        b = b.add_extension(x509.ExtendedKeyUsage(
+            [ExtendedKeyUsageOID.CLIENT_AUTH] if client else [ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+    sans = [x509.DNSName(d) for d in dns] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    if sans:
+        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return b.sign(issuer_key or key, hashes.SHA256())
+
+
+def _pem_cert(cert) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+class ControlPlane:
+    """``start()`` brings the control plane up in ``workdir``; ``kubeconfig`` is the admin's (system:masters)."""
+
+    def __init__(self, workdir: Path):
+        self.dir = Path(workdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, Path] = {}
+        self.api_port = free_port()
+        self.kubeconfig = self.dir / "admin.kubeconfig"
+        self.webhook_port = free_port()
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def _write_certs(self) -> None:
+        from cryptography.hazmat.primitives import serialization
+
+        ca_key = _key()
+        ca = _cert("dcv2-test-ca", ca_key, ca=True)
+        srv_key = _key()
+        srv = _cert("kube-apiserver", srv_key, ca, ca_key,
+                    dns=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"),
+                    ips=("127.0.0.1", "10.0.0.1"))
+        adm_key = _key()
+        adm = _cert("admin", adm_key, ca, ca_key, org="system:masters", client=True)
+        kl_key = _key()  # the node agent's serving certificate (the API server reads logs from it)
+        kl = _cert("dcv2-node", kl_key, ca, ca_key, dns=("localhost",), ips=("127.0.0.1",))
+        sa_key = _key()
+        files = {"ca.crt": _pem_cert(ca), "ca.key": _pem_key(ca_key), "apiserver.crt": _pem_cert(srv),
+                 "apiserver.key": _pem_key(srv_key), "admin.crt": _pem_cert(adm), "admin.key": _pem_key(adm_key),
+                 "kubelet.crt": _pem_cert(kl), "kubelet.key": _pem_key(kl_key), "sa.key": _pem_key(sa_key),
+                 "sa.pub": sa_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                            serialization.PublicFormat.SubjectPublicKeyInfo)}
+        for name, data in files.items():
+            (self.dir / name).write_bytes(data)
+        b64 = lambda n: base64.b64encode(files[n]).decode()  # noqa: E731
+        self.kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "admin",
+            "clusters": [{"name": "test", "cluster": {"server": self.server, "certificate-authority-data":
+                                                      b64("ca.crt")}}],
+            "users": [{"name": "admin", "user": {"client-certificate-data": b64("admin.crt"),
+                                                 "client-key-data": b64("admin.key")}}],
+            "contexts": [{"name": "admin", "context": {"cluster": "test", "user": "admin",
+                                                       "namespace": "default"}}]}))
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.api_port}"
+
+    def _spawn(self, name: str, args: list[str], env: dict | None = None) -> None:
+        log = self.dir / f"{name}.log"
+        self.logs[name] = log
+        self.procs[name] = subprocess.Popen([str(BIN / "bin" / name.split(":")[0]), *args], stdout=log.open("w"),
+                                            stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                            cwd=self.dir, start_new_session=True)
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.logs[name].read_text(errors="replace").splitlines()[-lines:])
+        except (KeyError, OSError):
+            return ""
+
+    def _wait(self, what: str, check, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            for name, p in self.procs.items():
+                if p.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {p.returncode} while waiting for {what}:\n"
+                                       f"{self.log_tail(name)}")
+            try:
+                if check():
+                    return
+            except Exception as e:  # not up yet
+                last = e
+            time.sleep(0.3)
+        raise TimeoutError(f"{what} not ready within {timeout:.0f} s (last error: {last})")
+
+    def _ssl(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.dir / "ca.crt"))
+        ctx.load_cert_chain(self.dir / "admin.crt", self.dir / "admin.key")
+        return ctx
+
+    def get_raw(self, path: str) -> str:
+        with urllib.request.urlopen(self.server + path, context=self._ssl(), timeout=10) as r:
+            return r.read().decode()
+
+    def start(self) -> "ControlPlane":
+        missing = missing_binaries()
+        if missing:
+            raise RuntimeError(f"control-plane binaries missing in {BIN / 'bin'}: {missing}; run `make controlplane`")
+        self._write_certs()
+        etcd_port, peer_port = free_port(), free_port()
+        etcd_url = f"http://127.0.0.1:{etcd_port}"
+        self._spawn("etcd", ["--name", "test", "--data-dir", str(self.dir / "etcd"),
+                             "--listen-client-urls", etcd_url, "--advertise-client-urls", etcd_url,
+                             "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
+                             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
+                             "--initial-cluster", f"test=http://127.0.0.1:{peer_port}",
+                             "--unsafe-no-fsync", "--log-level", "warn"])
+        self._wait("etcd", lambda: urllib.request.urlopen(etcd_url + "/health", timeout=2).status == 200, 60)
+        d = self.dir
+        self._spawn("kube-apiserver", [
+            f"--etcd-servers={etcd_url}", "--bind-address=127.0.0.1", f"--secure-port={self.api_port}",
+            "--advertise-address=127.0.0.1", "--endpoint-reconciler-type=none",
+            f"--cert-dir={d / 'apiserver-certs'}", f"--tls-cert-file={d / 'apiserver.crt'}",
+            f"--tls-private-key-file={d / 'apiserver.key'}", f"--client-ca-file={d / 'ca.crt'}",
+            "--authorization-mode=RBAC", "--enable-admission-plugins=PodSecurity,ValidatingAdmissionWebhook,"
+            "MutatingAdmissionWebhook,ServiceAccount,NamespaceLifecycle",
+            "--service-cluster-ip-range=10.0.0.0/24", "--enable-aggregator-routing=true",
+            "--service-account-issuer=https://kubernetes.default.svc",
+            f"--service-account-key-file={d / 'sa.pub'}", f"--service-account-signing-key-file={d / 'sa.key'}",
+            f"--kubelet-client-certificate={d / 'admin.crt'}", f"--kubelet-client-key={d / 'admin.key'}",
+            f"--kubelet-certificate-authority={d / 'ca.crt'}",
+            "--kubelet-preferred-address-types=InternalIP", "--profiling=false", "--v=1"])
+        self._wait("kube-apiserver", lambda: self.get_raw("/readyz") == "ok", 180)
+        self._spawn("kube-controller-manager", [
+            f"--kubeconfig={self.kubeconfig}", "--leader-elect=false", "--bind-address=127.0.0.1",
+            "--secure-port=0", "--use-service-account-credentials=false", f"--root-ca-file={d / 'ca.crt'}",
+            # no kubelet heartbeats to judge nodes by, no cloud, no persistent volumes
+            "--controllers=*,-nodelifecycle,-persistentvolume-binder,-attachdetach,-persistentvolume-expander,"
+            "-service-lb-controller,-node-route-controller,-cloud-node-lifecycle-controller",
+            "--concurrent-gc-syncs=5", "--v=1"])
+        self.install_operator()
+        return self
+
+    # -------------------------------------------------------------------------------------------- clients
+    def api_client(self, impersonate: str | None = None):
+        """A ``kubernetes.client.ApiClient`` as the admin, or impersonating ``impersonate`` (a user name such as
+        ``system:serviceaccount:NS:NAME``: the API server then authorizes every call as that identity)."""
+        from kubernetes import client, config
+
+        cfg = client.Configuration()
+        config.load_kube_config(str(self.kubeconfig), client_configuration=cfg)
+        api = client.ApiClient(cfg)
+        if impersonate:
+            api.set_default_header("Impersonate-User", impersonate)
+        return api
+
+    def dynamic(self, impersonate: str | None = None):
+        from kubernetes.dynamic import DynamicClient
+
+        return DynamicClient(self.api_client(impersonate))
+
+    def apply(self, obj: dict, namespace: str | None = None, manager: str = "dcv2-tests", impersonate=None,
+              dry_run: bool = False):
+        """Server-side apply of one object (what ``kubectl apply --server-side [--dry-run=server]`` sends)."""
+        dyn = self.dynamic(impersonate)
+        res = dyn.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
+        kw = {"namespace": namespace or obj["metadata"].get("namespace")} if res.namespaced else {}
+        if dry_run:
+            kw["dry_run"] = "All"
+        return res.server_side_apply(body=obj, name=obj["metadata"]["name"], field_manager=manager,
+                                     force_conflicts=True, **kw)
+
+    def create_namespace(self, name: str, labels: dict | None = None) -> None:
+        self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels or {}}})
+        # the service-account controller creates "default" (the ServiceAccount admission plugin needs it)
+        from kubernetes import client
+
+        core = client.CoreV1Api(self.api_client())
+        self._wait(f"service account default in {name}",
+                   lambda: core.read_namespaced_service_account("default", name) is not None, 60)
+
+    # -------------------------------------------------------------------------------------------- operator
+    def install_operator(self) -> None:
+        """The operator's PyTorchJob CRD and webhook configuration from its Go module (copied by ``make
+        controlplane``), its namespace, the Secret its cert rotator fills, and the Service + EndpointSlice that
+        route the API server's webhook calls to the operator process on this machine."""
+        from kubernetes import client
+
+        api = self.api_client()
+        crd = yaml.safe_load((BIN / "operator" / "kubeflow.org_pytorchjobs.yaml").read_text())
+        self.apply(crd)
+        ext = client.ApiextensionsV1Api(api)
+
+        def established():
+            c = ext.read_custom_resource_definition(crd["metadata"]["name"])
+            return any(x.type == "Established" and x.status == "True" for x in (c.status.conditions or []))
+        self._wait("PyTorchJob CRD", established, 60)
+        self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NS}})
+        self.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": WEBHOOK_SECRET,
+                                                                        "namespace": OPERATOR_NS}})
+        self.apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": WEBHOOK_SERVICE,
+                                                                         "namespace": OPERATOR_NS},
+                    "spec": {"ports": [{"name": "webhook", "port": 443, "targetPort": self.webhook_port}]}})
+        self.apply({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                    "metadata": {"name": WEBHOOK_SERVICE, "namespace": OPERATOR_NS,
+                                 "labels": {"kubernetes.io/service-name": WEBHOOK_SERVICE}},
+                    "addressType": "IPv4", "ports": [{"name": "webhook", "port": self.webhook_port}],
+                    "endpoints": [{"addresses": [host_ip()], "conditions": {"ready": True}}]})
+        hooks = yaml.safe_load((BIN / "operator" / "webhook.yaml").read_text())
+        hooks["metadata"] = {"name": WEBHOOK_CONFIG}
+        for h in hooks["webhooks"]:
+            h["clientConfig"]["service"].update({"name": WEBHOOK_SERVICE, "namespace": OPERATOR_NS, "port": 443})
+        self.apply(hooks)
+        self._spawn("training-operator.v1", [
+            "--enable-scheme=pytorchjob", f"--webhook-server-port={self.webhook_port}",
+            f"--metrics-bind-address=127.0.0.1:{free_port()}",
+            f"--health-probe-bind-address=127.0.0.1:{free_port()}"],
+            env={"MY_POD_NAMESPACE": OPERATOR_NS, "KUBECONFIG": str(self.kubeconfig)})
+        # the kubelet mounts the Secret the cert rotator fills at the operator's cert dir (pkg/cert/cert.go, certDir);
+        # the operator is a plain process here, so the files are written from the Secret as the kubelet would
+        core = client.CoreV1Api(api)
+
+        def cert_files():
+            data = core.read_namespaced_secret(WEBHOOK_SECRET, OPERATOR_NS).data or {}
+            if not {"tls.crt", "tls.key", "ca.crt"} <= set(data):
+                return False
+            CERT_DIR.mkdir(parents=True, exist_ok=True)
+            for k in ("tls.crt", "tls.key", "ca.crt"):
+                (CERT_DIR / k).write_bytes(base64.b64decode(data[k]))
+            return True
+        self._wait("operator webhook certificate", cert_files, 120)
+        adm = client.AdmissionregistrationV1Api(api)
+        # the cert rotator has put its CA into the webhook configuration, and the webhook server answers
+        self._wait("operator webhook CA", lambda: all(
+            h.client_config.ca_bundle for h in adm.read_validating_webhook_configuration(WEBHOOK_CONFIG).webhooks),
+            120)
+        self._wait("operator webhook server", lambda: socket.create_connection(
+            (host_ip(), self.webhook_port), timeout=2).close() is None, 120)
+
+    # -------------------------------------------------------------------------------------------- teardown
+    def stop(self) -> None:
+        for name in reversed(list(self.procs)):
+            p = self.procs[name]
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    continue
+                try:
+                    p.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait(timeout=10)
+
+    def dump(self) -> str:
+        """The tail of every component's log (for a failing test's message)."""
+        return "\n".join(f"--- {n} ---\n{self.log_tail(n, 15)}" for n in self.procs)
+
+
+def as_json(obj) -> dict:
+    """A kubernetes client object (or a dynamic ResourceInstance) as plain JSON data."""
+    if hasattr(obj, "to_dict") and not hasattr(obj, "attribute_map"):
+        return obj.to_dict()
+    from kubernetes import client
+
+    return json.loads(json.dumps(client.ApiClient().sanitize_for_serialization(obj)))

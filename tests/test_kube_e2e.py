@@ -1,0 +1,388 @@
+"""End to end against a real Kubernetes control plane: kube-apiserver v1.36 (RBAC, Pod Security admission),
+kube-controller-manager (garbage collector), etcd and the Kubeflow training operator v1.9.4 with its validating
+webhook, built by ``make controlplane`` (tests/kube/controlplane.py). Pods run as local processes through the
+test node agent (tests/kube/nodeagent.py), which stands in for kubelet + container runtime; everything it does not
+do is listed in its docstring and the README.
+
+All on CPU with tiny settings: ResNet-18 at 1/4 width, 1 process per pod, the synthetic dataset staged from the
+embedded S3 by the pod's own init container, checkpoints to that S3.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dcv2_k8s.checkpoint import CheckpointManager
+from dcv2_k8s.k8s.launcher import JobLauncher
+from dcv2_k8s.k8s.local import replica_envs
+from dcv2_k8s.s3server import EmbeddedS3
+from dcv2_k8s.weights import read_file
+from tests.conftest import ROOT, tiny_train_tokens
+from tests.kube.controlplane import BIN, ControlPlane, missing_binaries
+from tests.kube.nodeagent import NodeAgent
+
+pytestmark = pytest.mark.slow
+
+MAN = ROOT / "manifests"
+TRAINER_CRDS = ROOT / ".venv" / "compat" / "trainer-v2.3.0"
+LAUNCHER_SA = "dcv2-launcher"
+TOTAL = 21  # 3 epochs x 7 steps (240 images, 2 pods x batch 16)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if missing_binaries():
+        pytest.fail(f"control-plane binaries missing in {BIN / 'bin'}: {missing_binaries()}; "
+                    "`make test` builds them (`make controlplane`)")
+    d = tmp_path_factory.mktemp("kube")
+    cp = ControlPlane(d)
+    agent = None
+    try:
+        cp.start()
+        agent = NodeAgent(cp.api_client(), d / "node", d / "kubelet.crt", d / "kubelet.key").start()
+        cp.agent = agent
+        yield cp
+    finally:
+        if agent is not None:
+            agent.stop()
+        cp.stop()
+
+
+@pytest.fixture(scope="module")
+def bucket(synth_data):
+    """The embedded S3 with the synthetic training set under s3://data/train (what the init container stages); its
+    variables are set in this process too, to read the checkpoints."""
+    import boto3
+
+    server = EmbeddedS3().start(["data", "ckpt"])
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    c = boto3.client("s3", endpoint_url=server.endpoint, aws_access_key_id="testing",
+                     aws_secret_access_key="testing", region_name="us-east-1")
+    for p in sorted((synth_data / "train").rglob("*.jpg")):
+        c.upload_file(str(p), "data", f"train/{p.relative_to(synth_data / 'train')}")
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _namespace(cluster, name: str, bucket) -> str:
+    """A namespace under Pod Security "restricted" with the launcher's RBAC and the S3 Secret the jobs read."""
+    cluster.create_namespace(name, {"pod-security.kubernetes.io/enforce": "restricted",
+                                    "pod-security.kubernetes.io/enforce-version": "latest"})
+    for doc in yaml.safe_load_all((MAN / "rbac-launcher.yaml").read_text()):
+        cluster.apply(doc, name)
+    cluster.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "dcv2-s3"},
+                   "stringData": bucket.env()}, name)
+    return name
+
+
+def tiny_job(name: str, ckpt: str, *extra: str) -> dict:
+    """manifests/pytorchjob-r50.yaml as users apply it, with tiny overrides appended to its own arguments (one CPU
+    process per pod, ResNet-18 at 1/4 width) and its stage step pointed at the embedded S3's training set."""
+    job = yaml.safe_load((MAN / "pytorchjob-r50.yaml").read_text())
+    job["metadata"]["name"] = name
+    job["spec"]["nprocPerNode"] = "1"
+    pod = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    stage = pod["initContainers"][0]
+    assert stage["args"][:3] == ["stage", "s3://datasets/imagenet/train", "/data/train"]
+    stage["args"] = ["stage", "s3://data/train", "/data/train", "--workers", "4"]
+    c = pod["containers"][0]
+    tokens = tiny_train_tokens(Path("/data"), Path("unused"), "config.METRICS.ENABLED=false",
+                               "config.MACHINE.DEVICE=cpu", "config.MODEL.TRUNK.RESNETS.DEPTH=18",
+                               "config.OPTIMIZER.num_epochs=3", "config.TRAINER.DETERMINISTIC=true",
+                               "config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=3",
+                               "config.DISTRIBUTED.TIMEOUT_SECONDS=30", f"config.RUN_NAME={name}", *extra)[1:]
+    tokens = [f"config.CHECKPOINT.DIR={ckpt}" if t.startswith("config.CHECKPOINT.DIR=") else t for t in tokens]
+    c["args"] = c["args"] + tokens
+    for e in c["env"]:
+        if e["name"] == "OMP_NUM_THREADS":
+            e["value"] = "1"
+        elif e["name"].startswith("PET_RDZV_"):  # the rendezvous names the job (its worker-0 Service)
+            e["value"] = e["value"].replace("dcv2-r50", name)
+    return job
+
+
+def _pods(cluster, ns: str, job: str):
+    from kubernetes import client
+
+    return client.CoreV1Api(cluster.api_client()).list_namespaced_pod(
+        ns, label_selector=f"training.kubeflow.org/job-name={job}").items
+
+
+def _events(cluster, ns: str, name: str):
+    from kubernetes import client
+
+    return [e for e in client.CoreV1Api(cluster.api_client()).list_namespaced_event(ns).items
+            if e.involved_object.name == name]
+
+
+def _wait_for(what: str, check, timeout: float, cluster, poll: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = check()
+        if out:
+            return out
+        time.sleep(poll)
+    raise AssertionError(f"{what}: not within {timeout:.0f} s\nnode agent:\n" + "\n".join(cluster.agent.lines[-30:])
+                         + "\n" + cluster.dump())
+
+
+def _launcher(cluster, ns: str, lines: list) -> JobLauncher:
+    """The pipeline's launcher, authenticated as the dcv2-launcher service account (impersonation: the API server
+    authorizes each call as that account, so manifests/rbac-launcher.yaml is what allows or denies it)."""
+    from kubernetes import client
+
+    api = cluster.api_client(impersonate=f"system:serviceaccount:{ns}:{LAUNCHER_SA}")
+    return JobLauncher(client.CustomObjectsApi(api), client.CoreV1Api(api), ns, poll_seconds=1.0,
+                       log=lines.append, own_pod="")
+
+
+def _message(err: Exception) -> str:
+    """The API server's message of a refused request."""
+    import json
+
+    body = getattr(err, "body", None)
+    try:
+        return json.loads(body)["message"]
+    except (TypeError, ValueError, KeyError):
+        return str(body or err)
+
+
+# ------------------------------------------------------------------------------------------------- manifests
+def _documents() -> list[tuple[str, dict]]:
+    out = []
+    for path in sorted(MAN.rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") != "Kustomization":
+                out.append((str(path.relative_to(ROOT)), doc))
+    return out
+
+
+def _pod_templates(doc: dict) -> list[dict]:
+    if doc["kind"] == "PyTorchJob":
+        return [r["template"] for r in doc["spec"]["pytorchReplicaSpecs"].values()]
+    if doc["kind"] in ("ClusterTrainingRuntime", "TrainingRuntime"):
+        return [j["template"]["spec"]["template"] for j in doc["spec"]["template"]["spec"]["replicatedJobs"]]
+    return []
+
+
+def test_every_manifest_applies_server_side(cluster, bucket):
+    """Every object in manifests/ goes through a server-side apply (dry-run=server, so admission runs in full):
+    the real CRD schemas (PyTorchJob from the operator's module, Trainer v2.3.0's), defaulting, the operator's
+    validating webhook, RBAC kinds. Every pod template is also admitted as a Pod under Pod Security
+    "restricted". What is rejected fails the test with the API server's own message. The Prometheus Operator's
+    kinds (PodMonitor, PrometheusRule) have no CRD here and are listed as not applied."""
+    for crd in sorted(TRAINER_CRDS.glob("trainer.kubeflow.org_*.yaml")):
+        cluster.apply(yaml.safe_load(crd.read_text()))
+    ns = _namespace(cluster, "manifests", bucket)
+    applied, skipped, rejected = [], [], []
+    for where, doc in _documents():
+        group = doc["apiVersion"].split("/")[0] if "/" in doc["apiVersion"] else ""
+        if group == "monitoring.coreos.com":
+            skipped.append(f"{where}: {doc['kind']}")
+            continue
+        try:
+            cluster.apply(doc, ns, dry_run=True)
+            applied.append(f"{where}: {doc['kind']}/{doc['metadata']['name']}")
+        except Exception as e:
+            rejected.append(f"{where}: {doc['kind']}/{doc['metadata'].get('name')}: {_message(e)}")
+        for t in _pod_templates(doc):
+            pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "template-check",
+                                                                   "labels": t.get("metadata", {}).get("labels", {})},
+                   "spec": copy.deepcopy(t["spec"])}
+            try:
+                cluster.apply(pod, ns, dry_run=True)
+            except Exception as e:
+                rejected.append(f"{where}: pod template of {doc['metadata']['name']}: {_message(e)}")
+    assert not rejected, "\n".join(rejected)
+    kinds = {a.split(": ")[1].split("/")[0] for a in applied}
+    assert {"PyTorchJob", "TrainJob", "TrainingRuntime", "ServiceAccount", "Role", "RoleBinding",
+            "Secret"} <= kinds, applied
+    assert len(applied) >= 20 and {s.split(": ")[1] for s in skipped} <= {"PodMonitor", "PrometheusRule"}, skipped
+
+    # the webhook is really called: a job whose container is not named "pytorch" is refused by the operator
+    bad = tiny_job("bad-container", "s3://ckpt/none")
+    bad["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["name"] = "trainer"
+    with pytest.raises(Exception) as err:
+        cluster.apply(bad, ns, dry_run=True)
+    assert "admission webhook" in _message(err.value) and "pytorch" in _message(err.value), _message(err.value)
+    # and a pod that breaks "restricted" is refused by Pod Security admission with its reasons
+    t = copy.deepcopy(_pod_templates(yaml.safe_load((MAN / "pytorchjob-r50.yaml").read_text()))[0])
+    t["spec"]["containers"][0]["securityContext"].pop("allowPrivilegeEscalation")
+    with pytest.raises(Exception) as err:
+        cluster.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "loose"}, "spec": t["spec"]}, ns,
+                      dry_run=True)
+    assert 'violates PodSecurity "restricted:latest"' in _message(err.value), _message(err.value)
+
+
+# ------------------------------------------------------------------------------------------------- a whole run
+@pytest.fixture(scope="module")
+def finished(cluster, bucket):
+    """pytorchjob-r50.yaml (tiny overrides) created by the pipeline's launcher as dcv2-launcher and waited for."""
+    ns = _namespace(cluster, "train", bucket)
+    lines: list[str] = []
+    launcher = _launcher(cluster, ns, lines)
+    job = tiny_job("dcv2-e2e", "s3://ckpt/dcv2-e2e")
+    t0 = time.time()
+    name = launcher.launch(job)
+    assert launcher.launch(job) == name  # a retried step: 409 on create, attaches
+    try:
+        state = launcher.wait(name, timeout_seconds=480)
+    except Exception as e:
+        raise AssertionError(f"{e}\nnode agent:\n" + "\n".join(cluster.agent.lines[-40:]) + cluster.dump()) from e
+    return {"ns": ns, "name": name, "job": job, "state": state, "lines": lines, "seconds": time.time() - t0,
+            "launcher": launcher, "pods": _pods(cluster, ns, name)}
+
+
+def test_pytorchjob_r50_runs_to_succeeded_through_the_operator(cluster, finished):
+    """Two pods created by the operator (Worker-only: no operator init container), admitted under "restricted",
+    each staging the data from S3 in its own init container, then torchrun's c10d rendezvous between the pods
+    over gloo; the job reaches Succeeded and the last checkpoint (step 21) is committed in the S3 bucket. The
+    launcher streamed rank 0's log through the API server (the node agent's log endpoint)."""
+    assert finished["state"] == "Succeeded"
+    lines = "\n".join(finished["lines"])
+    assert "exists already (a retried step): attaching to it" in lines
+    assert "[dcv2-e2e-worker-0]" in lines, lines[-3000:]
+    pods = finished["pods"]
+    # rank 0 (the one that says how many processes joined) is on worker 0 on a cluster, where pods have host names
+    # of their own; here they share one, so it is on either pod: both logs are read through the API server
+    from kubernetes import client
+
+    core = client.CoreV1Api(cluster.api_client())
+    logs = [core.read_namespaced_pod_log(p.metadata.name, finished["ns"], container="pytorch") for p in pods]
+    assert any("2 processes x batch 16" in log for log in logs), logs[0][-2000:]
+    assert sorted(p.metadata.name for p in pods) == ["dcv2-e2e-worker-0", "dcv2-e2e-worker-1"]
+    for p in pods:
+        assert p.status.phase == "Succeeded", p.status
+        assert [c.name for c in p.spec.init_containers] == ["stage-data"]  # ours only: no init-pytorch
+        assert p.spec.restart_policy == "Never"  # the operator turns ExitCode into Never and recreates pods itself
+    latest = CheckpointManager("s3://ckpt/dcv2-e2e").latest()
+    assert latest is not None and latest["global_step"] == TOTAL, latest
+    # the job stays after success (the launcher deletes only on failure or termination): its status is readable
+    assert finished["launcher"].state(finished["name"]) == "Succeeded"
+
+
+def test_run_local_environment_equals_the_operators(cluster, finished):
+    """``dcv2 k8s run-local`` gives each replica the environment the real operator gave the pods: same variables,
+    same values, the Service names in them resolved to this machine."""
+    by_pod = {p.metadata.name: {e.name: e.value for e in p.spec.containers[0].env if e.value is not None}
+              for p in finished["pods"]}
+    local = {f"{finished['name']}-{n}": env for n, _, env in replica_envs(finished["job"], nproc_override=1)}
+    assert by_pod.keys() == local.keys()
+    for pod, env in by_pod.items():
+        mine = local[pod]
+        assert env.keys() == mine.keys(), (pod, sorted(env.keys() ^ mine.keys()))
+        for k, v in env.items():
+            expect = re.sub(rf"{finished['name']}-worker-0:\d+", "127.0.0.1:PORT", v)
+            assert re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", mine[k]) == expect, (pod, k, v, mine[k])
+
+
+def test_launcher_rights_are_exactly_the_rbac_manifest(cluster, finished):
+    """As dcv2-launcher the launcher may read pods and logs but not Secrets, and may not create pods; deleting the
+    job (the exit handler's clean-up) removes it, and the garbage collector removes its pods."""
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    ns, name = finished["ns"], finished["name"]
+    core = client.CoreV1Api(cluster.api_client(impersonate=f"system:serviceaccount:{ns}:{LAUNCHER_SA}"))
+    with pytest.raises(ApiException) as err:
+        core.read_namespaced_secret("dcv2-s3", ns)
+    assert err.value.status == 403
+    with pytest.raises(ApiException) as err:
+        core.create_namespaced_pod(ns, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
+                                        "spec": {"containers": [{"name": "c", "image": "busybox"}]}})
+    assert err.value.status == 403
+    assert finished["launcher"].delete(name) is True
+    assert finished["launcher"].delete(name) is False  # already gone: the exit handler may run twice
+    _wait_for("the garbage collector deletes the job's pods", lambda: not _pods(cluster, ns, name), 60, cluster)
+
+
+# ------------------------------------------------------------------------------------------------- failures
+def test_deleted_pod_is_recreated_and_the_run_resumes_bitwise(cluster, bucket, finished):
+    """A pod deleted mid-run (SIGTERM to its main process, terminationGracePeriodSeconds 120): dcv2 commits a
+    checkpoint and exits 143, the operator recreates the pod (restartPolicy ExitCode), both pods resume from the
+    checkpoint, and the job ends Succeeded with weights bitwise equal to the uninterrupted run's."""
+    from kubernetes import client
+
+    ns = finished["ns"]
+    name = "dcv2-e2e-del"
+    ckpt = f"s3://ckpt/{name}"
+    lines: list[str] = []
+    launcher = _launcher(cluster, ns, lines)
+    launcher.launch(tiny_job(name, ckpt))
+    mgr = CheckpointManager(ckpt)
+    first = _wait_for("a first committed checkpoint", lambda: mgr.latest(), 300, cluster, poll=0.3)
+    victim = next(p for p in _pods(cluster, ns, name) if p.metadata.name.endswith("worker-1"))
+    client.CoreV1Api(cluster.api_client()).delete_namespaced_pod(victim.metadata.name, ns)
+    _wait_for("the pod recreated by the operator", lambda: any(
+        p.metadata.name == victim.metadata.name and p.metadata.uid != victim.metadata.uid
+        for p in _pods(cluster, ns, name)), 180, cluster)
+    assert launcher.wait(name, timeout_seconds=480) == "Succeeded", "\n".join(lines[-50:])
+    agent = "\n".join(cluster.agent.lines)
+    assert f"{ns}/{victim.metadata.name}: deleted, SIGTERM, grace 120 s" in agent
+    assert f"{ns}/{victim.metadata.name}: stopped, exit codes [143]" in agent, agent[-3000:]
+    assert "after the grace period: SIGKILL" not in agent
+    assert mgr.latest()["global_step"] == TOTAL and first["global_step"] < TOTAL
+    got, want = read_file(ckpt)["model"], read_file("s3://ckpt/dcv2-e2e")["model"]
+    import torch
+
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_bad_config_fails_the_job_at_once(cluster, finished):
+    """A config mistake exits 2 in every pod: the operator fails the job (exit code < 128 is permanent under
+    restartPolicy ExitCode, pkg/controller.v1/common/pod.go) and recreates no pod, so the restart budget
+    (backoffLimit 6) is not spent."""
+    ns = finished["ns"]
+    name = "dcv2-e2e-bad"
+    lines: list[str] = []
+    launcher = _launcher(cluster, ns, lines)
+    launcher.launch(tiny_job(name, "s3://ckpt/bad", "config.OPTIMIZER.num_epochs=banana"))
+    with pytest.raises(Exception) as err:
+        launcher.wait(name, timeout_seconds=300)
+    assert "failed" in str(err.value) and "num_epochs" in str(err.value), str(err.value)[-2000:]
+    pods = _pods(cluster, ns, name)
+    codes = [c.state.terminated.exit_code for p in pods for c in p.status.container_statuses or []
+             if c.state.terminated]
+    assert codes and set(codes) <= {2}, codes
+    # no pod was ever recreated: the node agent bound exactly the two first ones. (The operator still records a
+    # "PyTorchJobRestarting" event and condition for any failed replica unless restartPolicy is Never,
+    # pkg/controller.v1/pytorch/pytorchjob_controller.go UpdateJobStatus; the job fails all the same through
+    # pkg/controller.v1/common/pod.go, non-retryable exit code.)
+    bound = [ln for ln in cluster.agent.lines if f"bound {ns}/{name}-worker-" in ln]
+    assert len(bound) == 2 and 1 <= len(pods) <= 2, bound  # cleanPodPolicy Running may delete the slower one
+    assert launcher.state(name) == "Failed"
+
+
+def test_master_layout_is_refused_under_restricted(cluster, finished):
+    """Why our jobs have Worker replicas only: with a Master replica the operator adds its own init container
+    (init-pytorch, which waits for the master's DNS name) without a securityContext, so under Pod Security
+    "restricted" the API server refuses every pod the operator tries to create and the job never starts."""
+    ns = finished["ns"]
+    job = tiny_job("dcv2-master-layout", "s3://ckpt/master")
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    specs["Master"] = copy.deepcopy(specs["Worker"])
+    specs["Master"]["replicas"] = 1
+    specs["Worker"]["replicas"] = 1
+    cluster.apply(job, ns)
+
+    def refused():
+        return [e.message for e in _events(cluster, ns, "dcv2-master-layout")
+                if "violates PodSecurity" in (e.message or "") and "init-pytorch" in e.message]
+    assert _wait_for("the operator's pods refused by Pod Security", refused, 60, cluster)
+    kinds = {p.metadata.labels["training.kubeflow.org/replica-type"] for p in _pods(cluster, ns, "dcv2-master-layout")}
+    assert "worker" not in kinds, kinds  # only the Master pod (no init-pytorch) could be created
+    cluster.dynamic().resources.get(api_version="kubeflow.org/v1", kind="PyTorchJob").delete(
+        name="dcv2-master-layout", namespace=ns)
