@@ -386,3 +386,23 @@ def test_master_layout_is_refused_under_restricted(cluster, finished):
     assert "worker" not in kinds, kinds  # only the Master pod (no init-pytorch) could be created
     cluster.dynamic().resources.get(api_version="kubeflow.org/v1", kind="PyTorchJob").delete(
         name="dcv2-master-layout", namespace=ns)
+
+
+def test_before_the_fix_onfailure_restarts_a_config_mistake_until_the_backoff_limit(cluster, finished):
+    """The layout before the exit-code contract (restartPolicy OnFailure, as this project's manifests had it): the
+    same config mistake is restarted in place again and again, and the job fails only when the container restarts
+    reach backoffLimit (pkg/controller.v1/common/job.go PastBackoffLimit), each restart a full start-up on every
+    node. The fix (ExitCode + exit 2) fails it at once (the test above)."""
+    ns = finished["ns"]
+    name = "dcv2-e2e-onfailure"
+    job = tiny_job(name, "s3://ckpt/onfailure", "config.OPTIMIZER.num_epochs=banana")
+    job["spec"]["pytorchReplicaSpecs"]["Worker"]["restartPolicy"] = "OnFailure"
+    lines: list[str] = []
+    launcher = _launcher(cluster, ns, lines)
+    launcher.launch(job)
+    with pytest.raises(Exception) as err:
+        launcher.wait(name, timeout_seconds=300)
+    assert "backoff limit" in str(err.value), str(err.value)[-2000:]
+    restarts = [ln for ln in cluster.agent.lines if f"{ns}/{name}-worker-" in ln and "container (restart)" in ln]
+    assert len(restarts) >= 6, restarts  # backoffLimit: 6 in pytorchjob-r50.yaml
+    launcher.delete(name)
