@@ -406,3 +406,61 @@ def test_before_the_fix_onfailure_restarts_a_config_mistake_until_the_backoff_li
     restarts = [ln for ln in cluster.agent.lines if f"{ns}/{name}-worker-" in ln and "container (restart)" in ln]
     assert len(restarts) >= 6, restarts  # backoffLimit: 6 in pytorchjob-r50.yaml
     launcher.delete(name)
+
+
+def test_pipeline_steps_drive_a_real_job_as_the_launcher_account(cluster, finished, tmp_path):
+    """The pipeline's own step functions, in a process of their own as in a KFP step pod, authenticated with a real
+    token of the dcv2-launcher service account (TokenRequest): ``pretrain_step`` renders the job, creates it and
+    waits for it to succeed; the exit handler's ``cleanup_step`` keeps the run's jobs on a successful run
+    (COMPLETE) and deletes them on a failed one (FAILED), once."""
+    import subprocess
+    import sys
+
+    from kubernetes import client
+
+    from dcv2_k8s.k8s.launcher import job_name
+    from tests.conftest import child_env
+
+    ns = finished["ns"]
+    token = client.CoreV1Api(cluster.api_client()).create_namespaced_service_account_token(
+        LAUNCHER_SA, ns, {"spec": {"expirationSeconds": 3600}}).status.token
+    kubeconfig = tmp_path / "launcher.kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "launcher",
+        "clusters": [{"name": "test", "cluster": {"server": cluster.server,
+                                                  "certificate-authority": str(cluster.dir / "ca.crt")}}],
+        "users": [{"name": "launcher", "user": {"token": token}}],
+        "contexts": [{"name": "launcher", "context": {"cluster": "test", "user": "launcher", "namespace": ns}}]}))
+    overrides = [t for t in tiny_train_tokens(Path("/unused"), Path("/unused"), "config.MACHINE.DEVICE=cpu",
+                                              "config.MODEL.TRUNK.RESNETS.DEPTH=18", "config.OPTIMIZER.num_epochs=1",
+                                              "config.DISTRIBUTED.TIMEOUT_SECONDS=30")[1:]
+                 if not t.startswith(("config.DATA.TRAIN.DATA_PATHS=", "config.CHECKPOINT.DIR="))]
+    run_id = "e2e-run-1"
+    code = (
+        "import json, sys\n"
+        "from dcv2_k8s import pipeline_steps as s\n"
+        "a = json.loads(sys.argv[1])\n"
+        "if a['step'] == 'pretrain':\n"
+        "    print('RESULT', s.pretrain_step('pytorchjob', a['run'], 'pretrain/deepcluster_v2/deepclusterv2_demo_cpu',"
+        " a['overrides'], 's3://ckpt/pipeline', {'train': {'uri': 's3://data/train'}}, 2, 1,"
+        " 'registry.example.com/dcv2/dcv2-k8s:0.1.0', a['ns'], 420))\n"
+        "else:\n"
+        "    print('RESULT', json.dumps(s.cleanup_step('pytorchjob', a['run'], a['ns'], a['state'])))\n")
+
+    def step(**kw) -> str:
+        import json
+
+        arg = json.dumps({"run": run_id, "ns": ns, "overrides": overrides, **kw})
+        p = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, timeout=540,
+                           env=child_env({"KUBECONFIG": str(kubeconfig)}), cwd=str(ROOT))
+        assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+        return next(ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")).split(" ", 1)[1]
+
+    assert step(step="pretrain") == "s3://ckpt/pipeline/pretrain"
+    assert CheckpointManager("s3://ckpt/pipeline/pretrain").latest() is not None
+    name = job_name(run_id, "pretrain")
+    assert step(step="cleanup", state="COMPLETE") == "[]"
+    assert finished["launcher"].state(name) == "Succeeded"  # kept, with its logs
+    assert step(step="cleanup", state="FAILED") == f'["{name}"]'
+    assert step(step="cleanup", state="FAILED") == "[]"
+    _wait_for("the garbage collector deletes the job's pods", lambda: not _pods(cluster, ns, name), 60, cluster)
