@@ -464,3 +464,33 @@ def test_pipeline_steps_drive_a_real_job_as_the_launcher_account(cluster, finish
     assert step(step="cleanup", state="FAILED") == f'["{name}"]'
     assert step(step="cleanup", state="FAILED") == "[]"
     _wait_for("the garbage collector deletes the job's pods", lambda: not _pods(cluster, ns, name), 60, cluster)
+
+
+def test_before_the_fix_torchrun_as_main_process_turns_a_preemption_into_a_failed_job(cluster, finished):
+    """The layout before the fix: ``torchrun --no-python dcv2 train`` as the container's command. A pod deletion
+    (preemption, node drain) sends SIGTERM to torchrun, which stops its workers (SIGKILL after 30 s at most) and
+    exits 1 (torch/distributed/elastic/agent/server/api.py, SignalException): a permanent code under
+    restartPolicy ExitCode, so the operator fails the whole job instead of recreating the pod. With dcv2 as the
+    main process the same deletion exits 143 and the run resumes (test_deleted_pod_...)."""
+    from kubernetes import client
+
+    ns = finished["ns"]
+    name = "dcv2-e2e-torchrun"
+    ckpt = f"s3://ckpt/{name}"
+    job = tiny_job(name, ckpt)
+    c = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    c["command"], c["args"] = ["torchrun"], ["--no-python", "--max-restarts=0", "dcv2", *c["args"]]
+    lines: list[str] = []
+    launcher = _launcher(cluster, ns, lines)
+    launcher.launch(job)
+    mgr = CheckpointManager(ckpt)
+    _wait_for("a first committed checkpoint", lambda: mgr.latest(), 300, cluster, poll=0.3)
+    victim = next(p for p in _pods(cluster, ns, name) if p.metadata.name.endswith("worker-1"))
+    client.CoreV1Api(cluster.api_client()).delete_namespaced_pod(victim.metadata.name, ns)
+    with pytest.raises(Exception) as err:
+        launcher.wait(name, timeout_seconds=240)
+    assert "failed" in str(err.value), str(err.value)[-2000:]
+    agent = "\n".join(cluster.agent.lines)
+    stopped = re.findall(rf"{ns}/{victim.metadata.name}: stopped, exit codes \[(\d+)\]", agent)
+    assert stopped and int(stopped[0]) < 128, agent[-3000:]
+    launcher.delete(name)
