@@ -11,7 +11,6 @@ embedded S3 by the pod's own init container, checkpoints to that S3.
 from __future__ import annotations
 
 import copy
-import os
 import re
 import time
 from pathlib import Path
@@ -22,7 +21,6 @@ import yaml
 from dcv2_k8s.checkpoint import CheckpointManager
 from dcv2_k8s.k8s.launcher import JobLauncher
 from dcv2_k8s.k8s.local import replica_envs
-from dcv2_k8s.s3server import EmbeddedS3
 from dcv2_k8s.weights import read_file
 from tests.conftest import ROOT, tiny_train_tokens
 from tests.kube.controlplane import BIN, ControlPlane, missing_binaries
@@ -56,25 +54,16 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bucket(synth_data):
-    """The embedded S3 with the synthetic training set under s3://data/train (what the init container stages); its
-    variables are set in this process too, to read the checkpoints."""
+def bucket(s3, synth_data):
+    """The embedded S3 (its variables set in this process, to read checkpoints) with the synthetic training set
+    under s3://data/train, what the init container stages."""
     import boto3
 
-    server = EmbeddedS3().start(["data", "ckpt"])
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    c = boto3.client("s3", endpoint_url=server.endpoint, aws_access_key_id="testing",
-                     aws_secret_access_key="testing", region_name="us-east-1")
+    c = boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                     region_name="us-east-1")
     for p in sorted((synth_data / "train").rglob("*.jpg")):
         c.upload_file(str(p), "data", f"train/{p.relative_to(synth_data / 'train')}")
-    yield server
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    return s3
 
 
 def _namespace(cluster, name: str, bucket) -> str:
