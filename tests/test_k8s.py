@@ -61,6 +61,11 @@ def test_validator_rejects_unknown_fields_and_wrong_types():
     renamed = copy.deepcopy(job)
     renamed["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["name"] = "trainer"
     assert any("named 'pytorch'" in e for e in validate_pytorchjob(renamed))
+    copied = copy.deepcopy(job)  # a copy under another name that keeps the old rendezvous endpoint
+    copied["metadata"]["name"] = "my-dcv2"
+    errs = validate_pytorchjob(copied)
+    assert any("PET_RDZV_ENDPOINT 'dcv2-r50-worker-0:23456' names 'dcv2-r50-worker-0'" in e and "'my-dcv2-worker-0'"
+               in e for e in errs), errs
 
 
 def test_builtin_kinds_validate_strictly():

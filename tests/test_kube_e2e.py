@@ -21,6 +21,7 @@ import yaml
 from dcv2_k8s.checkpoint import CheckpointManager
 from dcv2_k8s.k8s.launcher import JobLauncher
 from dcv2_k8s.k8s.local import replica_envs
+from dcv2_k8s.k8s.validate import validate_pytorchjob
 from dcv2_k8s.weights import read_file
 from tests.conftest import ROOT, tiny_train_tokens
 from tests.kube.controlplane import BIN, ControlPlane, missing_binaries
@@ -100,6 +101,7 @@ def tiny_job(name: str, ckpt: str, *extra: str) -> dict:
             e["value"] = "1"
         elif e["name"].startswith("PET_RDZV_"):  # the rendezvous names the job (its worker-0 Service)
             e["value"] = e["value"].replace("dcv2-r50", name)
+    assert validate_pytorchjob(job) == [], validate_pytorchjob(job)
     return job
 
 

@@ -83,6 +83,17 @@ def validate_pytorchjob(doc: dict) -> list[str]:
     name = doc.get("metadata", {}).get("name", "")
     if not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", name):
         errors.append(f"metadata.name {name!r} must be a DNS-1035 label")
+    # the rendezvous is reached through the Service the operator names after the job and the pod: a copy of a
+    # manifest under another name that keeps the old endpoint waits for a host that does not exist
+    lead = f"{name}-master-0" if "Master" in specs else f"{name}-worker-0"
+    for rtype, rs in specs.items():
+        for c in rs.get("template", {}).get("spec", {}).get("containers", []):
+            for e in c.get("env", []) or []:
+                if e.get("name") == "PET_RDZV_ENDPOINT" and isinstance(e.get("value"), str):
+                    host = e["value"].rsplit(":", 1)[0]
+                    if host != lead:
+                        errors.append(f"{rtype}: PET_RDZV_ENDPOINT {e['value']!r} names {host!r}, but this job's "
+                                      f"rendezvous host is {lead!r} (its Service): rename it with metadata.name")
     return errors
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import datetime
 import ipaddress
-import json
 import os
 import signal
 import socket
@@ -341,12 +340,3 @@ class ControlPlane:
     def dump(self) -> str:
         """The tail of every component's log (for a failing test's message)."""
         return "\n".join(f"--- {n} ---\n{self.log_tail(n, 15)}" for n in self.procs)
-
-
-def as_json(obj) -> dict:
-    """A kubernetes client object (or a dynamic ResourceInstance) as plain JSON data."""
-    if hasattr(obj, "to_dict") and not hasattr(obj, "attribute_map"):
-        return obj.to_dict()
-    from kubernetes import client
-
-    return json.loads(json.dumps(client.ApiClient().sanitize_for_serialization(obj)))
