@@ -175,7 +175,9 @@ def test_every_manifest_applies_server_side(cluster, bucket):
     validating webhook, RBAC kinds. Every pod template is also admitted as a Pod under Pod Security
     "restricted". What is rejected fails the test with the API server's own message. The Prometheus Operator's
     kinds (PodMonitor, PrometheusRule) have no CRD here and are listed as not applied."""
-    for crd in sorted(TRAINER_CRDS.glob("trainer.kubeflow.org_*.yaml")):
+    crds = sorted(TRAINER_CRDS.glob("trainer.kubeflow.org_*.yaml"))
+    assert crds, f"no Trainer CRDs in {TRAINER_CRDS}: `make test` installs them"
+    for crd in crds:
         cluster.apply(yaml.safe_load(crd.read_text()))
     ns = _namespace(cluster, "manifests", bucket)
     applied, skipped, rejected = [], [], []

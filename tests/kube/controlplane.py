@@ -112,6 +112,8 @@ class ControlPlane:
         self.api_port = free_port()
         self.kubeconfig = self.dir / "admin.kubeconfig"
         self.webhook_port = free_port()
+        self.host_ip = host_ip()  # where the API server reaches the operator's webhook
+        self._clients: dict[str, object] = {}
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _write_certs(self) -> None:
@@ -229,15 +231,19 @@ class ControlPlane:
     # -------------------------------------------------------------------------------------------- clients
     def api_client(self, impersonate: str | None = None):
         """A ``kubernetes.client.ApiClient`` as the admin, or impersonating ``impersonate`` (a user name such as
-        ``system:serviceaccount:NS:NAME``: the API server then authorizes every call as that identity)."""
+        ``system:serviceaccount:NS:NAME``: the API server then authorizes every call as that identity). One client
+        per identity, made on first use (the kubeconfig is read once)."""
         from kubernetes import client, config
 
-        cfg = client.Configuration()
-        config.load_kube_config(str(self.kubeconfig), client_configuration=cfg)
-        api = client.ApiClient(cfg)
-        if impersonate:
-            api.set_default_header("Impersonate-User", impersonate)
-        return api
+        key = impersonate or ""
+        if key not in self._clients:
+            cfg = client.Configuration()
+            config.load_kube_config(str(self.kubeconfig), client_configuration=cfg)
+            api = client.ApiClient(cfg)
+            if impersonate:
+                api.set_default_header("Impersonate-User", impersonate)
+            self._clients[key] = api
+        return self._clients[key]
 
     def dynamic(self, impersonate: str | None = None):
         from kubernetes.dynamic import DynamicClient
@@ -290,7 +296,7 @@ class ControlPlane:
                     "metadata": {"name": WEBHOOK_SERVICE, "namespace": OPERATOR_NS,
                                  "labels": {"kubernetes.io/service-name": WEBHOOK_SERVICE}},
                     "addressType": "IPv4", "ports": [{"name": "webhook", "port": self.webhook_port}],
-                    "endpoints": [{"addresses": [host_ip()], "conditions": {"ready": True}}]})
+                    "endpoints": [{"addresses": [self.host_ip], "conditions": {"ready": True}}]})
         hooks = yaml.safe_load((BIN / "operator" / "webhook.yaml").read_text())
         hooks["metadata"] = {"name": WEBHOOK_CONFIG}
         for h in hooks["webhooks"]:
@@ -320,7 +326,7 @@ class ControlPlane:
             h.client_config.ca_bundle for h in adm.read_validating_webhook_configuration(WEBHOOK_CONFIG).webhooks),
             120)
         self._wait("operator webhook server", lambda: socket.create_connection(
-            (host_ip(), self.webhook_port), timeout=2).close() is None, 120)
+            (self.host_ip, self.webhook_port), timeout=2).close() is None, 120)
 
     # -------------------------------------------------------------------------------------------- teardown
     def stop(self) -> None:
