@@ -441,8 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--size", type=int, default=64, help="image side in pixels")
     ds.add_argument("--photo-like", action="store_true", help="500x375 noisy photos (ImageNet-like JPEGs)")
     ds.add_argument("--seed", type=int, default=0)
-    ds.add_argument("--kind", choices=["textures", "shapes"], default="textures",
-                    help="what defines a class: a texture family (default) or a shape")
+    ds.add_argument("--kind", choices=["textures", "shapes", "glyphs", "naturals", "icons"], default="textures",
+                    help="what defines a class: a texture family (default), a shape, a digit-like grey glyph, a "
+                         "natural-looking texture (clouds, marble, wood, ...) or a multi-part icon in random colours")
     ds.set_defaults(fn=cmd_data_synth)
 
     st = sub.add_parser("stage", help="copy/extract a dataset from s3:// (or a local path) into a local ImageFolder",

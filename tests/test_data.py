@@ -69,6 +69,40 @@ def test_synth_has_classes_and_varied_images(synth_data):
     assert a.shape == b.shape and not torch.equal(a, b)
 
 
+@pytest.mark.parametrize("kind", ["glyphs", "naturals", "icons"])
+def test_held_out_synth_kinds(tmp_path, kind):
+    """The data kinds of the small-scale recipe: 10 named classes; what varies within a class varies (grey levels
+    and polarity for glyphs, colours for the others), so only structure tells classes apart."""
+    from dcv2_k8s.data.synth import generate
+
+    summary = generate(tmp_path, classes=10, train_per_class=4, val_per_class=1, size=48, progress=False, kind=kind)
+    assert summary["kind"] == kind and summary["train"] == 40
+    ds = IndexedImageFolder(tmp_path / "train")
+    assert len(ds.classes) == 10 and ds.classes[0].startswith("c00_") and len(ds) == 40
+    same_class = [np.asarray(ds.load(i), dtype=np.float32) for i in range(4)]
+    assert all(a.shape == (48, 48, 3) for a in same_class)
+    means = [a.mean(axis=(0, 1)) for a in same_class]
+    assert max(float(np.abs(m - means[0]).max()) for m in means) > 15  # colour/grey level is not the class
+    if kind == "glyphs":  # grey: the three channels agree
+        assert all(float(np.abs(a[..., 0] - a[..., 2]).max()) < 30 for a in same_class)
+    with pytest.raises(ValueError, match="choose one of"):
+        generate(tmp_path / "x", kind="letters", progress=False)
+
+
+def test_random_invert_in_both_backends():
+    """RandomInvert (torchvision's name) flips dark and light in the PIL and the OpenCV pipelines alike."""
+    from PIL import Image
+
+    from dcv2_k8s.data.transforms import build_multicrop
+
+    img = Image.new("RGB", (32, 32), (200, 60, 10))
+    spec = [{"name": "ImgPilToMultiCrop", "total_num_crops": 1, "size_crops": [32], "num_crops": [1],
+             "crop_scales": [[1.0, 1.0]]}, {"name": "RandomInvert", "p": 1.0}, {"name": "ToTensor"}]
+    for backend in ("pil", "opencv"):
+        (out,) = build_multicrop(spec, backend)(img)
+        assert torch.allclose(out[:, 16, 16], torch.tensor([55, 195, 245]) / 255, atol=1e-6), backend
+
+
 def _bad_folder(root, good_jpeg: bytes):
     """One class of every kind of bad or odd file, plus good images around them."""
     import io

@@ -133,6 +133,16 @@ class Flip:
         return cv2.flip(img, 1) if float(torch.rand(())) < self.p else img
 
 
+class Invert:
+    """``255 - img`` with probability ``p`` (torchvision's RandomInvert on uint8)."""
+
+    def __init__(self, p: float = 0.5):
+        self.p = p
+
+    def __call__(self, img: np.ndarray) -> np.ndarray:
+        return cv2.bitwise_not(img) if float(torch.rand(())) < self.p else img
+
+
 class ToTensorNormalize:
     """HWC uint8 -> CHW float32: ``/255`` (ToTensor) and, when given, ``(x - mean) / std``, in one pass.
 

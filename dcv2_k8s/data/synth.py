@@ -178,9 +178,215 @@ def make_image(cls: int, rng: np.random.Generator, width: int, height: int, phot
     return img
 
 
+# ------------------------------------------------------------------ held-out kinds (not used to tune the demo)
+# Each stroke of a glyph: a polyline in a unit box (x right, y down), 0..1.
+GLYPHS = {
+    "zero": [[(0.5, 0.0), (0.85, 0.2), (0.85, 0.8), (0.5, 1.0), (0.15, 0.8), (0.15, 0.2), (0.5, 0.0)]],
+    "one": [[(0.3, 0.2), (0.55, 0.0), (0.55, 1.0)], [(0.3, 1.0), (0.8, 1.0)]],
+    "two": [[(0.15, 0.2), (0.45, 0.0), (0.8, 0.15), (0.8, 0.4), (0.15, 1.0), (0.85, 1.0)]],
+    "three": [[(0.15, 0.05), (0.8, 0.05), (0.45, 0.45), (0.8, 0.6), (0.8, 0.9), (0.5, 1.0), (0.15, 0.9)]],
+    "four": [[(0.65, 1.0), (0.65, 0.0), (0.1, 0.65), (0.9, 0.65)]],
+    "five": [[(0.85, 0.0), (0.2, 0.0), (0.15, 0.45), (0.6, 0.4), (0.85, 0.65), (0.6, 1.0), (0.15, 0.9)]],
+    "six": [[(0.75, 0.0), (0.25, 0.45), (0.15, 0.8), (0.5, 1.0), (0.85, 0.8), (0.75, 0.5), (0.4, 0.45),
+             (0.2, 0.6)]],
+    "seven": [[(0.1, 0.0), (0.9, 0.0), (0.4, 1.0)], [(0.35, 0.5), (0.75, 0.5)]],
+    "eight": [[(0.5, 0.45), (0.2, 0.25), (0.5, 0.0), (0.8, 0.25), (0.5, 0.45), (0.15, 0.72), (0.5, 1.0),
+               (0.85, 0.72), (0.5, 0.45)]],
+    "nine": [[(0.8, 0.5), (0.5, 0.55), (0.2, 0.35), (0.35, 0.05), (0.7, 0.05), (0.8, 0.5), (0.3, 1.0)]],
+}
+NATURALS = ["clouds", "marble", "wood", "cells", "grass", "gravel", "weave", "bark", "ripples", "foam"]
+ICONS = ["target", "house", "arrow", "cross_circle", "bars", "key", "eye", "flag", "hourglass", "bell"]
+KINDS = ("textures", "shapes", "glyphs", "naturals", "icons")
+
+
+def make_glyph_image(cls: int, rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """One grey image of glyph ``cls`` (a digit-like stroke figure): each control point jittered, the glyph
+    slanted, scaled, rotated a little and placed anywhere in the image, drawn with a random stroke width in a random grey
+    level on another, with noise and a slight blur. Grey only: nothing but the stroke layout tells classes apart."""
+    strokes = list(GLYPHS.values())[cls]
+    side = min(width, height)
+    scale = side * rng.uniform(0.35, 0.55)
+    slant, rot = rng.uniform(-0.3, 0.3), rng.uniform(-0.25, 0.25)
+    m = 0.62 * scale  # half the glyph's extent, slant and jitter included
+    cx, cy = rng.uniform(m, width - m), rng.uniform(m, height - m)
+    c, s = math.cos(rot), math.sin(rot)
+    fg, bg = (float(v) for v in rng.uniform(0, 255, 2))
+    if abs(fg - bg) < 70:
+        fg = bg + 70 if bg < 128 else bg - 70
+    img = Image.new("L", (width, height), int(bg))
+    draw = ImageDraw.Draw(img)
+    w = max(2, int(side * rng.uniform(0.06, 0.11)))
+    for stroke in strokes:
+        pts = []
+        for x, y in stroke:
+            x, y = x - 0.5 + rng.normal(0, 0.04), y - 0.5 + rng.normal(0, 0.04)
+            x = x * 0.8 + slant * y
+            px, py = (x * c - y * s) * scale, (x * s + y * c) * scale
+            pts.append((cx + px, cy + py))
+        draw.line(pts, fill=int(fg), width=w, joint="curve")
+        for p in (pts[0], pts[-1]):
+            draw.ellipse([p[0] - w / 2, p[1] - w / 2, p[0] + w / 2, p[1] + w / 2], fill=int(fg))
+    img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 0.9))))
+    arr = np.asarray(img, dtype=np.float32) + rng.normal(0, 10, (height, width))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).convert("RGB")
+
+
+def _smooth_noise(rng: np.random.Generator, width: int, height: int, cells: int) -> np.ndarray:
+    """Value noise in [0, 1] with about ``cells`` features across the image (bicubic-upsampled random grid)."""
+    low = rng.uniform(0, 1, (max(2, cells), max(2, cells)))
+    img = Image.fromarray((low * 255).astype(np.uint8)).resize((width, height), Image.BICUBIC)
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def _fractal(rng: np.random.Generator, width: int, height: int, base: int = 3, octaves: int = 4) -> np.ndarray:
+    out = sum(_smooth_noise(rng, width, height, base * 2 ** o) / 2 ** o for o in range(octaves))
+    out = out - out.min()
+    return out / (out.max() + 1e-6)
+
+
+def natural_field(kind: str, rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """A [0, 1] grey field of the natural-looking texture ``kind`` at a random orientation, scale and phase."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    side = min(width, height)
+    a = rng.uniform(0, np.pi)
+    u = (xx * np.cos(a) + yy * np.sin(a)) / side
+    v = (-xx * np.sin(a) + yy * np.cos(a)) / side
+    turb = _fractal(rng, width, height)
+    if kind == "clouds":
+        return _fractal(rng, width, height, base=2, octaves=5)
+    if kind == "marble":
+        return 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(2, 3.5) * u + 5.0 * turb)
+    if kind == "wood":
+        cx, cy = rng.uniform(-0.5, 1.5) * width, rng.uniform(-0.5, 1.5) * height
+        r = np.hypot(xx - cx, (yy - cy) * 0.35) / side
+        return (r * rng.uniform(6, 9) + 1.5 * turb) % 1.0
+    if kind == "cells":
+        n = int(rng.integers(10, 18))
+        pts = rng.uniform(0, 1, (n, 2)) * [width, height]
+        d = np.sort(np.hypot(xx[..., None] - pts[:, 0], yy[..., None] - pts[:, 1]), axis=-1)
+        return np.clip((d[..., 1] - d[..., 0]) / (side * 0.12), 0, 1)
+    if kind == "grass":
+        img = Image.new("L", (width, height), 40)
+        draw = ImageDraw.Draw(img)
+        for _ in range(int(side * 2.5)):
+            x, y = rng.uniform(0, width), rng.uniform(0, height)
+            ln = side * rng.uniform(0.15, 0.35)
+            t = a + rng.normal(0, 0.25)
+            draw.line([(x, y), (x + ln * math.cos(t), y + ln * math.sin(t))], fill=int(rng.uniform(90, 255)),
+                      width=1)
+        return np.asarray(img, dtype=np.float32) / 255.0
+    if kind == "gravel":
+        img = Image.new("L", (width, height), int(rng.uniform(20, 60)))
+        draw = ImageDraw.Draw(img)
+        for _ in range(int(side * 1.2)):
+            x, y = rng.uniform(0, width), rng.uniform(0, height)
+            rx, ry = side * rng.uniform(0.03, 0.07), side * rng.uniform(0.03, 0.07)
+            draw.ellipse([x - rx, y - ry, x + rx, y + ry], fill=int(rng.uniform(80, 255)))
+        return np.asarray(img, dtype=np.float32) / 255.0
+    if kind == "weave":
+        f = rng.uniform(5, 7)
+        over = np.sin(2 * np.pi * f * u) * np.sin(2 * np.pi * f * v) > 0
+        thread = np.where(over, 0.5 + 0.5 * np.cos(4 * np.pi * f * v), 0.5 + 0.5 * np.cos(4 * np.pi * f * u))
+        return np.clip(thread * 0.8 + 0.2 * turb, 0, 1)
+    if kind == "bark":
+        stretched = np.asarray(Image.fromarray((_smooth_noise(rng, 4, 40, 40) * 255).astype(np.uint8)).resize(
+            (side * 2, side * 2), Image.BICUBIC).rotate(math.degrees(a)), dtype=np.float32) / 255.0
+        o = side // 2
+        return np.clip(np.abs(stretched[o:o + height, o:o + width] - 0.5) * 3 + 0.2 * turb, 0, 1)
+    if kind == "ripples":
+        return 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(4, 6) * u + 1.2 * np.sin(2 * np.pi * 1.5 * v + 3 * turb))
+    if kind == "foam":
+        img = Image.new("L", (width, height), int(rng.uniform(150, 230)))
+        draw = ImageDraw.Draw(img)
+        for _ in range(int(side * 0.8)):
+            x, y = rng.uniform(0, width), rng.uniform(0, height)
+            r = side * rng.uniform(0.02, 0.09)
+            draw.ellipse([x - r, y - r, x + r, y + r], outline=int(rng.uniform(0, 80)), width=1)
+        return np.asarray(img, dtype=np.float32) / 255.0
+    raise ValueError(kind)
+
+
+def make_natural_image(cls: int, rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """One image of natural-looking texture ``cls`` (clouds, marble, wood, cells, grass, ...): the class's
+    field at a random orientation, scale and phase, mapped through a random two-colour palette, with lighting
+    (a soft random shading) and grain. Only the field's structure is shared within a class."""
+    field = natural_field(NATURALS[cls], rng, width, height)
+    c0, c1 = np.array(_random_color(rng), np.float32), np.array(_random_color(rng), np.float32)
+    if np.abs(c0 - c1).sum() < 150:
+        c1 = 255 - c0
+    arr = c0 + field[..., None] * (c1 - c0)
+    arr = arr * (0.75 + 0.5 * _smooth_noise(rng, width, height, 2))[..., None]
+    arr += rng.normal(0, 6, (height, width, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def _icon_parts(name: str, r: float) -> list[tuple]:
+    """The parts of an icon as (primitive, points or box, filled) in coordinates around (0, 0), radius r."""
+    q = r / 4
+    if name == "target":
+        return [("ellipse", (-r, -r, r, r), False), ("ellipse", (-2 * q, -2 * q, 2 * q, 2 * q), True)]
+    if name == "house":
+        return [("polygon", [(-r, 0), (0, -r), (r, 0)], True), ("rect", (-3 * q, 0, 3 * q, r), True)]
+    if name == "arrow":
+        return [("rect", (-r, -q, q, q), True), ("polygon", [(q, -2.5 * q), (r, 0), (q, 2.5 * q)], True)]
+    if name == "cross_circle":
+        return [("ellipse", (-r, -r, r, r), False), ("rect", (-r, -q / 2, r, q / 2), True),
+                ("rect", (-q / 2, -r, q / 2, r), True)]
+    if name == "bars":
+        return [("rect", (-r, -r, -2 * q, r), True), ("rect", (-q, -r / 2, q, r), True), ("rect", (2 * q, 0, r, r), True)]
+    if name == "key":
+        return [("ellipse", (-r, -2 * q, -r + 4 * q, 2 * q), False), ("rect", (0, -q / 2, r, q / 2), True),
+                ("rect", (3 * q, 0, 3.6 * q, 2 * q), True)]
+    if name == "eye":
+        return [("ellipse", (-r, -2 * q, r, 2 * q), False), ("ellipse", (-1.5 * q, -1.5 * q, 1.5 * q, 1.5 * q), True)]
+    if name == "flag":
+        return [("rect", (-r, -r, -r + q / 1.5, r), True), ("polygon", [(-r, -r), (r, -r / 2), (-r, 0)], True)]
+    if name == "hourglass":
+        return [("polygon", [(-r, -r), (r, -r), (-r, r), (r, r)], True)]
+    if name == "bell":
+        return [("polygon", [(-2 * q, -r), (2 * q, -r), (r, 2 * q), (-r, 2 * q)], True),
+                ("ellipse", (-q, 2 * q, q, r), True)]
+    raise ValueError(name)
+
+
+def make_icon_image(cls: int, rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """One image of icon ``cls`` (target, house, arrow, ...: two or three parts in a fixed layout): every part
+    in its own random colour, the background a random two-colour gradient, the icon at a random place, size and
+    rotation. Colour is the largest pixel difference between images and says nothing about the class."""
+    side = min(width, height)
+    t = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
+    b0, b1 = np.array(_random_color(rng), np.float32), np.array(_random_color(rng), np.float32)
+    bg = np.broadcast_to(b0 * (1 - t) + b1 * t, (height, width, 3)) + rng.normal(0, 6, (height, width, 3))
+    img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
+    r = side * rng.uniform(0.25, 0.38)
+    big = int(math.ceil(r * 2.4))
+    layer = Image.new("RGBA", (big, big), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    mean_bg = tuple(int(v) for v in (b0 + b1) / 2)
+    o = big / 2
+    for prim, geom, filled in _icon_parts(ICONS[cls], r):
+        col = _far_color(rng, mean_bg) + (255,)
+        w = max(2, int(r * 0.2))
+        if prim == "polygon":
+            draw.polygon([(o + x, o + y) for x, y in geom], fill=col)
+        else:
+            box = [o + geom[0], o + geom[1], o + geom[2], o + geom[3]]
+            kw = {"fill": col} if filled else {"outline": col, "width": w}
+            (draw.ellipse if prim == "ellipse" else draw.rectangle)(box, **kw)
+    layer = layer.rotate(float(rng.uniform(-30, 30)), resample=Image.BILINEAR)
+    x, y = int(rng.uniform(0, width - big)) if width > big else 0, int(rng.uniform(0, height - big)) if height > big else 0
+    img.paste(layer, (x, y), layer)
+    return img
+
+
+_MAKERS = {"textures": make_texture_image, "glyphs": make_glyph_image, "naturals": make_natural_image,
+           "icons": make_icon_image}
+
+
 def class_name(cls: int, kind: str = "shapes") -> str:
-    if kind == "textures":
-        return f"c{cls:02d}_{TEXTURES[cls]}"
+    named = {"textures": TEXTURES, "glyphs": list(GLYPHS), "naturals": NATURALS, "icons": ICONS}
+    if kind in named:
+        return f"c{cls:02d}_{named[kind][cls]}"
     shape = SHAPES[cls % len(SHAPES)]
     return f"c{cls:02d}_{shape}{'_outline' if cls >= len(SHAPES) else ''}"
 
@@ -193,11 +399,11 @@ def generate(out_dir: str | Path, classes: int = 10, train_per_class: int = 100,
     ``kind``: ``textures`` (a class is a pattern family: stripes, checks, dots, ...; the default) or ``shapes``
     (a class is a shape). ``photo_like`` makes 500x375 noisy photos (ImageNet-like sizes, ~100 KB JPEGs).
     """
-    if kind not in ("textures", "shapes"):
-        raise ValueError(f"--kind {kind}: choose textures or shapes")
+    if kind not in KINDS:
+        raise ValueError(f"--kind {kind}: choose one of {', '.join(KINDS)}")
     from tqdm import tqdm
 
-    limit = len(TEXTURES) if kind == "textures" else 2 * len(SHAPES)
+    limit = 2 * len(SHAPES) if kind == "shapes" else 10
     if not 2 <= classes <= limit:
         raise ValueError(f"--classes must be between 2 and {limit} for --kind {kind}")
     out = Path(out_dir)
@@ -210,8 +416,10 @@ def generate(out_dir: str | Path, classes: int = 10, train_per_class: int = 100,
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng([seed, c, i, 0 if split == "train" else 1])
-        img = make_texture_image(c, rng, width, height) if kind == "textures" and not photo_like \
-            else make_image(c, rng, width, height, photo_like)
+        if photo_like or kind == "shapes":
+            img = make_image(c, rng, width, height, photo_like)
+        else:
+            img = _MAKERS[kind](c, rng, width, height)
         img.save(path, quality=quality)
     summary = {"kind": kind, "classes": classes, "train": classes * train_per_class, "val": classes * val_per_class,
                "width": width, "height": height, "seed": seed}

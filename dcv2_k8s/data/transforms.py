@@ -3,7 +3,8 @@
 Supported entries (VISSL names and arguments): ``ImgPilToMultiCrop`` (total_num_crops, num_crops, size_crops,
 crop_scales), ``RandomHorizontalFlip`` (p), ``ImgPilColorDistortion`` (strength: ColorJitter(0.8s, 0.8s, 0.8s,
 0.2s) with p=0.8 then RandomGrayscale p=0.2), ``ImgPilGaussianBlur`` (p, radius_min, radius_max; PIL's
-Gaussian blur as the reference), ``ToTensor``, ``Normalize`` (mean, std). Every transform after
+Gaussian blur as the reference), ``ImgPilRandomGrayscale`` (p), ``ColorJitter`` (PIL backend only) and ``RandomInvert`` (p;
+torchvision's), ``ToTensor``, ``Normalize`` (mean, std). Every transform after
 ImgPilToMultiCrop applies to each crop independently.
 """
 
@@ -74,6 +75,9 @@ TRANSFORMS: dict[str, Op] = {
                              _cv(lambda a: cvt.GaussianBlur(a.get("p", 0.5), a.get("radius_min", 0.1),
                                                             a.get("radius_max", 2.0)))),
     "ColorJitter": Op(lambda a: v2.ColorJitter(**a), None),
+    # torchvision's name (VISSL takes torchvision transforms by name): flips dark and light, for data whose
+    # polarity says nothing about the class (dark-on-light and light-on-dark glyphs)
+    "RandomInvert": Op(lambda a: v2.RandomInvert(p=a.get("p", 0.5)), _cv(lambda a: cvt.Invert(a.get("p", 0.5)))),
     "ToTensor": Op(_pil_to_tensor, _cv(lambda a: cvt.ToTensorNormalize())),
     "Normalize": Op(lambda a: v2.Normalize(mean=list(a["mean"]), std=list(a["std"])),
                     lambda a, ops: cvt.normalize_into(ops, a["mean"], a["std"])),
