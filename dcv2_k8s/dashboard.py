@@ -59,6 +59,16 @@ PANELS: list[Panel] = [
         (f"min by (head) (dcv2_kmeans_cluster_size_entropy_ratio{{{SEL}}})", "size entropy head {{head}}"),
         (f"min by (head) (dcv2_kmeans_nmi_previous_ratio{{{SEL}}})", "NMI vs previous head {{head}}")],
         "percentunit", description="Entropy of cluster sizes / log K, and NMI of assignments vs the previous epoch"),
+    Panel("Representation health", [
+        (f"max(dcv2_trunk_feature_mean_cosine{{{SEL}}})", "trunk mean cosine"),
+        (f"max(dcv2_embedding_mean_cosine{{{SEL}}})", "embedding mean cosine"),
+        (f"max(dcv2_collapse_warnings{{{SEL}}})", "collapse warnings")], "short",
+          description="Collapse diagnostics (README: What is logged): mean pairwise cosine of the trunk's features "
+                      "(1 = collapsed) and of the head's embeddings, and the warnings of the last check"),
+    Panel("Weight change per epoch", [
+        (f"max by (layer) (dcv2_layer_weight_change_ratio{{{SEL}, window=\"epoch\"}})", "{{layer}}")],
+        "percentunit", description="||w - w_prev|| / ||w_prev|| of each layer over the last epoch; flat near 0 = "
+                                   "not learning"),
     Panel("Checkpoint age", [(f"time() - max(dcv2_last_checkpoint_timestamp_seconds{{{SEL}}})", "age")], "s",
           kind="stat", width=4),
     Panel("Checkpoint duration and size", [

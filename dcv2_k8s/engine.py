@@ -34,7 +34,8 @@ from dcv2_k8s.data.dataset import IndexedImageFolder, ResumableDistributedSample
 from dcv2_k8s.data.stage import ensure_local
 from dcv2_k8s.data.transforms import build_multicrop
 from dcv2_k8s.dcv2 import DeepClusterV2
-from dcv2_k8s.eval.knn import knn_eval
+from dcv2_k8s.dcv2.stats import WeightChange, collapse_warnings, feature_stats
+from dcv2_k8s.eval.knn import extract_features, knn_eval
 from dcv2_k8s.events import EventLog
 from dcv2_k8s.metrics import Metrics
 from dcv2_k8s.model import build_model
@@ -59,6 +60,7 @@ class TrainState:
     epoch: int = 0           # current epoch (0-based)
     step_in_epoch: int = 0   # steps of this epoch already done
     global_step: int = 0     # steps done in total
+    knn_top1_init: float = -1.0  # k-NN top-1 of the network at initialisation (-1: not measured)
 
 
 def steps_per_epoch(num_samples: int, world_size: int, batch: int) -> int:
@@ -150,6 +152,11 @@ class Trainer:
         self.skipped_steps = 0
         self._ckpt_reported = None
         self._bad_reported = 0
+        self._kmeans_stats: list[dict] = []
+        self._knn_last: dict | None = None
+        self.weight_change: WeightChange | None = None  # rank 0, from the weights this process starts training with
+        self.warnings: list[dict] = []  # every collapse warning of this process (epoch, kind, message)
+        self._active_warnings: set[str] = set()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
 
@@ -174,6 +181,11 @@ class Trainer:
         if not bank_restored:
             self.fill_memory_bank()
             self.method.bank.ptr = s.step_in_epoch * self.batch
+        if cfg.MONITOR.DIAG_FREQUENCY > 0 and self.info.is_main:
+            self.weight_change = WeightChange(self.model)
+        if s.global_step == 0 and cfg.MONITOR.KNN_FREQUENCY > 0 and cfg.DATA.TEST.DATA_PATHS:
+            res = self.knn_monitor()  # the network at initialisation: the floor the training must beat
+            s.knn_top1_init = res["top1"]
         last = {}
         while s.epoch < self.epochs:
             if s.step_in_epoch == 0:
@@ -195,8 +207,16 @@ class Trainer:
             knn_every = cfg.MONITOR.KNN_FREQUENCY
             if knn_every > 0 and (s.epoch % knn_every == 0 or s.epoch == self.epochs):
                 self.knn_monitor()
+            diag_every = cfg.MONITOR.DIAG_FREQUENCY
+            if diag_every > 0 and (s.epoch % diag_every == 0 or s.epoch == self.epochs):
+                self.diagnose()
         self.wait_checkpoint()
         log.info("training finished: %d epochs, %d steps", self.epochs, s.global_step)
+        if self.warnings:
+            kinds = sorted({w["kind"] for w in self.warnings})
+            log.warning("this run raised %d collapse warnings (%s); the last: %s. See `dcv2 report %s` and the "
+                        "README's troubleshooting", len(self.warnings), ", ".join(kinds),
+                        self.warnings[-1]["message"], cfg.CHECKPOINT.DIR)
         if self.status is not None:
             self.status.update(100.0, 0.0, epoch=self.epochs, global_step=s.global_step)
         self.events.publish(final=True)
@@ -282,6 +302,7 @@ class Trainer:
         self.model.set_prototypes(self.method.cluster(epoch))
         seconds = time.time() - t0
         stats = self.method.stats() if self.info.is_main else []
+        self._kmeans_stats = stats
         for st in stats:
             log.info("epoch %d k-means head %d: %d empty clusters, size entropy %.3f, ignored %.1f%%%s", epoch,
                      st["head"], st["empty_clusters"], st["size_entropy"], 100 * st["ignored_ratio"],
@@ -297,17 +318,70 @@ class Trainer:
             return None
         t0 = time.time()
         mean, std = cfg.DATA.TRAIN.normalize
-        res = knn_eval(self.model.trunk, self.dataset.root, cfg.DATA.TEST.DATA_PATHS[0],
-                       cfg.DATA.TRAIN.multicrop.large_size, self.device, cfg.MONITOR.KNN_K,
-                       cfg.MONITOR.KNN_TEMPERATURE, self.info.rank, self.info.world_size, num_workers=0, mean=mean,
-                       std=std)
+        with torch.random.fork_rng(devices=[]):
+            res = knn_eval(self.model.trunk, self.dataset.root, cfg.DATA.TEST.DATA_PATHS[0],
+                           cfg.DATA.TRAIN.multicrop.large_size, self.device, cfg.MONITOR.KNN_K,
+                           cfg.MONITOR.KNN_TEMPERATURE, self.info.rank, self.info.world_size, num_workers=0,
+                           mean=mean, std=std)
         log.info("epoch %d k-NN: top-1 %.2f%% top-5 %.2f%% (%.1f s)", self.state.epoch, res["top1"], res["top5"],
                  time.time() - t0)
         self.events.emit("knn", epoch=self.state.epoch, **res)
         self.metrics.knn(res["top1"], res["top5"])
+        self._knn_last = res
         if self.status is not None:
             self.status.update(knn_top1=res["top1"])
         return res
+
+    def diagnose(self) -> dict:
+        """Collapse diagnostics after an epoch (all ranks): the trunk's features of a fixed subset of the training
+        images (effective rank, mean pairwise cosine), the memory bank's embeddings (the head's output), the
+        last k-means (cluster-size entropy, NMI vs the epoch before) and each layer's weight change; logged,
+        exported and written to the event log, with a warning when they say the representation collapses or
+        does not move."""
+        cfg, s = self.cfg, self.state
+        t0 = time.time()
+        n = len(self.dataset)
+        want = max(2, min(n, cfg.MONITOR.DIAG_IMAGES))
+        picked = [i * n // want for i in range(want)]
+        mean, std = cfg.DATA.TRAIN.normalize
+        with torch.random.fork_rng(devices=[]):  # monitoring leaves the run's random stream as it was
+            feats, _ = extract_features(self.model.trunk, self.dataset.root, cfg.DATA.TRAIN.multicrop.large_size,
+                                        self.device, rank=self.info.rank, world_size=self.info.world_size,
+                                        num_workers=0, mean=mean, std=std, indices=picked)
+        if not self.info.is_main:
+            return {}
+        bank = self.method.bank
+        diag = {"epoch": s.epoch, "global_step": s.global_step, "lr": self.schedule(max(0, s.global_step - 1)),
+                "trunk": feature_stats(feats), "embedding": feature_stats(bank.embeddings[0][bank.indices >= 0]),
+                "heads": self._kmeans_stats, "weight_change": self.weight_change.update(),
+                "seconds": 0.0}
+        knn = self._knn_last
+        if knn is not None and s.knn_top1_init >= 0:
+            diag["knn_top1"], diag["knn_top1_init"] = knn["top1"], s.knn_top1_init
+        found = collapse_warnings(diag)
+        diag["warnings"] = [m for _, m in found]
+        diag["seconds"] = time.time() - t0
+        tr, em = diag["trunk"], diag["embedding"]
+        trunk_change = max((v["per_epoch"] for k, v in diag["weight_change"].items() if k.startswith("trunk")),
+                           default=0.0)
+        log.info("epoch %d diagnostics: trunk features mean cosine %.3f effective rank %.1f; embeddings mean "
+                 "cosine %.3f effective rank %.1f; largest trunk layer change %.2f%% (%.1f s)", s.epoch,
+                 tr["mean_cosine"], tr["effective_rank"], em["mean_cosine"], em["effective_rank"],
+                 100 * trunk_change, diag["seconds"])
+        kinds = {k for k, _ in found}
+        if "knn_top1" not in diag:  # no k-NN this epoch: its condition stays as it was
+            kinds |= self._active_warnings & {"knn_below_init"}
+        for kind, message in found:  # logged when a condition appears; the metric and the event log every check
+            if kind not in self._active_warnings:
+                log.warning("collapse check (epoch %d): %s", s.epoch, message)
+            self.warnings.append({"epoch": s.epoch, "kind": kind, "message": message})
+        for kind in sorted(self._active_warnings - kinds):
+            log.info("collapse check (epoch %d): %s no longer holds", s.epoch, kind)
+        self._active_warnings = kinds
+        self.metrics.diagnostics(diag)
+        self.events.emit("diagnostics", **diag)
+        self._knn_last = None
+        return diag
 
     # ------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, epoch_end: bool) -> None:

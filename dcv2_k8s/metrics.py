@@ -116,6 +116,16 @@ class Metrics:
         self.knn_top5 = g("dcv2_knn_top5_ratio", "k-NN top-5 accuracy of the frozen trunk")
         self.linear_top1 = g("dcv2_linear_eval_top1_ratio", "Linear-evaluation top-1 accuracy (last epoch evaluated)")
         self.linear_top5 = g("dcv2_linear_eval_top5_ratio", "Linear-evaluation top-5 accuracy (last epoch evaluated)")
+        self.trunk_cos = g("dcv2_trunk_feature_mean_cosine", "Mean pairwise cosine of the trunk's features of a fixed "
+                           "subset of training images (1 = collapsed)")
+        self.trunk_rank = g("dcv2_trunk_feature_effective_rank", "Effective rank of the trunk's features (same subset)")
+        self.emb_cos = g("dcv2_embedding_mean_cosine", "Mean pairwise cosine of the memory bank's embeddings")
+        self.emb_rank = g("dcv2_embedding_effective_rank", "Effective rank of the memory bank's embeddings")
+        self.weight_change = g("dcv2_layer_weight_change_ratio", "Relative weight change ||w - w_ref|| / ||w_ref|| of a "
+                               "layer: window=epoch (since the last check) or total (since the process started)",
+                               ["layer", "window"])
+        self.collapse = g("dcv2_collapse_warnings", "Collapse warnings raised by the last diagnostics (0 = healthy)")
+        self.knn_init = g("dcv2_knn_top1_init_ratio", "k-NN top-1 of the network at initialisation")
         self.gpu_alloc = g("dcv2_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated")
         self.gpu_reserved = g("dcv2_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved")
         for counter in (self.samples, self.steps, self.ckpt_failures, self.bad_images):
@@ -200,6 +210,21 @@ class Metrics:
         if self.enabled:
             self._l(self.knn_top1).set(top1 / 100)
             self._l(self.knn_top5).set(top5 / 100)
+
+    def diagnostics(self, diag: dict) -> None:
+        """One epoch's collapse diagnostics (``Trainer.diagnose``)."""
+        if not self.enabled:
+            return
+        self._l(self.trunk_cos).set(diag["trunk"]["mean_cosine"])
+        self._l(self.trunk_rank).set(diag["trunk"]["effective_rank"])
+        self._l(self.emb_cos).set(diag["embedding"]["mean_cosine"])
+        self._l(self.emb_rank).set(diag["embedding"]["effective_rank"])
+        for layer, v in diag["weight_change"].items():
+            self._l(self.weight_change, layer=layer, window="epoch").set(v["per_epoch"])
+            self._l(self.weight_change, layer=layer, window="total").set(v["total"])
+        self._l(self.collapse).set(len(diag["warnings"]))
+        if "knn_top1_init" in diag:
+            self._l(self.knn_init).set(diag["knn_top1_init"] / 100)
 
     def linear_eval(self, top1: float, top5: float) -> None:
         if self.enabled:

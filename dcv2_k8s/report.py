@@ -2,8 +2,9 @@
 
 Reads ``RUN/metrics.jsonl`` (written by rank 0 during training; ``RUN`` is the CHECKPOINT.DIR, local or
 ``s3://``) and draws loss, learning rate, throughput and data-wait share, k-means time, cluster health (empty
-clusters, size entropy, NMI vs the previous epoch) and k-NN accuracy. For people without Grafana, and the
-pipeline's HTML artifact.
+clusters, size entropy, NMI vs the previous epoch), k-NN accuracy (with the network at initialisation as the
+floor) and the collapse diagnostics (trunk-feature mean cosine and effective rank, per-layer weight change, and
+every collapse warning the run raised). For people without Grafana, and the pipeline's HTML artifact.
 """
 
 from __future__ import annotations
@@ -79,7 +80,28 @@ def _figures(events: list[dict]) -> list[tuple[str, "object"]]:
         ax = fig("k-NN accuracy of the frozen trunk (%)")
         ax.plot([e["epoch"] for e in knn], [e["top1"] for e in knn], marker="o", label="top-1")
         ax.plot([e["epoch"] for e in knn], [e["top5"] for e in knn], marker="o", label="top-5")
+        init = [e for e in events if e.get("kind") == "diagnostics" and "knn_top1_init" in e]
+        if init:
+            ax.axhline(init[-1]["knn_top1_init"], color="grey", ls="--", label="top-1 at initialisation")
         ax.legend(fontsize=8)
+        ax.set_xlabel("epoch")
+    diags = [e for e in events if e.get("kind") == "diagnostics"]
+    if diags:
+        ax = fig("Representation: mean pairwise cosine (1 = collapsed)")
+        for key, label in (("trunk", "trunk features"), ("embedding", "head embeddings")):
+            ax.plot([e["epoch"] for e in diags], [e[key]["mean_cosine"] for e in diags], marker=".", label=label)
+        ax.legend(fontsize=8)
+        ax.set_xlabel("epoch")
+        ax = fig("Representation: effective rank")
+        for key, label in (("trunk", "trunk features"), ("embedding", "head embeddings")):
+            ax.plot([e["epoch"] for e in diags], [e[key]["effective_rank"] for e in diags], marker=".", label=label)
+        ax.legend(fontsize=8)
+        ax.set_xlabel("epoch")
+        ax = fig("Weight change per epoch (relative, per layer)")
+        for layer in diags[-1]["weight_change"]:
+            pts = [(e["epoch"], e["weight_change"][layer]["per_epoch"]) for e in diags if layer in e["weight_change"]]
+            ax.semilogy([p[0] for p in pts], [max(p[1], 1e-9) for p in pts], marker=".", label=layer)
+        ax.legend(fontsize=7)
         ax.set_xlabel("epoch")
     return figs
 
@@ -100,9 +122,24 @@ def render(run: str, out_dir: str) -> str:
                "median images/s": f"{sorted(s['images_per_s'] for s in steps)[len(steps) // 2]:.1f}"}
     if knn:
         summary["last k-NN top-1"] = f"{knn[-1]['top1']:.2f} %"
+    init = [e["knn_top1_init"] for e in events if e.get("kind") == "diagnostics" and "knn_top1_init" in e]
+    if init:
+        summary["k-NN top-1 at initialisation"] = f"{init[-1]:.2f} %"
     parts = [f"<h1>DeepClusterV2 run report</h1><p>{html.escape(run)}</p><table>"]
     parts += [f"<tr><th align=left>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items()]
     parts.append("</table>")
+    diags = [e for e in events if e.get("kind") == "diagnostics"]
+    warned = [(e["epoch"], w) for e in diags for w in e.get("warnings", [])]
+    if diags:
+        parts.append("<h2>Collapse check</h2>")
+        if warned:
+            parts.append("<p><b>The run raised collapse warnings</b> (see the README's troubleshooting):</p><ul>")
+            parts += [f"<li>epoch {ep}: {html.escape(w)}</li>" for ep, w in warned]
+            parts.append("</ul>")
+        else:
+            parts.append(f"<p>No collapse warning in {len(diags)} checks (last: trunk mean cosine "
+                         f"{diags[-1]['trunk']['mean_cosine']:.3f}, effective rank "
+                         f"{diags[-1]['trunk']['effective_rank']:.1f}).</p>")
     for i, (title, f) in enumerate(_figures(events)):
         png = out / f"{i:02d}_{title.split(' (')[0].lower().replace(' ', '_').replace('/', '')}.png"
         f.tight_layout()

@@ -316,6 +316,8 @@ class Monitor:
     KNN_FREQUENCY: int
     KNN_K: int
     KNN_TEMPERATURE: float
+    DIAG_FREQUENCY: int
+    DIAG_IMAGES: int
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,14 @@ def test_two_process_training(synth_data, tmp_path):
     assert table.shape == (3, 240)
     assert torch.equal(table[0] == IGNORE, ~banked) and int((~banked).sum()) > 0
     final = read_file(str(ckpt))
-    assert final["train_state"] == {"epoch": 3, "step_in_epoch": 0, "global_step": 21}
+    assert final["train_state"] == {"epoch": 3, "step_in_epoch": 0, "global_step": 21, "knn_top1_init": -1.0}
+    # collapse diagnostics after every epoch: trunk and embedding statistics, each layer's weight change
+    diags = _events(ckpt, "diagnostics")
+    assert [d["epoch"] for d in diags] == [1, 2, 3]
+    for d in diags:
+        assert 0 < d["trunk"]["effective_rank"] <= 128 and -1 <= d["trunk"]["mean_cosine"] <= 1
+        assert set(d["weight_change"]) >= {"trunk.conv1", "trunk.layer4", "head"}
+        assert all(v["per_epoch"] > 0 for v in d["weight_change"].values())
     assert CheckpointManager(str(ckpt)).latest()["world_size"] == 2
 
 
@@ -67,7 +74,8 @@ def test_exact_resume_mid_epoch_is_bitwise_identical(synth_data, tmp_path):
     # 7 steps per epoch: stop after 10 steps (1.43 epochs), then resume to the end
     p = run_cli("train", *tiny_train_tokens(synth_data, resumed, *common, "config.TRAINER.MAX_STEPS=10"))
     assert p.returncode == 0, p.stderr[-3000:]
-    assert read_file(str(resumed))["train_state"] == {"epoch": 1, "step_in_epoch": 3, "global_step": 10}
+    assert read_file(str(resumed))["train_state"] == {"epoch": 1, "step_in_epoch": 3, "global_step": 10,
+                                                      "knn_top1_init": -1.0}
     p = run_cli("train", *tiny_train_tokens(synth_data, resumed, *common))
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from step_000000010 (epoch 1, step 3 of 7)" in p.stdout

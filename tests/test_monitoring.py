@@ -117,7 +117,7 @@ def test_metrics_dashboard_queries_against_real_prometheus(prometheus, synth_dat
         _, series = query(url, '{__name__=~"dcv2_.*"}')
         for s in series["data"]["result"]:
             assert set(s["metric"]) <= {"__name__", "instance", "job", "run", "node_rank", "head", "le", "version",
-                                        "torch", "cuda", "python", "config"}, s["metric"]
+                                        "torch", "cuda", "python", "config", "layer", "window"}, s["metric"]
         empty = []
         for panel in dashboard.PANELS:
             for expr, _ in panel.exprs:
@@ -200,6 +200,16 @@ def test_alert_rules_check_and_unit_tests(tmp_path):
                 alertname: DCv2EmptyClusters
                 exp_alerts:
                   - {_expected("DCv2EmptyClusters", dict(job, head="1"))}
+          - interval: 5m
+            input_series:
+              - series: 'dcv2_collapse_warnings{{{lbl}, node_rank="0"}}'
+                values: '0 0 1 1 1 1 1 1 1 1'
+            alert_rule_test:
+              - {{eval_time: 20m, alertname: DCv2RepresentationCollapse, exp_alerts: []}}
+              - eval_time: 45m
+                alertname: DCv2RepresentationCollapse
+                exp_alerts:
+                  - {_expected("DCv2RepresentationCollapse", job)}
         """))
     p = subprocess.run([_bin("promtool"), "test", "rules", str(tests)], capture_output=True, text=True,
                        cwd=str(tmp_path))

@@ -316,6 +316,10 @@ def derive_and_validate(cfg: dict, src: Sources, errors: list, notes: list, worl
         errors.append(f"config.METRICS.PORT={port} must be a TCP port between 1 and 65535")
     if get(cfg, "TRAINER.NONFINITE_POLICY") not in ("stop", "skip"):
         errors.append(f"config.TRAINER.NONFINITE_POLICY={get(cfg, 'TRAINER.NONFINITE_POLICY')!r}: choose stop or skip")
+    for key, low in (("MONITOR.KNN_FREQUENCY", 0), ("MONITOR.DIAG_FREQUENCY", 0), ("MONITOR.DIAG_IMAGES", 2)):
+        value = get(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            errors.append(f"config.{key}={value!r} must be an integer >= {low}")
     feat = _check_trunk(cfg, errors)
     if for_training:
         if feat is not None:

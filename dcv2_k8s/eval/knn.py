@@ -9,23 +9,40 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from dcv2_k8s.data.dataset import IndexedImageFolder
 from dcv2_k8s.distributed import all_gather_rows
 from dcv2_k8s.data.transforms import eval_transform
 
 
+class _Picked(Dataset):
+    """The images of ``ds`` at ``indices``, with their ``targets``."""
+
+    def __init__(self, ds, indices: list[int]):
+        self.ds, self.indices = ds, list(indices)
+        self.targets = [ds.targets[i] for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return i, self.ds[self.indices[i]][1]
+
+
 @torch.no_grad()
 def extract_features(trunk: torch.nn.Module, root: str, size: int, device: torch.device, batch_size: int = 64,
                      num_workers: int = 2, rank: int = 0, world_size: int = 1, mean=None, std=None,
-                     progress: bool = False, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(features [N, D], labels [N])`` of every image under ``root`` (ImageFolder), L2-normalised unless
-    ``normalize=False``."""
+                     progress: bool = False, normalize: bool = True, indices: list[int] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features [N, D], labels [N])`` of every image under ``root`` (ImageFolder), or of the images at
+    ``indices`` only, L2-normalised unless ``normalize=False``."""
     from tqdm import tqdm
 
     kw = {} if mean is None else {"mean": mean, "std": std}
     ds = IndexedImageFolder(root, eval_transform(size, **kw))
+    if indices is not None:
+        ds = _Picked(ds, indices)
     n = len(ds)
     per_rank = -(-n // world_size)
     mine = [min(i, n - 1) for i in range(rank, per_rank * world_size, world_size)]  # padded, strided

@@ -1,0 +1,117 @@
+"""Collapse diagnostics: the statistics on known matrices, the warning rules, and a real run that collapses
+(learning rate 100: every image ends on the same trunk feature) warning in its log, its event log, its
+Prometheus gauge and its report; a run whose learning rate is too small to move warns that it does not move."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dcv2_k8s.dcv2.stats import WeightChange, collapse_warnings, feature_stats
+from tests.conftest import run_cli, tiny_train_tokens
+
+
+def test_feature_stats_on_known_matrices():
+    g = torch.Generator().manual_seed(0)
+    iso = feature_stats(torch.randn(512, 64, generator=g))
+    assert abs(iso["mean_cosine"]) < 0.02 and iso["effective_rank"] > 55
+    low = feature_stats(torch.randn(512, 3, generator=g) @ torch.randn(3, 64, generator=g))
+    assert 2 < low["effective_rank"] < 3.5 and low["rank_ratio"] < 0.06
+    same = feature_stats(torch.ones(100, 32) + 1e-3 * torch.randn(100, 32, generator=g))
+    assert same["mean_cosine"] > 0.999
+
+
+def test_weight_change_per_layer():
+    model = torch.nn.Module()
+    model.trunk = torch.nn.Module()
+    model.trunk.layer1 = torch.nn.Linear(4, 4)
+    model.trunk.layer2 = torch.nn.Linear(4, 4)
+    model.head = torch.nn.Linear(4, 2)
+    wc = WeightChange(model)
+    with torch.no_grad():
+        for p in model.trunk.layer2.parameters():
+            p.mul_(1.1)
+    first = wc.update()
+    assert first["trunk.layer1"]["per_epoch"] == 0 and first["head"]["total"] == 0
+    assert first["trunk.layer2"]["per_epoch"] == pytest.approx(0.1, rel=1e-5)
+    second = wc.update()  # nothing changed since: per epoch 0, total still 10 %
+    assert second["trunk.layer2"]["per_epoch"] == 0 and second["trunk.layer2"]["total"] == pytest.approx(0.1, rel=1e-5)
+
+
+def _diag(**kw) -> dict:
+    d = {"trunk": {"mean_cosine": 0.5, "effective_rank": 40.0, "rank_ratio": 0.3},
+         "heads": [{"head": 0, "size_entropy": 0.97, "empty_clusters": 0}],
+         "weight_change": {"trunk.layer1": {"per_epoch": 0.02, "total": 0.1}}, "lr": 1.0}
+    d.update(kw)
+    return d
+
+
+def test_collapse_rules():
+    assert collapse_warnings(_diag()) == []
+    kinds = lambda d: [k for k, _ in collapse_warnings(d)]  # noqa: E731
+    assert kinds(_diag(trunk={"mean_cosine": 0.99, "effective_rank": 40.0, "rank_ratio": 0.3})) == ["trunk_cosine"]
+    assert kinds(_diag(trunk={"mean_cosine": 0.5, "effective_rank": 1.5, "rank_ratio": 0.01})) == ["trunk_rank"]
+    assert kinds(_diag(heads=[{"head": 1, "size_entropy": 0.3, "empty_clusters": 20}])) == ["cluster_sizes"]
+    assert kinds(_diag(weight_change={"trunk.layer1": {"per_epoch": 1e-5, "total": 1e-4}})) == ["not_moving"]
+    assert kinds(_diag(weight_change={"trunk.layer1": {"per_epoch": 1e-5, "total": 1e-4}}, lr=0.0)) == []
+    assert kinds(_diag(knn_top1=15.0, knn_top1_init=26.0)) == ["knn_below_init"]
+    assert kinds(_diag(knn_top1=25.0, knn_top1_init=26.0)) == []  # within the 2-point tolerance
+
+
+def _lr(value: float) -> str:
+    return (f"config.OPTIMIZER.param_schedulers.lr.schedulers=[{{name: constant, value: {value}}}, "
+            f"{{name: constant, value: {value}}}]")
+
+
+@pytest.mark.slow
+def test_a_collapsing_run_warns_in_log_events_metrics_and_report(synth_data, tmp_path):
+    ckpt = tmp_path / "run"
+    p = run_cli("train", *tiny_train_tokens(synth_data, ckpt, "config.OPTIMIZER.num_epochs=4",
+                                            "config.DISTRIBUTED.NUM_PROC_PER_NODE=1", _lr(100.0),
+                                            f"config.DATA.TEST.DATA_PATHS=[{synth_data / 'val'}]",
+                                            "config.MONITOR.KNN_FREQUENCY=2", "config.LOG_FREQUENCY=50"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    log = p.stdout + p.stderr
+    assert "collapse check (epoch" in log and "trunk features are collapsing" in log, log[-3000:]
+    assert "this run raised" in log and "collapse warnings" in log
+    assert log.count("trunk features are collapsing: mean pairwise cosine") == 1  # logged once while it holds
+    events = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
+    diags = [e for e in events if e["kind"] == "diagnostics"]
+    assert len(diags) == 4 and diags[-1]["trunk"]["mean_cosine"] > 0.95
+    assert all(d["warnings"] for d in diags[1:])
+    assert diags[-1]["knn_top1_init"] == [e for e in events if e["kind"] == "knn"][0]["top1"]  # epoch-0 k-NN
+    html_path = run_cli("report", str(ckpt))
+    assert html_path.returncode == 0, html_path.stderr
+    page = (ckpt / "report" / "report.html").read_text()
+    assert "raised collapse warnings" in page and "trunk features are collapsing" in page
+
+
+@pytest.mark.slow
+def test_a_run_that_does_not_move_warns(synth_data, tmp_path):
+    p = run_cli("train", *tiny_train_tokens(synth_data, tmp_path / "run", "config.OPTIMIZER.num_epochs=2",
+                                            "config.DISTRIBUTED.NUM_PROC_PER_NODE=1", _lr(1e-4),
+                                            "config.LOG_FREQUENCY=50"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "the trunk is not moving" in p.stdout + p.stderr
+
+
+def test_diagnostics_gauges_exported():
+    from prometheus_client import generate_latest
+
+    from dcv2_k8s.metrics import Metrics
+
+    m = Metrics("r", 0, enabled=True, port=0, addr="127.0.0.1")
+    try:
+        m.diagnostics({"trunk": {"mean_cosine": 0.97, "effective_rank": 3.0}, "embedding": {"mean_cosine": 0.5,
+                       "effective_rank": 20.0}, "weight_change": {"trunk.layer4": {"per_epoch": 0.01, "total": 0.2}},
+                       "warnings": ["x"], "knn_top1_init": 26.5})
+        text = generate_latest(m.registry).decode()
+    finally:
+        m.close()
+    assert 'dcv2_trunk_feature_mean_cosine{node_rank="0",run="r"} 0.97' in text
+    assert 'dcv2_layer_weight_change_ratio{layer="trunk.layer4",node_rank="0",run="r",window="total"} 0.2' in text
+    assert 'dcv2_collapse_warnings{node_rank="0",run="r"} 1.0' in text
+    assert 'dcv2_knn_top1_init_ratio{node_rank="0",run="r"} 0.265' in text
