@@ -157,6 +157,7 @@ class Trainer:
         self.weight_change: WeightChange | None = None  # rank 0, from the weights this process starts training with
         self.warnings: list[dict] = []  # every collapse warning of this process (epoch, kind, message)
         self._active_warnings: set[str] = set()
+        self._lr_peak: float | None = None
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
 
@@ -351,7 +352,10 @@ class Trainer:
         if not self.info.is_main:
             return {}
         bank = self.method.bank
+        if self._lr_peak is None:
+            self._lr_peak = max(self.schedule(t) for t in range(0, self.total_steps, max(1, self.total_steps // 1000)))
         diag = {"epoch": s.epoch, "global_step": s.global_step, "lr": self.schedule(max(0, s.global_step - 1)),
+                "lr_peak": self._lr_peak,
                 "trunk": feature_stats(feats), "embedding": feature_stats(bank.embeddings[0][bank.indices >= 0]),
                 "heads": self._kmeans_stats, "weight_change": self.weight_change.update(),
                 "seconds": 0.0}

@@ -46,3 +46,20 @@ def test_component_benchmarks_run_small(tmp_path):
     st = _run("bench_stage.py", tmp_path / "stage", "--files", "60", "--classes", "6", "--tar-mb", "3",
               "--workers", "4", "--repeats", "1")
     assert st["folder"][0]["ratio"] > 0 and st["tar"]["ours_extra_disk_bytes"] == 0 and st["tar"]["files"] >= 6
+
+
+def test_small_scale_benchmark_runs_small(tmp_path):
+    """The held-out-data benchmark end to end at toy size: data, random-init k-NN, both presets trained (2 at once),
+    scored, the table written; and ``--score-only`` re-scores the same runs without training."""
+    tiny = ["--kinds", "icons", "--train-per-class", "14", "--val-per-class", "3", "--jobs", "2",
+            "--work", str(tmp_path / "work"), "--set", "config.OPTIMIZER.num_epochs=2",
+            "--set", "config.LOSS.deepclusterv2_loss.num_clusters=[8,8,8]", "--set", "config.MONITOR.KNN_FREQUENCY=1"]
+    res = _run("small_scale.py", tmp_path / "small", *tiny)
+    (entry,) = res["runs"]
+    assert entry["kind"] == "icons" and set(entry["random_init"]) == {"small_scale", "demo"}
+    for name in ("small_scale", "demo"):
+        r = entry[name]
+        assert r["epoch"] == r["epochs"] == 2 and 0 <= r["knn_top1"] <= 100 and r["command"].startswith("dcv2 train")
+        assert [e for e, _ in r["knn_curve"]] == [0, 1, 2]
+    again = _run("small_scale.py", tmp_path / "again", *tiny, "--score-only")
+    assert again["runs"][0]["small_scale"]["knn_top1"] == entry["small_scale"]["knn_top1"]

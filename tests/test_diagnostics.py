@@ -57,6 +57,8 @@ def test_collapse_rules():
     assert kinds(_diag(heads=[{"head": 1, "size_entropy": 0.3, "empty_clusters": 20}])) == ["cluster_sizes"]
     assert kinds(_diag(weight_change={"trunk.layer1": {"per_epoch": 1e-5, "total": 1e-4}})) == ["not_moving"]
     assert kinds(_diag(weight_change={"trunk.layer1": {"per_epoch": 1e-5, "total": 1e-4}}, lr=0.0)) == []
+    # the tail of a cosine schedule (LR at 1 % of its peak) is not "not moving"
+    assert kinds(_diag(weight_change={"trunk.layer1": {"per_epoch": 1e-5, "total": 0.3}}, lr=0.012, lr_peak=1.2)) == []
     assert kinds(_diag(knn_top1=15.0, knn_top1_init=26.0)) == ["knn_below_init"]
     assert kinds(_diag(knn_top1=25.0, knn_top1_init=26.0)) == []  # within the 2-point tolerance
 

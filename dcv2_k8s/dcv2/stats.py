@@ -122,7 +122,7 @@ def collapse_warnings(diag: dict) -> list[tuple[str, str]]:
     Kinds: ``trunk_cosine``, ``trunk_rank``, ``cluster_sizes``, ``not_moving``, ``knn_below_init``.
 
     ``diag`` keys used: ``trunk`` (feature_stats), ``heads`` (head_stats), ``weight_change`` (WeightChange),
-    ``lr``, ``knn_top1`` and ``knn_top1_init`` (both optional)."""
+    ``lr`` and ``lr_peak`` (the schedule's largest value), ``knn_top1`` and ``knn_top1_init`` (both optional)."""
     out = []
     trunk = diag.get("trunk")
     if trunk and trunk["mean_cosine"] > COLLAPSE_MEAN_COSINE:
@@ -137,7 +137,9 @@ def collapse_warnings(diag: dict) -> list[tuple[str, str]]:
                                          f"{h['size_entropy']:.2f}, {h['empty_clusters']} empty clusters)"))
     wc = diag.get("weight_change") or {}
     trunk_layers = [v["per_epoch"] for k, v in wc.items() if k.startswith("trunk")]
-    if trunk_layers and diag.get("lr", 1.0) > 0 and max(trunk_layers) < STILL_WEIGHT_CHANGE:
+    lr, peak = diag.get("lr", 1.0), diag.get("lr_peak", diag.get("lr", 1.0))
+    # the tail of a decaying schedule moves little by design: only a run at >= 1/4 of its peak LR is "not moving"
+    if trunk_layers and lr > 0 and lr >= 0.25 * peak and max(trunk_layers) < STILL_WEIGHT_CHANGE:
         out.append(("not_moving", f"the trunk is not moving: its layers changed by at most "
                                   f"{100 * max(trunk_layers):.3f}% in the last epoch; raise the learning rate (with "
                                   "LARC the relative step is about lr x trust_coefficient)"))
