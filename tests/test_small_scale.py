@@ -43,4 +43,5 @@ def test_small_scale_preset_beats_random_init_on_held_out_textures(tmp_path):
     assert trained >= random_init + 5, (random_init, trained)
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     diags = [e for e in events if e["kind"] == "diagnostics"]
-    assert len(diags) == 30 and not any("collapsing" in w for d in diags for w in d["warnings"])
+    # a check after each of epochs 1-29 (the MAX_STEPS stop at the end of epoch 30 returns before its checks)
+    assert len(diags) == 29 and not any("collapsing" in w for d in diags for w in d["warnings"])
