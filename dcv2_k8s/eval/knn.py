@@ -9,25 +9,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 
 from dcv2_k8s.data.dataset import IndexedImageFolder
 from dcv2_k8s.distributed import all_gather_rows
 from dcv2_k8s.data.transforms import eval_transform
-
-
-class _Picked(Dataset):
-    """The images of ``ds`` at ``indices``, with their ``targets``."""
-
-    def __init__(self, ds, indices: list[int]):
-        self.ds, self.indices = ds, list(indices)
-        self.targets = [ds.targets[i] for i in self.indices]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return i, self.ds[self.indices[i]][1]
 
 
 @torch.no_grad()
@@ -41,11 +27,10 @@ def extract_features(trunk: torch.nn.Module, root: str, size: int, device: torch
 
     kw = {} if mean is None else {"mean": mean, "std": std}
     ds = IndexedImageFolder(root, eval_transform(size, **kw))
-    if indices is not None:
-        ds = _Picked(ds, indices)
-    n = len(ds)
+    pool = list(range(len(ds))) if indices is None else list(indices)
+    n = len(pool)
     per_rank = -(-n // world_size)
-    mine = [min(i, n - 1) for i in range(rank, per_rank * world_size, world_size)]  # padded, strided
+    mine = [pool[min(i, n - 1)] for i in range(rank, per_rank * world_size, world_size)]  # padded, strided
     loader = DataLoader(Subset(ds, mine), batch_size=batch_size, num_workers=num_workers)
     was_training = trunk.training
     trunk.eval()
