@@ -63,7 +63,9 @@ def synth_data(tmp_path_factory) -> Path:
 
 
 def tiny_train_tokens(data: Path, ckpt: Path, *extra: str) -> list[str]:
-    """A seconds-long DCv2 run: resnet18 at 1/4 width, 2 x 32 px crops, batch 16, K = 3 x 12."""
+    """A seconds-long DCv2 run: resnet18 at 1/4 width, 2 x 32 px crops, batch 16, K = 3 x 12. No collapse
+    diagnostics (a feature pass after every epoch would dominate these runs); the tests of the diagnostics turn them
+    on with ``config.MONITOR.DIAG_FREQUENCY=1`` among ``extra`` (a later token wins)."""
     return [DEMO, f"config.DATA.TRAIN.DATA_PATHS=[{data / 'train'}]", f"config.CHECKPOINT.DIR={ckpt}",
             "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=16", "config.DATA.NUM_DATALOADER_WORKERS=0",
             "config.MODEL.TRUNK.RESNETS.WIDTH_MULTIPLIER=0.25",
@@ -75,7 +77,8 @@ def tiny_train_tokens(data: Path, ckpt: Path, *extra: str) -> list[str]:
             "num_crops: [2, 1], crop_scales: [[0.3, 1], [0.1, 0.3]]}, {name: RandomHorizontalFlip, p: 0.5}, "
             "{name: ImgPilColorDistortion, strength: 1.0}, {name: ToTensor}, "
             "{name: Normalize, mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25]}]",
-            "config.LOG_FREQUENCY=1", "config.CHECKPOINT.CHECKPOINT_FREQUENCY=1", *extra]
+            "config.LOG_FREQUENCY=1", "config.CHECKPOINT.CHECKPOINT_FREQUENCY=1", "config.MONITOR.DIAG_FREQUENCY=0",
+            *extra]
 
 
 def run_local_args(manifest: Path, data: Path, ckpt: Path, *extra: str) -> list[str]:

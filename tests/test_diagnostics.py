@@ -74,7 +74,8 @@ def test_a_collapsing_run_warns_in_log_events_metrics_and_report(synth_data, tmp
     p = run_cli("train", *tiny_train_tokens(synth_data, ckpt, "config.OPTIMIZER.num_epochs=4",
                                             "config.DISTRIBUTED.NUM_PROC_PER_NODE=1", _lr(100.0),
                                             f"config.DATA.TEST.DATA_PATHS=[{synth_data / 'val'}]",
-                                            "config.MONITOR.KNN_FREQUENCY=2", "config.LOG_FREQUENCY=50"))
+                                            "config.MONITOR.KNN_FREQUENCY=2", "config.LOG_FREQUENCY=50",
+                                            "config.MONITOR.DIAG_FREQUENCY=1"))
     assert p.returncode == 0, p.stderr[-3000:]
     log = p.stdout + p.stderr
     assert "collapse check (epoch" in log and "trunk features are collapsing" in log, log[-3000:]
@@ -95,7 +96,7 @@ def test_a_collapsing_run_warns_in_log_events_metrics_and_report(synth_data, tmp
 def test_a_run_that_does_not_move_warns(synth_data, tmp_path):
     p = run_cli("train", *tiny_train_tokens(synth_data, tmp_path / "run", "config.OPTIMIZER.num_epochs=2",
                                             "config.DISTRIBUTED.NUM_PROC_PER_NODE=1", _lr(1e-4),
-                                            "config.LOG_FREQUENCY=50"))
+                                            "config.LOG_FREQUENCY=50", "config.MONITOR.DIAG_FREQUENCY=1"))
     assert p.returncode == 0, p.stderr[-3000:]
     assert "the trunk is not moving" in p.stdout + p.stderr
 

@@ -95,6 +95,7 @@ def test_metrics_dashboard_queries_against_real_prometheus(prometheus, synth_dat
            *tiny_train_tokens(synth_data, ckpt, "config.OPTIMIZER.num_epochs=200", "config.METRICS.ENABLED=true",
                               f"config.METRICS.PORT={mport}", "config.METRICS.ADDR=127.0.0.1",
                               f"config.DATA.TEST.DATA_PATHS=[{synth_data / 'val'}]", "config.MONITOR.KNN_FREQUENCY=1",
+                              "config.MONITOR.DIAG_FREQUENCY=1",
                               "config.RUN_NAME=promtest")]
     log = open(tmp_path / "train.log", "w")
     train = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT),
