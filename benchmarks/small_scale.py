@@ -25,6 +25,8 @@ from common import machine, write_results  # noqa: E402
 PRESETS = {"small_scale": "pretrain/deepcluster_v2/deepclusterv2_small_scale",
            "demo": "pretrain/deepcluster_v2/deepclusterv2_demo_cpu"}
 # the data kinds and their image sizes (glyphs as small grey images, the others at the demo's 64 px)
+# written into each run's directory after its training: what --score-only reports as the run's command and time
+RECORD = "benchmark_run.json"
 KINDS = {"glyphs": 48, "naturals": 64, "icons": 64, "textures": 64, "shapes": 64}
 
 
@@ -80,7 +82,12 @@ def main() -> int:
             for name in a.presets:
                 run_dir = os.path.join(a.work, f"run_{kind}_{name}")
                 if os.path.exists(os.path.join(run_dir, "latest.json")):
-                    entries[kind][name] = score(entries[kind]["data"], run_dir, None, 0.0)
+                    rec = {"args": None, "seconds": 0.0}
+                    if os.path.exists(os.path.join(run_dir, RECORD)):  # the command and wall time of its training
+                        with open(os.path.join(run_dir, RECORD)) as f:
+                            rec = json.load(f)
+                    entries[kind][name] = score(entries[kind]["data"], run_dir, rec["args"], rec["seconds"])
+                    entries[kind][name].update(threads=rec.get("threads"), jobs=rec.get("jobs"))
     running: dict = {}
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // a.jobs)))
     while queue or running:
@@ -104,7 +111,11 @@ def main() -> int:
             kind, name = key
             if proc.returncode:
                 raise SystemExit(f"{kind} {name}: dcv2 train failed (exit {proc.returncode}); see {run_dir}.log")
-            entries[kind][name] = score(entries[kind]["data"], run_dir, args, time.time() - t0)
+            seconds = time.time() - t0
+            with open(os.path.join(run_dir, RECORD), "w") as f:
+                json.dump({"args": args, "seconds": seconds, "threads": env["OMP_NUM_THREADS"], "jobs": a.jobs}, f)
+            entries[kind][name] = score(entries[kind]["data"], run_dir, args, seconds)
+            entries[kind][name].update(threads=env["OMP_NUM_THREADS"], jobs=a.jobs)
             base, trained = entries[kind]["random_init"][name], entries[kind][name]["knn_top1"]
             print(f"{kind} {name}: random init {base:.1f} %, trained {trained:.1f} % ({trained - base:+.1f}; "
                   f"{entries[kind][name]['minutes']} min)", flush=True)
@@ -120,13 +131,20 @@ def main() -> int:
             r = e[name]
             margin = r["knn_top1"] - e["random_init"][name]
             done = "" if r["epoch"] == r["epochs"] else f", stopped at epoch {r['epoch']} of {r['epochs']}"
-            row += [f"{r['knn_top1']:.1f} ({margin:+.1f}{done})", str(r["minutes"] or ""), str(r["collapse_warnings"])]
+            row += [f"{r['knn_top1']:.1f} ({margin:+.1f}{done})", minutes(r), str(r["collapse_warnings"])]
         rows.append(row)
     write_results(a.out, result, rows, ["data kind", "random init k-NN top-1 % (" + " / ".join(a.presets) + ")"] +
                   [c for n in a.presets for c in (f"{n}: k-NN top-1 % (vs random init)", f"{n}: minutes",
                                                   f"{n}: collapse warnings")],
                   "DCv2 on held-out small image sets: weighted k-NN top-1 (k=20) of the frozen trunk on the val split")
     return 0
+
+
+def minutes(run: dict) -> str:
+    """Wall minutes of a training run and how many ran at once (each run's threads: cores / runs at once)."""
+    if not run.get("minutes"):
+        return "not recorded"
+    return f"{run['minutes']} ({run.get('jobs') or '?'} at once, {run.get('threads') or '?'} threads)"
 
 
 def score(data: str, run_dir: str, args: list[str] | None, seconds: float) -> dict:

@@ -199,23 +199,37 @@ ICONS = ["target", "house", "arrow", "cross_circle", "bars", "key", "eye", "flag
 KINDS = ("textures", "shapes", "glyphs", "naturals", "icons")
 
 
-def make_glyph_image(cls: int, rng: np.random.Generator, width: int, height: int) -> Image.Image:
-    """One grey image of glyph ``cls`` (a digit-like stroke figure): each control point jittered, the glyph
-    slanted, scaled, rotated a little and placed anywhere in the image, drawn with a random stroke width in a random grey
-    level on another, with noise and a slight blur. Grey only: nothing but the stroke layout tells classes apart."""
-    strokes = list(GLYPHS.values())[cls]
+def glyph_layout(rng: np.random.Generator, width: int, height: int) -> dict:
+    """The nuisances of one glyph image, the first draws of its generator: size (``scale``, pixels), ``slant``,
+    ``rotation``, centre (``cx``, ``cy``), foreground and background grey (``fg``, ``bg``) and ``stroke`` width.
+    None of them depends on the class; ``benchmarks/glyph_probe.py`` asks which of them a network's features encode."""
     side = min(width, height)
     scale = side * rng.uniform(0.35, 0.55)
     slant, rot = rng.uniform(-0.3, 0.3), rng.uniform(-0.25, 0.25)
     m = 0.62 * scale  # half the glyph's extent, slant and jitter included
     cx, cy = rng.uniform(m, width - m), rng.uniform(m, height - m)
-    c, s = math.cos(rot), math.sin(rot)
     fg, bg = (float(v) for v in rng.uniform(0, 255, 2))
     if abs(fg - bg) < 70:
         fg = bg + 70 if bg < 128 else bg - 70
+    stroke = max(2, int(side * rng.uniform(0.06, 0.11)))
+    return {"scale": scale, "slant": slant, "rotation": rot, "cx": cx, "cy": cy, "fg": fg, "bg": bg, "stroke": stroke}
+
+
+def image_rng(seed: int, cls: int, index: int, split: str) -> np.random.Generator:
+    """The generator of image ``index`` of class ``cls`` in ``split``: every image is reproducible on its own."""
+    return np.random.default_rng([seed, cls, index, 0 if split == "train" else 1])
+
+
+def make_glyph_image(cls: int, rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """One grey image of glyph ``cls`` (a digit-like stroke figure): each control point jittered, the glyph
+    slanted, scaled, rotated a little and placed anywhere in the image, drawn with a random stroke width in a random grey
+    level on another, with noise and a slight blur. Grey only: nothing but the stroke layout tells classes apart."""
+    strokes = list(GLYPHS.values())[cls]
+    g = glyph_layout(rng, width, height)
+    scale, slant, cx, cy, fg, bg, w = (g[k] for k in ("scale", "slant", "cx", "cy", "fg", "bg", "stroke"))
+    c, s = math.cos(g["rotation"]), math.sin(g["rotation"])
     img = Image.new("L", (width, height), int(bg))
     draw = ImageDraw.Draw(img)
-    w = max(2, int(side * rng.uniform(0.06, 0.11)))
     for stroke in strokes:
         pts = []
         for x, y in stroke:
@@ -415,7 +429,7 @@ def generate(out_dir: str | Path, classes: int = 10, train_per_class: int = 100,
         if path.exists():
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
-        rng = np.random.default_rng([seed, c, i, 0 if split == "train" else 1])
+        rng = image_rng(seed, c, i, split)
         if photo_like or kind == "shapes":
             img = make_image(c, rng, width, height, photo_like)
         else:
