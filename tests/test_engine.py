@@ -31,7 +31,7 @@ def _events(ckpt: Path, kind: str) -> list[dict]:
 def test_two_process_training(synth_data, tmp_path):
     ckpt = tmp_path / "run"
     p = run_cli("train", *tiny_train_tokens(synth_data, ckpt, "config.OPTIMIZER.num_epochs=3",
-                                                  "config.MONITOR.DIAG_FREQUENCY=1"))
+                                            "config.MONITOR.DIAG_FREQUENCY=1"))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     steps = _events(ckpt, "step")
     losses = [s["loss"] for s in steps]
