@@ -1,6 +1,7 @@
 """What a trunk's features encode on ``dcv2 data synth --kind glyphs``: weighted k-NN top-1 (k=20) of the frozen
-features for the class and for each nuisance the generator drew (glyph left/right and top/bottom half, size
-tercile, dark-on-light or light-on-dark, stroke width), next to the majority-class rate of each.
+features for the class and for each nuisance the generator drew (glyph left/right and top/bottom half, nearer an
+edge than half the glyphs or not, size tercile, dark-on-light or light-on-dark, grey-level contrast at the
+generator's minimum or above, stroke width), next to the majority-class rate of each.
 
 The nuisances are re-drawn from each image's own generator (``synth.image_rng`` + ``synth.glyph_layout``, the
 same draws that placed the glyph), so the labels are exact. A network that learned the glyphs predicts the class
@@ -33,7 +34,7 @@ from dcv2_k8s.weights import load_into_trunk, read_file, split_weights  # noqa: 
 
 PRESET = "pretrain/deepcluster_v2/deepclusterv2_small_scale"
 NAME = re.compile(r"(train|val)_(\d+)_(\d+)\.\w+$")
-ATTRIBUTES = ("class", "x_half", "y_half", "size", "polarity", "stroke")
+ATTRIBUTES = ("class", "x_half", "y_half", "border", "size", "polarity", "contrast", "stroke")
 
 
 def labels(root: str, seed: int) -> dict[str, torch.Tensor]:
@@ -48,8 +49,10 @@ def labels(root: str, seed: int) -> dict[str, torch.Tensor]:
             width, height = img.size
         g = synth.glyph_layout(synth.image_rng(seed, cls, index, split), width, height)
         side = min(width, height)
+        edge = min(g["cx"], g["cy"], width - g["cx"], height - g["cy"]) / side  # 0.22 (at an edge) .. 0.5 (centred)
         rows.append({"class": target, "x_half": int(g["cx"] > width / 2), "y_half": int(g["cy"] > height / 2),
                      "size": min(2, int((g["scale"] / side - 0.35) / 0.2 * 3)), "polarity": int(g["fg"] > g["bg"]),
+                     "border": int(edge > 0.35), "contrast": int(abs(g["fg"] - g["bg"]) > 71),  # both about halves
                      "stroke": min(2, max(0, int((g["stroke"] / side - 0.06) / 0.05 * 3)))})
     return {k: torch.tensor([r[k] for r in rows]) for k in ATTRIBUTES}
 

@@ -86,5 +86,5 @@ def test_glyph_probe_labels_are_the_generators_and_random_features_see_polarity(
     res = _run("glyph_probe.py", tmp_path / "probe", "--data", str(data))
     assert res["seed"] == 3
     (net,) = res["networks"]
-    assert set(net["top1"]) == {"class", "x_half", "y_half", "size", "polarity", "stroke"}
+    assert set(net["top1"]) == {"class", "x_half", "y_half", "border", "size", "polarity", "contrast", "stroke"}
     assert net["top1"]["polarity"] > res["majority"]["polarity"] + 20, res

@@ -103,6 +103,23 @@ def test_random_invert_in_both_backends():
         assert torch.allclose(out[:, 16, 16], torch.tensor([55, 195, 245]) / 255, atol=1e-6), backend
 
 
+def test_random_vertical_flip_in_both_backends():
+    """RandomVerticalFlip (torchvision's name) mirrors top and bottom, not left and right, in both pipelines."""
+    from PIL import Image
+
+    from dcv2_k8s.data.transforms import build_multicrop
+
+    img = Image.new("RGB", (32, 32), (200, 60, 10))
+    img.paste((0, 0, 255), (0, 16, 16, 32))  # bottom-left quarter blue
+    spec = [{"name": "ImgPilToMultiCrop", "total_num_crops": 1, "size_crops": [32], "num_crops": [1],
+             "crop_scales": [[1.0, 1.0]]}, {"name": "RandomVerticalFlip", "p": 1.0}, {"name": "ToTensor"}]
+    for backend in ("pil", "opencv"):
+        (out,) = build_multicrop(spec, backend)(img)
+        assert torch.allclose(out[:, 4, 4], torch.tensor([0.0, 0.0, 1.0]), atol=1e-6), backend  # now top-left
+        assert torch.allclose(out[:, 28, 4], torch.tensor([200, 60, 10]) / 255, atol=1e-6), backend
+        assert torch.allclose(out[:, 4, 28], torch.tensor([200, 60, 10]) / 255, atol=1e-6), backend
+
+
 def _bad_folder(root, good_jpeg: bytes):
     """One class of every kind of bad or odd file, plus good images around them."""
     import io

@@ -126,11 +126,13 @@ class GaussianBlur:
 
 
 class Flip:
-    def __init__(self, p: float = 0.5):
-        self.p = p
+    """Mirror left-right (``axis`` 1) or top-bottom (``axis`` 0) with probability ``p``."""
+
+    def __init__(self, p: float = 0.5, axis: int = 1):
+        self.p, self.axis = p, axis
 
     def __call__(self, img: np.ndarray) -> np.ndarray:
-        return cv2.flip(img, 1) if float(torch.rand(())) < self.p else img
+        return cv2.flip(img, self.axis) if float(torch.rand(())) < self.p else img
 
 
 class Invert:

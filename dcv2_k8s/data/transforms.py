@@ -66,6 +66,8 @@ TRANSFORMS: dict[str, Op] = {
     MULTICROP: Op(None, None, multicrop=True),
     "RandomHorizontalFlip": Op(lambda a: v2.RandomHorizontalFlip(p=a.get("p", 0.5)),
                                _cv(lambda a: cvt.Flip(a.get("p", 0.5)))),
+    "RandomVerticalFlip": Op(lambda a: v2.RandomVerticalFlip(p=a.get("p", 0.5)),
+                             _cv(lambda a: cvt.Flip(a.get("p", 0.5), axis=0))),
     "ImgPilColorDistortion": Op(lambda a: color_distortion(a.get("strength", 1.0)),
                                 _cv(lambda a: cvt.ColorDistortion(a.get("strength", 1.0)))),
     "ImgPilRandomGrayscale": Op(lambda a: v2.RandomGrayscale(p=a.get("p", 0.2)),
