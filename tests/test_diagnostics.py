@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dcv2_k8s.dcv2.stats import WeightChange, collapse_warnings, feature_stats
+from dcv2_k8s.dcv2.stats import COLLAPSE_MEAN_COSINE, WeightChange, collapse_warnings, feature_stats
 from tests.conftest import run_cli, tiny_train_tokens
 
 
@@ -80,11 +80,20 @@ def test_a_collapsing_run_warns_in_log_events_metrics_and_report(synth_data, tmp
     log = p.stdout + p.stderr
     assert "collapse check (epoch" in log and "trunk features are collapsing" in log, log[-3000:]
     assert "this run raised" in log and "collapse warnings" in log
-    assert log.count("trunk features are collapsing: mean pairwise cosine") == 1  # logged once while it holds
     events = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
     diags = [e for e in events if e["kind"] == "diagnostics"]
-    assert len(diags) == 4 and diags[-1]["trunk"]["mean_cosine"] > 0.95
-    assert all(d["warnings"] for d in diags[1:])
+    # LR 100 collapses the trunk, but how far at each epoch varies with the machine's float summation order (one
+    # CI run measured a last-epoch cosine of 0.92 where others gave > 0.95): assert the rules, not one trajectory
+    held = [d["trunk"]["mean_cosine"] > COLLAPSE_MEAN_COSINE for d in diags]
+    assert len(diags) == 4 and any(held), [d["trunk"] for d in diags]
+    for d, h in zip(diags, held):  # each epoch's event carries the warnings its own numbers call for
+        assert d["warnings"] == [m for _, m in collapse_warnings(d)]
+        assert h == any("mean pairwise cosine" in m for m in d["warnings"])
+    onsets = sum(h and not (i and held[i - 1]) for i, h in enumerate(held))
+    # logged once when the condition appears, not at every epoch while it holds; "no longer holds" when it ends
+    assert log.count("trunk features are collapsing: mean pairwise cosine") == onsets, log[-3000:]
+    ends = sum(held[i - 1] and not h for i, h in enumerate(held) if i)
+    assert log.count("trunk_cosine no longer holds") == ends
     assert diags[-1]["knn_top1_init"] == [e for e in events if e["kind"] == "knn"][0]["top1"]  # epoch-0 k-NN
     html_path = run_cli("report", str(ckpt))
     assert html_path.returncode == 0, html_path.stderr

@@ -156,6 +156,7 @@ class FakeApi:
     def __init__(self, clock):
         self.jobs, self.logs, self.script, self.clock = {}, {}, [], clock
         self.pod_uid, self.restarts, self.own_pod_conditions, self.log_calls = "uid-1", 0, [], []
+        self.lead_gone, self.other_pods, self.pod_logs = False, [], {}  # pods beyond rank 0's, their logs
 
     COORDS = {"PyTorchJob": ("kubeflow.org", "v1", "pytorchjobs"),
               "TrainJob": ("trainer.kubeflow.org", "v1alpha1", "trainjobs")}
@@ -195,21 +196,27 @@ class FakeApi:
                 metadata=SimpleNamespace(name=f"{name}-node-0-{i}-x7k2q", uid="uid-1",
                                          annotations={"batch.kubernetes.io/job-completion-index": str(i)}),
                 spec=SimpleNamespace(containers=node),
-                status=SimpleNamespace(container_statuses=[SimpleNamespace(name="node", restart_count=0)]))
+                status=SimpleNamespace(container_statuses=[SimpleNamespace(name="node", restart_count=0,
+                                                                           state=SimpleNamespace(terminated=None))]))
                 for i in (1, 0)])
+        elif "training.kubeflow.org/replica-type" not in sel:  # all the job's pods
+            return SimpleNamespace(items=list(self.other_pods))
         else:
             assert sel["training.kubeflow.org/replica-type"] == "worker"
             assert sel["training.kubeflow.org/replica-index"] == "0"
             name = sel["training.kubeflow.org/job-name"]
-        if name not in self.logs:
+        if name not in self.logs or self.lead_gone:
             return SimpleNamespace(items=[])
-        status = SimpleNamespace(container_statuses=[SimpleNamespace(name="pytorch", restart_count=self.restarts)])
+        status = SimpleNamespace(container_statuses=[SimpleNamespace(name="pytorch", restart_count=self.restarts,
+                                                                     state=SimpleNamespace(terminated=None))])
         return SimpleNamespace(items=[SimpleNamespace(metadata=SimpleNamespace(name=f"{name}-worker-0",
                                                                                uid=self.pod_uid), status=status)])
 
     def read_namespaced_pod_log(self, pod, ns, container, tail_lines=None, since_seconds=None, timestamps=False):
         assert container in ("pytorch", "node")
         self.log_calls.append({"tail_lines": tail_lines, "since_seconds": since_seconds})
+        if pod in self.pod_logs:
+            return "\n".join(self.pod_logs[pod][-tail_lines:] if tail_lines else self.pod_logs[pod])
         lines = self.logs[re.sub(r"-(worker-0|node-0-0-x7k2q)$", "", pod)]
         if since_seconds is not None:
             lines = [(t, l) for t, l in lines if t >= self.clock.now - since_seconds]
@@ -297,6 +304,45 @@ def test_failure_raises_with_the_last_log_lines():
     with pytest.raises(JobFailed) as e:
         lx.wait(name, 3600)
     assert "failed: Failed!" in str(e.value) and "the loss is nan at step 12" in str(e.value)
+
+
+def test_failure_shows_the_log_of_the_pod_that_failed_first():
+    """cleanPodPolicy Running (our manifests' setting): when a worker fails the job, the operator deletes the pods
+    still running, often rank 0's (training operator v1.9 pkg/controller.v1/common/job.go, deletePodsAndServices
+    after the job is Failed; CleanPodPolicyRunning skips pods that are not Running). The error quotes the log of
+    the pod that exited on its own first, not a pod ended by that clean-up's signal, a running one or an empty one."""
+    printed = []
+    api, lx = _launcher(printed)
+    api.script = [("Running", "loading data"), ("Failed", "")]
+    name = lx.launch(_job())
+
+    def pod(i, code, finished):
+        term = None if code is None else SimpleNamespace(exit_code=code, finished_at=finished)
+        return SimpleNamespace(metadata=SimpleNamespace(name=f"{name}-worker-{i}"),
+                               status=SimpleNamespace(container_statuses=[
+                                   SimpleNamespace(name="pytorch", state=SimpleNamespace(terminated=term))]))
+
+    api.other_pods = [pod(0, 143, "2026-12-03T00:00:02Z"), pod(3, None, None), pod(2, 200, "2026-12-03T00:00:09Z"),
+                      pod(1, 2, "2026-12-03T00:00:05Z"), pod(4, 0, "2026-12-03T00:00:01Z")]
+    api.pod_logs = {f"{name}-worker-1": ["reading config", "dcv2: error: config.OPTIMIZER.num_epochs: not an int"],
+                    f"{name}-worker-0": ["starting"], f"{name}-worker-2": ["peer gone"],
+                    f"{name}-worker-3": ["still running"], f"{name}-worker-4": []}
+    # rank 0's pod, deleted by the clean-up (143) before it read its config, does not hide the pod that says why
+    with pytest.raises(JobFailed) as e:
+        lx.wait(name, 3600)
+    text = str(e.value)
+    assert f"the log of {name}-worker-1 (exit 2), the first pod that failed" in text, text
+    assert "num_epochs: not an int" in text and not {"peer gone", "still running", "starting"} & set(text.split("\n"))
+    api.lead_gone = True  # gone for good
+    with pytest.raises(JobFailed) as e:
+        lx.wait(name, 3600)
+    assert "num_epochs: not an int" in str(e.value)
+    for i in (0, 1, 2):  # the failed pods wrote nothing either: the condition alone
+        api.pod_logs[f"{name}-worker-{i}"] = []
+    api.jobs[name]["status"]["conditions"] = [{"type": "Failed", "status": "True", "message": "replica failed"}]
+    with pytest.raises(JobFailed) as e:
+        lx.wait(name, 3600)
+    assert str(e.value).endswith("failed: replica failed"), str(e.value)
 
 
 def test_wall_clock_limit_and_deleted_job():

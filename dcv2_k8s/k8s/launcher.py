@@ -48,20 +48,23 @@ class JobKind:
     succeeded: str
     failed: str = "Failed"
     index_annotation: str = ""  # when set: rank 0's pod is the one with this annotation "0" and the container
+    job_pods: str = ""  # label selector of all the job's pods, {name} = the job's name
 
 
 # training operator v1.9: our jobs have Worker replicas only (see manifests.py), so rank 0 runs on worker 0; labels
 # from pkg/apis/kubeflow.org/v1/common_types.go
 PYTORCHJOB = JobKind("PyTorchJob", GROUP, VERSION, PLURAL,
                      "training.kubeflow.org/job-name={name},training.kubeflow.org/replica-type=worker,"
-                     "training.kubeflow.org/replica-index=0", "pytorch", "Succeeded")
+                     "training.kubeflow.org/replica-index=0", "pytorch", "Succeeded",
+                     job_pods="training.kubeflow.org/job-name={name}")
 # Trainer v2.3: a JobSet named after the TrainJob (its pods carry the label jobset.sigs.k8s.io/jobset-name); the
 # indexed Job's completion index (annotation batch.kubernetes.io/job-completion-index) is PET_NODE_RANK
 # (plugins/torch/torch.go), so rank 0 runs in the pod of index 0 with the "node" container; conditions
 # Complete / Failed (pkg/apis/trainer/v1alpha1/trainjob_types.go)
 TRAINJOB = JobKind("TrainJob", "trainer.kubeflow.org", "v1alpha1", "trainjobs",
                    "jobset.sigs.k8s.io/jobset-name={name}", "node", "Complete",
-                   index_annotation="batch.kubernetes.io/job-completion-index")
+                   index_annotation="batch.kubernetes.io/job-completion-index",
+                   job_pods="jobset.sigs.k8s.io/jobset-name={name}")
 KINDS = {"pytorchjob": PYTORCHJOB, "trainjob": TRAINJOB}
 
 
@@ -185,6 +188,25 @@ class JobLauncher:
         pod = self.lead_pod(name)
         return [] if pod is None else self._read_log(pod.metadata.name, tail_lines=tail).splitlines()
 
+    def first_failed_log(self, name: str, tail: int) -> tuple[str, list[str]]:
+        """The pod whose trainer container failed first, and the last lines of its log; ("", []) when none did. A
+        pod that exited on its own (a config error's 2, 200 for a lost peer) comes before one ended by a signal
+        (137, 143: deleted or killed), then the earliest to finish. Under cleanPodPolicy Running the operator
+        deletes the pods still running once the job has failed, often rank 0's; the failed pod that says why stays."""
+        pods = self.core.list_namespaced_pod(self.namespace, label_selector=self.kind.job_pods.format(name=name))
+        failed = []
+        for pod in (pods.items if hasattr(pods, "items") else pods.get("items", [])):
+            for c in (pod.status.container_statuses or []) if pod.status else []:
+                done = c.state.terminated if c.name == self.kind.container and c.state else None
+                if done is not None and done.exit_code:
+                    failed.append((done.exit_code in (137, 143), str(done.finished_at or ""), pod.metadata.name,
+                                   done.exit_code))
+        for _, _, pod, code in sorted(failed):
+            lines = self._read_log(pod, tail_lines=tail).splitlines()
+            if lines:
+                return f"{pod} (exit {code})", lines
+        return "", []
+
     def stream_logs(self, name: str) -> None:
         """Print the lead pod's log lines written since the last call (each line once, across container restarts
         and re-created pods)."""
@@ -282,9 +304,12 @@ class JobLauncher:
 
     def _failure_text(self, name: str, what: str) -> str:
         msg = next((c.get("message", "") for c in reversed(self.conditions(name)) if c.get("type") == "Failed"), "")
-        tail = self.lead_log(name, tail=30)
+        pod, tail = self.first_failed_log(name, tail=30)
+        whose = f"the log of {pod}, the first pod that failed"
+        if not tail:
+            tail, whose = self.lead_log(name, tail=30), "rank 0's log"
         return (f"{self.kind.kind} {self.namespace}/{name} {what}" + (f": {msg}" if msg else "") +
-                ("\nlast lines of rank 0's log:\n" + "\n".join(tail) if tail else ""))
+                (f"\nlast lines of {whose}:\n" + "\n".join(tail) if tail else ""))
 
     def delete(self, name: str) -> bool:
         try:
