@@ -307,10 +307,11 @@ def test_failure_raises_with_the_last_log_lines():
 
 
 def test_failure_shows_the_log_of_the_pod_that_failed_first():
-    """cleanPodPolicy Running (our manifests' setting): when a worker fails the job, the operator deletes the pods
-    still running, often rank 0's (training operator v1.9 pkg/controller.v1/common/job.go, deletePodsAndServices
-    after the job is Failed; CleanPodPolicyRunning skips pods that are not Running). The error quotes the log of
-    the pod that exited on its own first, not a pod ended by that clean-up's signal, a running one or an empty one."""
+    """cleanPodPolicy Running (our manifests' setting): once a worker has failed the job, the operator deletes its
+    Running and Pending pods and keeps the finished ones (training operator v1.9 pkg/controller.v1/common/job.go,
+    DeletePodsAndServices: with CleanPodPolicyRunning it skips pods whose phase is neither Running nor Pending), so
+    rank 0's pod is often gone. The error quotes the log of the pod that exited on its own first, not a pod ended
+    by that clean-up's signal, a running one or an empty one; a failed pod with no finish time comes last."""
     printed = []
     api, lx = _launcher(printed)
     api.script = [("Running", "loading data"), ("Failed", "")]
@@ -322,22 +323,23 @@ def test_failure_shows_the_log_of_the_pod_that_failed_first():
                                status=SimpleNamespace(container_statuses=[
                                    SimpleNamespace(name="pytorch", state=SimpleNamespace(terminated=term))]))
 
-    api.other_pods = [pod(0, 143, "2026-12-03T00:00:02Z"), pod(3, None, None), pod(2, 200, "2026-12-03T00:00:09Z"),
-                      pod(1, 2, "2026-12-03T00:00:05Z"), pod(4, 0, "2026-12-03T00:00:01Z")]
+    api.other_pods = [pod(0, 143, "2026-12-03T00:00:02Z"), pod(3, None, None), pod(5, 1, None),
+                      pod(2, 200, "2026-12-03T00:00:09Z"), pod(1, 2, "2026-12-03T00:00:05Z"),
+                      pod(4, 0, "2026-12-03T00:00:01Z")]
     api.pod_logs = {f"{name}-worker-1": ["reading config", "dcv2: error: config.OPTIMIZER.num_epochs: not an int"],
                     f"{name}-worker-0": ["starting"], f"{name}-worker-2": ["peer gone"],
-                    f"{name}-worker-3": ["still running"], f"{name}-worker-4": []}
+                    f"{name}-worker-3": ["still running"], f"{name}-worker-4": [], f"{name}-worker-5": ["no finish time"]}
     # rank 0's pod, deleted by the clean-up (143) before it read its config, does not hide the pod that says why
     with pytest.raises(JobFailed) as e:
         lx.wait(name, 3600)
     text = str(e.value)
     assert f"the log of {name}-worker-1 (exit 2), the first pod that failed" in text, text
-    assert "num_epochs: not an int" in text and not {"peer gone", "still running", "starting"} & set(text.split("\n"))
+    assert "num_epochs: not an int" in text and not {"peer gone", "still running", "starting", "no finish time"} & set(text.split("\n"))
     api.lead_gone = True  # gone for good
     with pytest.raises(JobFailed) as e:
         lx.wait(name, 3600)
     assert "num_epochs: not an int" in str(e.value)
-    for i in (0, 1, 2):  # the failed pods wrote nothing either: the condition alone
+    for i in (0, 1, 2, 5):  # the failed pods wrote nothing either: the condition alone
         api.pod_logs[f"{name}-worker-{i}"] = []
     api.jobs[name]["status"]["conditions"] = [{"type": "Failed", "status": "True", "message": "replica failed"}]
     with pytest.raises(JobFailed) as e:

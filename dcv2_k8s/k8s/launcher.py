@@ -169,12 +169,16 @@ class JobLauncher:
 
     def lead_pod(self, name: str):
         """Rank 0's pod of the job, or None before it exists."""
-        pods = self.core.list_namespaced_pod(self.namespace, label_selector=self.kind.lead_pod.format(name=name))
-        items = pods.items if hasattr(pods, "items") else pods.get("items", [])
+        items = self._pods(self.kind.lead_pod.format(name=name))
         if self.kind.index_annotation:
             items = [p for p in items if (p.metadata.annotations or {}).get(self.kind.index_annotation) == "0"
                      and any(c.name == self.kind.container for c in p.spec.containers)]
         return items[0] if items else None
+
+    def _pods(self, selector: str) -> list:
+        """The pods in this namespace matching a label selector (a V1PodList or its dict form)."""
+        pods = self.core.list_namespaced_pod(self.namespace, label_selector=selector)
+        return pods.items if hasattr(pods, "items") else pods.get("items", [])
 
     def _read_log(self, pod: str, **kw) -> str:
         try:
@@ -191,17 +195,18 @@ class JobLauncher:
     def first_failed_log(self, name: str, tail: int) -> tuple[str, list[str]]:
         """The pod whose trainer container failed first, and the last lines of its log; ("", []) when none did. A
         pod that exited on its own (a config error's 2, 200 for a lost peer) comes before one ended by a signal
-        (137, 143: deleted or killed), then the earliest to finish. Under cleanPodPolicy Running the operator
-        deletes the pods still running once the job has failed, often rank 0's; the failed pod that says why stays."""
-        pods = self.core.list_namespaced_pod(self.namespace, label_selector=self.kind.job_pods.format(name=name))
+        (137, 143: deleted or killed), then the earliest to finish. Once a job has failed, cleanPodPolicy Running
+        deletes its Running and Pending pods and keeps the finished ones (training operator
+        pkg/controller.v1/common/job.go, DeletePodsAndServices): often rank 0's goes, the pod that says why stays."""
         failed = []
-        for pod in (pods.items if hasattr(pods, "items") else pods.get("items", [])):
+        for pod in self._pods(self.kind.job_pods.format(name=name)):
             for c in (pod.status.container_statuses or []) if pod.status else []:
                 done = c.state.terminated if c.name == self.kind.container and c.state else None
                 if done is not None and done.exit_code:
-                    failed.append((done.exit_code in (137, 143), str(done.finished_at or ""), pod.metadata.name,
-                                   done.exit_code))
-        for _, _, pod, code in sorted(failed):
+                    finished = done.finished_at
+                    failed.append((done.exit_code in (137, 143), finished is None, str(finished or ""),
+                                   pod.metadata.name, done.exit_code))
+        for *_, pod, code in sorted(failed):
             lines = self._read_log(pod, tail_lines=tail).splitlines()
             if lines:
                 return f"{pod} (exit {code})", lines
