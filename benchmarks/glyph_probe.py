@@ -57,9 +57,10 @@ def labels(root: str, seed: int) -> dict[str, torch.Tensor]:
     return {k: torch.tensor([r[k] for r in rows]) for k in ATTRIBUTES}
 
 
-def probe(trunk: torch.nn.Module, data: str, size: int, mean, std, lab: dict) -> dict[str, float]:
-    tr, _ = extract_features(trunk, f"{data}/train", size, torch.device("cpu"), num_workers=0, mean=mean, std=std)
-    te, _ = extract_features(trunk, f"{data}/val", size, torch.device("cpu"), num_workers=0, mean=mean, std=std)
+def probe(trunk: torch.nn.Module, data: str, size: int, mean, std, lab: dict, pre=()) -> dict[str, float]:
+    kw = {"num_workers": 0, "mean": mean, "std": std, "pre": pre}  # the run's own evaluation view
+    tr, _ = extract_features(trunk, f"{data}/train", size, torch.device("cpu"), **kw)
+    te, _ = extract_features(trunk, f"{data}/val", size, torch.device("cpu"), **kw)
     return {k: round(knn_classify(tr, lab["train"][k], te, lab["val"][k])["top1"], 2) for k in ATTRIBUTES}
 
 
@@ -89,7 +90,7 @@ def main() -> int:
             load_into_trunk(trunk, split_weights(state)[1], ck)
             epoch = (state.get("train_state") or {}).get("epoch")
         mean, std = r.cfg.DATA.TRAIN.normalize
-        acc = probe(trunk, a.data, r.cfg.DATA.TRAIN.multicrop.large_size, mean, std, lab)
+        acc = probe(trunk, a.data, r.cfg.DATA.TRAIN.multicrop.large_size, mean, std, lab, r.cfg.DATA.TRAIN.preprocess)
         result["networks"].append({"weights": ck or f"random-init ({PRESET})", "epoch": epoch, "top1": acc})
         print(json.dumps(result["networks"][-1]), flush=True)
     rows = [["majority class", *(chance[k] for k in ATTRIBUTES)]]

@@ -205,11 +205,14 @@ def cmd_export(args) -> int:
     from dcv2_k8s.checkpoint import to_bytes
     from dcv2_k8s.config import ConfigError, config_from_checkpoint
     from dcv2_k8s.storage import StorageError, write_bytes
-    from dcv2_k8s.weights import WeightsError, export_swav, export_torchvision, read_file, split_weights
+    from dcv2_k8s.weights import WeightsError, export_swav, export_torchvision, input_view, read_file, split_weights
 
+    view = {}
     try:
         obj = read_file(args.checkpoint)
         layout = split_weights(obj)[0]
+        if layout == "dcv2":
+            view = input_view(config_from_checkpoint(obj).cfg)
         if args.format == "torchvision":
             depth = args.depth
             if layout == "dcv2":
@@ -224,8 +227,12 @@ def cmd_export(args) -> int:
         write_bytes(args.out, data)
     except (WeightsError, StorageError, ConfigError) as e:
         return _fail(str(e) if not isinstance(e, ConfigError) else e.lines)
+    if view:
+        print(f"dcv2: note: these weights were trained on inputs made by {json.dumps(view)}; apply the same "
+              "(dcv2_k8s.model.resnet.standardize_input, dcv2_k8s.data.transforms.CropToContent) wherever you "
+              "use them", file=sys.stderr)
     print(json.dumps({"from": args.checkpoint, "layout": layout, "format": args.format, "out": args.out,
-                      "tensors": len(out), "bytes": len(data)}))
+                      "tensors": len(out), "bytes": len(data), **view}))
     return 0
 
 
@@ -330,7 +337,8 @@ def cmd_knn(args) -> int:
     size = args.size or r.cfg.DATA.TRAIN.multicrop.large_size
     mean, std = r.cfg.DATA.TRAIN.normalize
     res = knn_eval(trunk, args.train, args.val, size, torch.device("cpu"), args.k, args.temperature,
-                   mean=mean, std=std, num_workers=args.workers, progress=sys.stderr.isatty())
+                   mean=mean, std=std, num_workers=args.workers, progress=sys.stderr.isatty(),
+                   pre=r.cfg.DATA.TRAIN.preprocess)
     res["weights"] = args.checkpoint or "random-init"
     print(json.dumps(res))
     if args.json:

@@ -323,7 +323,7 @@ class Trainer:
             res = knn_eval(self.model.trunk, self.dataset.root, cfg.DATA.TEST.DATA_PATHS[0],
                            cfg.DATA.TRAIN.multicrop.large_size, self.device, cfg.MONITOR.KNN_K,
                            cfg.MONITOR.KNN_TEMPERATURE, self.info.rank, self.info.world_size, num_workers=0,
-                           mean=mean, std=std)
+                           mean=mean, std=std, pre=cfg.DATA.TRAIN.preprocess)
         log.info("epoch %d k-NN: top-1 %.2f%% top-5 %.2f%% (%.1f s)", self.state.epoch, res["top1"], res["top5"],
                  time.time() - t0)
         self.events.emit("knn", epoch=self.state.epoch, **res)
@@ -348,7 +348,8 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):  # monitoring leaves the run's random stream as it was
             feats, _ = extract_features(self.model.trunk, self.dataset.root, cfg.DATA.TRAIN.multicrop.large_size,
                                         self.device, rank=self.info.rank, world_size=self.info.world_size,
-                                        num_workers=0, mean=mean, std=std, indices=picked)
+                                        num_workers=0, mean=mean, std=std, indices=picked,
+                                        pre=cfg.DATA.TRAIN.preprocess)
         if not self.info.is_main:
             return {}
         bank = self.method.bank

@@ -145,7 +145,7 @@ def export_model(ckpt_uri: str, model_dir: str) -> dict:
     from dcv2_k8s.checkpoint import to_bytes
     from dcv2_k8s.config import config_from_checkpoint
     from dcv2_k8s.model.head import build_head
-    from dcv2_k8s.weights import WeightsError, export_swav, export_torchvision, read_file
+    from dcv2_k8s.weights import WeightsError, export_swav, export_torchvision, input_view, read_file
 
     obj = read_file(ckpt_uri)
     cfg = config_from_checkpoint(obj).cfg
@@ -162,7 +162,8 @@ def export_model(ckpt_uri: str, model_dir: str) -> dict:
             "width_multiplier": trunk.WIDTH_MULTIPLIER, "epoch": obj.get("train_state", {}).get("epoch"),
             "global_step": obj.get("train_state", {}).get("global_step"),
             "load": (f"torchvision.models.resnet{trunk.DEPTH}().load_state_dict(torch.load('{name}'))"
-                     if fmt == "torchvision" else f"dcv2 import / swav layout: {name}")}
+                     if fmt == "torchvision" else f"dcv2 import / swav layout: {name}"),
+            **input_view(cfg)}  # input_norm / preprocess, when the run used them
     with open(os.path.join(model_dir, "model_card.json"), "w") as f:
         json.dump(card, f, indent=2)
     return card

@@ -151,6 +151,14 @@ class TrainData:
     def normalize(self) -> tuple[list[float], list[float]]:
         return normalize_of(self.TRANSFORMS)
 
+    @property
+    def preprocess(self) -> tuple[dict, ...]:
+        """The whole-image preprocessing entries (those before ImgPilToMultiCrop), which every evaluation view
+        applies too."""
+        entries = [t.as_dict() for t in self.TRANSFORMS]
+        names = [e["name"] for e in entries]
+        return tuple(entries[:names.index("ImgPilToMultiCrop")]) if "ImgPilToMultiCrop" in names else ()
+
 
 @dataclass(frozen=True)
 class TestData:
@@ -180,6 +188,7 @@ class ResNets:
 class Trunk:
     NAME: str
     RESNETS: ResNets
+    INPUT_NORM: str = "none"
 
 
 @dataclass(frozen=True)

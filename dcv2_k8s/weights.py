@@ -123,6 +123,18 @@ def load_into_trunk(trunk: nn.Module, trunk_sd: dict, source: str = "weights") -
     trunk.load_state_dict(trunk_sd)
 
 
+def input_view(cfg) -> dict:
+    """What a run's weights expect of their inputs beyond the usual resize, crop and normalise: its
+    ``MODEL.TRUNK.INPUT_NORM`` and whole-image preprocessing, when set. Whoever uses exported weights elsewhere
+    applies the same (``dcv2_k8s.model.resnet.standardize_input``, ``dcv2_k8s.data.transforms.CropToContent``)."""
+    view = {}
+    if cfg.MODEL.TRUNK.INPUT_NORM != "none":
+        view["input_norm"] = cfg.MODEL.TRUNK.INPUT_NORM
+    if cfg.DATA.TRAIN.preprocess:
+        view["preprocess"] = list(cfg.DATA.TRAIN.preprocess)
+    return view
+
+
 def export_torchvision(obj: dict, depth: int) -> dict:
     """A state dict that loads with ``strict=True`` into ``torchvision.models.resnet{depth}()``: our trunk plus
     the ``fc`` layer of a default-initialised torchvision model (replace it or train it for your task)."""

@@ -145,13 +145,13 @@ def test_validation_reads_the_facts_from_the_code_that_uses_them():
     for depth in LAYERS:
         cfg = resolve([base, f"config.MODEL.TRUNK.RESNETS.DEPTH={depth}"]).cfg
         assert cfg.MODEL.HEAD.PARAMS[0].dims[0] == feature_dim(depth)
-    for name in TRANSFORMS:
+    mc = "{name: ImgPilToMultiCrop, num_crops: [2], size_crops: [32], crop_scales: [[0.5, 1]]}"
+    for name, op in TRANSFORMS.items():
         if name != "ImgPilToMultiCrop":
-            resolve([base, "config.DATA.TRAIN.AUG_BACKEND=pil", "config.DATA.TRAIN.TRANSFORMS=[{name: "
-                     "ImgPilToMultiCrop, num_crops: [2], size_crops: [32], crop_scales: [[0.5, 1]]}, "
-                     f"{{name: {name}, mean: [0.5, 0.5, 0.5], std: [0.2, 0.2, 0.2]}}]"
-                     if name == "Normalize" else "config.DATA.TRAIN.TRANSFORMS=[{name: ImgPilToMultiCrop, "
-                     f"num_crops: [2], size_crops: [32], crop_scales: [[0.5, 1]]}}, {{name: {name}}}]"])
+            entry = f"{{name: {name}, mean: [0.5, 0.5, 0.5], std: [0.2, 0.2, 0.2]}}" if name == "Normalize" \
+                else f"{{name: {name}}}"
+            order = [entry, mc] if op.pre else [mc, entry]  # whole-image preprocessing comes before the crops
+            resolve([base, "config.DATA.TRAIN.AUG_BACKEND=pil", f"config.DATA.TRAIN.TRANSFORMS=[{', '.join(order)}]"])
     # a composite schedule only takes children the schedule can evaluate (swav_warmup_cosine is top-level only)
     for child in SCHEDULES:
         tokens = [base, "config.OPTIMIZER.param_schedulers.lr.auto_lr_scaling.auto_scale=false",

@@ -265,3 +265,64 @@ def test_opencv_backend_shapes_normalisation_and_seeding():
     out = build_multicrop(flat, "opencv")(Image.new("RGB", (300, 200), (10, 128, 250)))[0]
     want = (torch.tensor([10, 128, 250]) / 255 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
     assert torch.allclose(out[:, 5, 5], want, atol=1e-6)
+
+
+def _figure(size=48, box=(30, 6, 42, 20), bg=200, fg=40):
+    """A flat grey image with one dark rectangle (the 'content') at ``box``."""
+    img = Image.new("RGB", (size, size), (bg, bg, bg))
+    img.paste((fg, fg, fg), box)
+    return img
+
+
+def test_crop_to_content_centres_and_frames_the_figure():
+    """ImgPilCropToContent cuts the square around the figure's bounding box, margin x its larger side wider, filled
+    with the background where it leaves the image; a flat image is returned as it is."""
+    from dcv2_k8s.data.transforms import CropToContent
+
+    out = CropToContent(threshold=35, margin=0.25)(_figure())
+    # box 12 x 14 px: the 3 x 3 mean filter widens the mask by one pixel a side where it stays over threshold
+    side = out.size[0]
+    assert out.size[0] == out.size[1] and 14 * 1.25 + 4 <= side <= 16 * 1.25 + 5, out.size
+    a = np.asarray(out.convert("L"), dtype=np.float32)
+    ys, xs = np.nonzero(a < 120)
+    assert abs((xs.min() + xs.max()) / 2 - side / 2) <= 1.5 and abs((ys.min() + ys.max()) / 2 - side / 2) <= 1.5
+    assert a[0, 0] == 200 and a[-1, -1] == 200  # the fill is the background grey (the crop leaves the image)
+    flat = Image.new("RGB", (40, 40), (90, 90, 90))
+    assert CropToContent()(flat) is flat
+    with pytest.raises(ValueError, match="threshold"):
+        CropToContent(threshold=0)
+
+
+def test_preprocessing_runs_before_the_crops_in_both_backends_and_in_evaluation():
+    """Entries before ImgPilToMultiCrop apply to the whole image, in both augmentation backends, and in the
+    evaluation view (k-NN, linear evaluation, clusters) through ``DATA.TRAIN.preprocess``."""
+    from dcv2_k8s.data.transforms import build_multicrop, eval_transform
+
+    img = _figure(box=(34, 2, 46, 14))  # the figure in a corner: a whole-image crop without preprocessing misses it
+    spec = [{"name": "ImgPilCropToContent"}, {"name": "ImgPilToMultiCrop", "total_num_crops": 1, "size_crops": [32],
+                                               "num_crops": [1], "crop_scales": [[1.0, 1.0]]}, {"name": "ToTensor"}]
+    for backend in ("pil", "opencv"):
+        (out,) = build_multicrop(spec, backend)(img)
+        assert out[:, 16, 16].max() < 0.3, backend  # the centre of the crop is the dark figure
+    cfg = resolve(["config.DATA.TRAIN.TRANSFORMS=" + str(spec).replace(" ", "")], for_training=False).cfg
+    assert [e["name"] for e in cfg.DATA.TRAIN.preprocess] == ["ImgPilCropToContent"]
+    x = eval_transform(32, mean=(0, 0, 0), std=(1, 1, 1), pre=cfg.DATA.TRAIN.preprocess)(img)
+    assert x[:, 16, 16].max() < 0.3
+    assert eval_transform(32, mean=(0, 0, 0), std=(1, 1, 1))(img)[:, 16, 16].min() > 0.7  # without: background
+
+
+def test_preprocessing_and_per_crop_transforms_must_sit_on_their_side_of_the_multicrop():
+    """One line per misplaced entry, naming it and what to do; bad preprocessing arguments are refused at once."""
+    from dcv2_k8s.config import ConfigError
+
+    import json
+
+    mc = {"name": "ImgPilToMultiCrop", "total_num_crops": 1, "size_crops": [32], "num_crops": [1],
+          "crop_scales": [[0.5, 1]]}
+    crop, tensor = {"name": "ImgPilCropToContent"}, {"name": "ToTensor"}
+    for order, needle in (([mc, crop, tensor], "must come before"),
+                          ([{"name": "RandomHorizontalFlip"}, mc, tensor], "must come after"),
+                          ([{"name": "ImgPilCropToContent", "margin": -1}, mc, tensor], "margin -1")):
+        with pytest.raises(ConfigError) as e:
+            resolve(["config.DATA.TRAIN.TRANSFORMS=" + json.dumps(order).replace(" ", "")], for_training=False)
+        assert needle in "\n".join(e.value.lines), e.value.lines

@@ -175,3 +175,24 @@ def test_knn_of_a_checkpoint_with_the_base_config_given_too(tmp_path, synth_data
     assert "not applied; the checkpoint's own config is the base" in p.stderr
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert res["weights"] == str(path) and 0 <= res["top1"] <= 100
+
+
+def test_export_and_model_card_name_the_input_view_the_weights_expect(tmp_path):
+    """Weights trained with MODEL.TRUNK.INPUT_NORM or whole-image preprocessing are only right on inputs made the
+    same way: `dcv2 export` says so (its JSON line and a note) and the pipeline's model card carries it; a plain run
+    adds nothing."""
+    from dcv2_k8s.pipeline_steps import export_model
+
+    crop = ("config.DATA.TRAIN.TRANSFORMS=[{name: ImgPilCropToContent, margin: 0.5}, {name: ImgPilToMultiCrop, "
+            "total_num_crops: 2, num_crops: [2], size_crops: [64], crop_scales: [[0.5, 1]]}, {name: ToTensor}]")
+    path, _, _ = _our_checkpoint(tmp_path, [*R18, "config.MODEL.TRUNK.INPUT_NORM=standardize_polarity", crop])
+    p = run_cli("export", str(path), str(tmp_path / "tv.pth"), "--format", "torchvision", timeout=120)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    want = {"input_norm": "standardize_polarity", "preprocess": [{"name": "ImgPilCropToContent", "margin": 0.5}]}
+    assert {k: out[k] for k in want} == want and "standardize_input" in p.stderr
+    card = export_model(str(path), str(tmp_path / "model"))
+    assert {k: card[k] for k in want} == want
+    (tmp_path / "plain").mkdir()
+    plain, _, _ = _our_checkpoint(tmp_path / "plain")
+    assert "input_norm" not in export_model(str(plain), str(tmp_path / "plain_model"))

@@ -98,3 +98,42 @@ def test_build_model_from_preset_runs():
     model = build_model(cfg)
     z = model([torch.randn(4, 3, 64, 64), torch.randn(4, 3, 64, 64), torch.randn(4, 3, 32, 32)])
     assert z.shape == (12, 64)
+
+
+def test_input_norm_removes_brightness_contrast_colour_cast_and_polarity():
+    """MODEL.TRUNK.INPUT_NORM: ``standardize`` makes the trunk blind to an image's brightness, contrast and
+    per-channel offset; ``standardize_polarity`` also to a negative. A grey image and its negative, each
+    ImageNet-normalised, give the same features (the per-channel offsets of that normalisation must not survive
+    the sign flip); ``none`` leaves the trunk as it was."""
+    from dcv2_k8s.model.resnet import standardize_input
+
+    torch.manual_seed(0)
+    grey = (torch.rand(2, 1, 32, 32) < 0.15).float() * 0.5 + 0.2 + 0.02 * torch.rand(2, 1, 32, 32)  # sparse figure
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    img, neg = (grey.expand(-1, 3, -1, -1) - mean) / std, ((1 - grey).expand(-1, 3, -1, -1) - mean) / std
+    trunk = ResNetTrunk(18, width=0.25, input_norm="standardize_polarity").eval()
+    plain = ResNetTrunk(18, width=0.25).eval()
+    plain.load_state_dict(trunk.state_dict())  # parameter-free: the same keys and weights
+    with torch.no_grad():
+        torch.testing.assert_close(trunk(img), trunk(neg), atol=1e-4, rtol=1e-4)
+        # up to the 1e-3 floor of the RMS division
+        torch.testing.assert_close(trunk(img), trunk(img * 3.0 + 0.7), atol=1e-2, rtol=2e-3)
+        assert not torch.allclose(plain(img), plain(neg), atol=1e-2)
+    x = standardize_input(img, polarity=False)
+    torch.testing.assert_close(x.mean(dim=(2, 3)), torch.zeros(2, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(standardize_input(neg, polarity=False), -x, atol=1e-5, rtol=1e-5)
+    assert (standardize_input(neg, polarity=True).pow(3).mean(dim=(1, 2, 3)) > 0).all()
+    with pytest.raises(ValueError, match="input_norm"):
+        ResNetTrunk(18, input_norm="lab")
+
+
+def test_input_norm_is_a_config_key_with_one_line_errors():
+    from dcv2_k8s.config import ConfigError
+
+    cfg = resolve([BASE, "config.MODEL.TRUNK.INPUT_NORM=standardize"], for_training=False).cfg
+    assert build_model(cfg).trunk.input_norm == "standardize"
+    assert resolve([BASE], for_training=False).cfg.MODEL.TRUNK.INPUT_NORM == "none"
+    with pytest.raises(ConfigError) as e:
+        resolve([BASE, "config.MODEL.TRUNK.INPUT_NORM=lab"], for_training=False)
+    assert any("INPUT_NORM='lab'" in line and "standardize_polarity" in line for line in e.value.lines)

@@ -81,13 +81,25 @@ def _check_transforms(cfg: dict, for_training: bool, errors: list) -> dict | Non
         if op is None:
             errors.append(f"config.DATA.TRAIN.TRANSFORMS[{i}].name={t['name']!r} is not supported; "
                           f"choose from {sorted(TRANSFORMS)}")
-        elif backend == "opencv" and op.opencv is None and not op.multicrop:
+        elif backend == "opencv" and op.opencv is None and not (op.multicrop or op.pre):
             errors.append(f"config.DATA.TRAIN.TRANSFORMS[{i}].name={t['name']!r} has no opencv version; set "
                           "config.DATA.TRAIN.AUG_BACKEND=pil or drop the transform")
     mc = multicrop_of(transforms)
     if mc is None:
         errors.append("config.DATA.TRAIN.TRANSFORMS needs an ImgPilToMultiCrop entry (DeepClusterV2 is multi-crop)")
         return None
+    at = [t["name"] for t in transforms].index("ImgPilToMultiCrop")
+    for i, t in enumerate(transforms):
+        op = TRANSFORMS.get(t["name"])
+        if op is not None and not op.multicrop and op.pre != (i < at):
+            where = "before" if op.pre else "after"
+            errors.append(f"config.DATA.TRAIN.TRANSFORMS[{i}].name={t['name']!r} must come {where} ImgPilToMultiCrop "
+                          f"({'whole-image preprocessing' if op.pre else 'a per-crop transform'}); move it")
+        elif op is not None and op.pre:
+            try:
+                op.pil({k: v for k, v in t.items() if k != "name"})
+            except (TypeError, ValueError) as e:
+                errors.append(f"config.DATA.TRAIN.TRANSFORMS[{i}] ({t['name']}): {e}")
     key = "config.DATA.TRAIN.TRANSFORMS[ImgPilToMultiCrop]"
     nc, sc, cs = mc.num_crops, mc.size_crops, mc.crop_scales
     if not (len(nc) == len(sc) == len(cs)) or not nc:
@@ -108,8 +120,11 @@ def _check_transforms(cfg: dict, for_training: bool, errors: list) -> dict | Non
 # -------------------------------------------------------------------------------------- trunk, head
 def _check_trunk(cfg: dict, errors: list) -> int | None:
     """The trunk's feature size, or None after an error."""
-    from dcv2_k8s.model.resnet import DEPTHS, feature_dim
+    from dcv2_k8s.model.resnet import DEPTHS, INPUT_NORMS, feature_dim
 
+    if get(cfg, "MODEL.TRUNK.INPUT_NORM") not in INPUT_NORMS:
+        errors.append(f"config.MODEL.TRUNK.INPUT_NORM={get(cfg, 'MODEL.TRUNK.INPUT_NORM')!r}: choose one of "
+                      f"{', '.join(INPUT_NORMS)}")
     if get(cfg, "MODEL.TRUNK.NAME") != "resnet":
         errors.append(f"config.MODEL.TRUNK.NAME={get(cfg, 'MODEL.TRUNK.NAME')!r}: only 'resnet' is supported")
     depth, width = get(cfg, "MODEL.TRUNK.RESNETS.DEPTH"), get(cfg, "MODEL.TRUNK.RESNETS.WIDTH_MULTIPLIER")

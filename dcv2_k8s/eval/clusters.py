@@ -30,10 +30,11 @@ def assign_clusters(z: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Ten
 
 
 @torch.no_grad()
-def embed(model, root: str, size: int, mean, std, batch: int = 64, workers: int = 2, progress: bool = False):
+def embed(model, root: str, size: int, mean, std, batch: int = 64, workers: int = 2, progress: bool = False,
+          pre=()):
     from tqdm import tqdm
 
-    ds = IndexedImageFolder(root, eval_transform(size, mean, std))
+    ds = IndexedImageFolder(root, eval_transform(size, mean, std, pre))
     model.eval()
     out = []
     for _, x in tqdm(DataLoader(ds, batch_size=batch, num_workers=workers), desc="embed", disable=not progress):
@@ -61,10 +62,10 @@ def contact_sheet(ds: IndexedImageFolder, clusters: torch.Tensor, scores: torch.
 
 
 def extract_clusters(model, centroids: list[torch.Tensor], data_dir: str, out_dir: str, size: int, mean, std,
-                     workers: int = 2, progress: bool = False) -> dict:
+                     workers: int = 2, progress: bool = False, pre=()) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ds, z = embed(model, data_dir, size, mean, std, workers=workers, progress=progress)
+    ds, z = embed(model, data_dir, size, mean, std, workers=workers, progress=progress, pre=pre)
     stats = {"images": len(ds), "heads": []}
     with open(out / "assignments.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -95,4 +96,4 @@ def run_from_checkpoint(checkpoint: str, data_dir: str, out_dir: str, workers: i
     load_weights(model, checkpoint)
     mean, std = cfg.DATA.TRAIN.normalize
     return extract_clusters(model, model.prototypes, data_dir, out_dir, cfg.DATA.TRAIN.multicrop.large_size, mean, std,
-                            workers, progress)
+                            workers, progress, cfg.DATA.TRAIN.preprocess)

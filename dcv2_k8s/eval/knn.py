@@ -19,14 +19,15 @@ from dcv2_k8s.data.transforms import eval_transform
 @torch.no_grad()
 def extract_features(trunk: torch.nn.Module, root: str, size: int, device: torch.device, batch_size: int = 64,
                      num_workers: int = 2, rank: int = 0, world_size: int = 1, mean=None, std=None,
-                     progress: bool = False, normalize: bool = True, indices: list[int] | None = None
+                     progress: bool = False, normalize: bool = True, indices: list[int] | None = None, pre=()
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(features [N, D], labels [N])`` of every image under ``root`` (ImageFolder), or of the images at
-    ``indices`` only, L2-normalised unless ``normalize=False``."""
+    ``indices`` only, L2-normalised unless ``normalize=False``; ``pre``: the training list's whole-image
+    preprocessing entries (``DATA.TRAIN.preprocess``)."""
     from tqdm import tqdm
 
     kw = {} if mean is None else {"mean": mean, "std": std}
-    ds = IndexedImageFolder(root, eval_transform(size, **kw))
+    ds = IndexedImageFolder(root, eval_transform(size, **kw, pre=pre))
     pool = list(range(len(ds))) if indices is None else list(indices)
     n = len(pool)
     per_rank = -(-n // world_size)
@@ -77,9 +78,9 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
 
 def knn_eval(trunk: torch.nn.Module, train_root: str, val_root: str, size: int, device: torch.device,
              k: int = 20, temperature: float = 0.07, rank: int = 0, world_size: int = 1, num_workers: int = 2,
-             mean=None, std=None, progress: bool = False) -> dict[str, float]:
+             mean=None, std=None, progress: bool = False, pre=()) -> dict[str, float]:
     tr = extract_features(trunk, train_root, size, device, rank=rank, world_size=world_size,
-                          num_workers=num_workers, mean=mean, std=std, progress=progress)
+                          num_workers=num_workers, mean=mean, std=std, progress=progress, pre=pre)
     te = extract_features(trunk, val_root, size, device, rank=rank, world_size=world_size,
-                          num_workers=num_workers, mean=mean, std=std, progress=progress)
+                          num_workers=num_workers, mean=mean, std=std, progress=progress, pre=pre)
     return knn_classify(*tr, *te, k=k, temperature=temperature)

@@ -53,10 +53,12 @@ class Labelled(Dataset):
         return x, self.folder.targets[index]
 
 
-def train_transform(size: int, mean, std):
+def train_transform(size: int, mean, std, pre=()):
     from torchvision.transforms import v2
 
-    return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor(),
+    from dcv2_k8s.data.transforms import preprocess
+
+    return v2.Compose([*preprocess(pre), v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor(),
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
 
 
@@ -89,6 +91,7 @@ class LinearEval:
         le = cfg.LINEAR_EVAL
         self.size = le.CROP_SIZE
         self.mean, self.std = cfg.DATA.TRAIN.normalize
+        self.pre = cfg.DATA.TRAIN.preprocess  # the pretraining's whole-image preprocessing, in every view
         timeout = cfg.DISTRIBUTED.TIMEOUT_SECONDS * 6
         self.train_dir = ensure_local(cfg.DATA.TRAIN.DATA_PATHS[0], cfg.DATA.TRAIN.STAGE_DIR,
                                       info.local_rank, timeout)
@@ -128,11 +131,11 @@ class LinearEval:
             for split, root in (("train", self.train_dir), ("val", self.val_dir)):
                 feats[split] = extract_features(self.trunk, root, self.size, self.device, self.batch, workers,
                                                 info.rank, info.world_size, self.mean, self.std,
-                                                progress=self.progress, normalize=False)
+                                                progress=self.progress, normalize=False, pre=self.pre)
             return feats
-        train = IndexedImageFolder(self.train_dir, train_transform(self.size, self.mean, self.std),
+        train = IndexedImageFolder(self.train_dir, train_transform(self.size, self.mean, self.std, self.pre),
                                    seed=cfg.SEED_VALUE)
-        val = IndexedImageFolder(self.val_dir, eval_transform(self.size, self.mean, self.std))
+        val = IndexedImageFolder(self.val_dir, eval_transform(self.size, self.mean, self.std, self.pre))
         self.sampler = ResumableDistributedSampler(len(train), info.world_size, info.rank, True, cfg.SEED_VALUE)
         tl = DataLoader(Labelled(train), batch_size=self.batch, sampler=self.sampler, drop_last=True,
                         num_workers=workers, pin_memory=self.device.type == "cuda")

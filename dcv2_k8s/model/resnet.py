@@ -23,12 +23,32 @@ def feature_dim(depth: int, width: float = 1.0) -> int:
     return int(64 * width) * 8 * block.expansion
 
 
+# MODEL.TRUNK.INPUT_NORM: what the trunk does to each input image before its first convolution (parameter-free)
+INPUT_NORMS = ("none", "standardize", "standardize_polarity")
+
+
+def standardize_input(x: torch.Tensor, polarity: bool) -> torch.Tensor:
+    """Each image of ``x [B, C, H, W]``: every channel minus its own mean, then divided by the image's RMS, so that
+    its brightness, contrast and colour cast are gone; with ``polarity`` also negated when its third moment is
+    negative, so that dark figures on a light ground and light on dark look the same (a minority of bright pixels
+    has a positive third moment). Per channel, not over the channels: the ImageNet normalisation gives each channel
+    its own offset, which would survive a sign flip as a colour cast the network reads polarity from."""
+    x = x - x.mean(dim=(2, 3), keepdim=True)
+    x = x / (x.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt() + 1e-3)
+    if polarity:
+        x = x * torch.where(x.pow(3).mean(dim=(1, 2, 3), keepdim=True) < 0, -1.0, 1.0)
+    return x
+
+
 class ResNetTrunk(nn.Module):
     """ResNet up to global average pooling; ``forward`` returns ``[B, out_dim]`` features."""
 
     def __init__(self, depth: int = 50, width: float = 1, groups: int = 1, width_per_group: int = 64,
-                 zero_init_residual: bool = False):
+                 zero_init_residual: bool = False, input_norm: str = "none"):
         super().__init__()
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm {input_norm!r}: choose one of {', '.join(INPUT_NORMS)}")
+        self.input_norm = input_norm
         block, layers = LAYERS[depth]
         base = int(64 * width)
         self.groups, self.base_width = groups, width_per_group
@@ -69,6 +89,8 @@ class ResNetTrunk(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_norm != "none":
+            x = standardize_input(x, polarity=self.input_norm == "standardize_polarity")
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(self.avgpool(x), 1)
@@ -78,4 +100,4 @@ def build_trunk(trunk_cfg) -> ResNetTrunk:
     """The trunk of ``MODEL.TRUNK`` (a typed ``config.schema.Trunk``)."""
     r = trunk_cfg.RESNETS
     return ResNetTrunk(depth=r.DEPTH, width=r.WIDTH_MULTIPLIER, groups=r.GROUPS, width_per_group=r.WIDTH_PER_GROUP,
-                       zero_init_residual=r.ZERO_INIT_RESIDUAL)
+                       zero_init_residual=r.ZERO_INIT_RESIDUAL, input_norm=trunk_cfg.INPUT_NORM)
