@@ -68,10 +68,12 @@ def test_small_scale_benchmark_runs_small(tmp_path):
         assert again["runs"][0]["demo"][key] == entry["demo"][key] is not None, key
 
 
-def test_glyph_probe_labels_are_the_generators_and_random_features_see_polarity(tmp_path):
+def test_glyph_probe_labels_are_the_generators_and_the_preset_sees_the_glyph_not_its_polarity(tmp_path):
     """The probe's nuisance labels are the draws that made each image (regenerating an image from its generator
-    gives the stored pixels), and random-init features tell dark-on-light from light-on-dark glyphs far above the
-    majority rate (measured at full size: 97 % vs 52 %), which is what the probe exists to show."""
+    gives the stored pixels). The small-scale preset's network at random initialisation (its view: crop to the
+    glyph, ``INPUT_NORM: standardize_polarity``) tells glyphs apart far above the majority rate and dark-on-light
+    from light-on-dark not at all; a plain trunk told polarity at 97 % (README "Small datasets"). Tiny data: 3
+    classes, 60 val images (seeds 3-5 gave class 96.7-98.3 %, polarity 46.7-53.3 %)."""
     from PIL import Image
 
     from dcv2_k8s.data import synth
@@ -87,4 +89,5 @@ def test_glyph_probe_labels_are_the_generators_and_random_features_see_polarity(
     assert res["seed"] == 3
     (net,) = res["networks"]
     assert set(net["top1"]) == {"class", "x_half", "y_half", "border", "size", "polarity", "contrast", "stroke"}
-    assert net["top1"]["polarity"] > res["majority"]["polarity"] + 20, res
+    assert net["top1"]["class"] > res["majority"]["class"] + 40, res
+    assert net["top1"]["polarity"] < res["majority"]["polarity"] + 15, res
