@@ -196,3 +196,26 @@ def test_export_and_model_card_name_the_input_view_the_weights_expect(tmp_path):
     (tmp_path / "plain").mkdir()
     plain, _, _ = _our_checkpoint(tmp_path / "plain")
     assert "input_norm" not in export_model(str(plain), str(tmp_path / "plain_model"))
+
+
+def test_linear_eval_of_our_checkpoint_uses_the_view_it_was_trained_on(synth_data, tmp_path):
+    """A linear-eval config that sets no view of its own takes the checkpoint's INPUT_NORM and whole-image
+    preprocessing (the features are only right on such inputs); weights of another layout get the config's."""
+    from dcv2_k8s.distributed import DistInfo
+    from dcv2_k8s.eval.linear import LinearEval
+
+    crop = ("config.DATA.TRAIN.TRANSFORMS=[{name: ImgPilCropToContent}, {name: ImgPilToMultiCrop, "
+            "total_num_crops: 2, num_crops: [2], size_crops: [64], crop_scales: [[0.5, 1]]}, {name: ToTensor}]")
+    path, model, _ = _our_checkpoint(tmp_path, [*R18, "config.MODEL.TRUNK.INPUT_NORM=standardize", crop])
+    le = ["config=benchmark/linear_image_classification/imagenet1k/eval_resnet_8gpu_transfer_in1k_linear",
+          f"config.DATA.TRAIN.DATA_PATHS=[{synth_data / 'train'}]", f"config.DATA.TEST.DATA_PATHS=[{synth_data / 'val'}]",
+          "config.MODEL.TRUNK.RESNETS.DEPTH=18", "config.MACHINE.DEVICE=cpu", "config.METRICS.ENABLED=false",
+          f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={path}"]
+    ev = LinearEval(resolve(le, for_training=False), DistInfo())
+    assert ev.trunk.input_norm == "standardize" and [e["name"] for e in ev.pre] == ["ImgPilCropToContent"]
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(ev.trunk(x), model.trunk.eval()(x))
+    tv = tmp_path / "tv.pth"
+    assert run_cli("export", str(path), str(tv), "--format", "torchvision", timeout=120).returncode == 0
+    ev = LinearEval(resolve([*le[:-1], f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={tv}"], for_training=False), DistInfo())
+    assert ev.trunk.input_norm == "none" and ev.pre == ()

@@ -34,7 +34,6 @@ from dcv2_k8s.metrics import Metrics
 from dcv2_k8s.model.resnet import build_trunk
 from dcv2_k8s.optim import LRSchedule, param_groups
 from dcv2_k8s.storage import open_storage, write_bytes
-from dcv2_k8s.weights import load_weights
 
 log = logging.getLogger("dcv2")
 
@@ -99,9 +98,21 @@ class LinearEval:
         self.trunk = build_trunk(cfg.MODEL.TRUNK)
         weights = cfg.MODEL.WEIGHTS_INIT.PARAMS_FILE
         if weights:
-            from dcv2_k8s.model.dcv2_model import DCv2Model
+            from dcv2_k8s.config import config_from_checkpoint
+            from dcv2_k8s.weights import load_into_trunk, read_file, split_weights
 
-            layout = load_weights(DCv2Model(self.trunk, nn.Identity()), weights, trunk_only=True)
+            obj = read_file(weights)
+            layout, trunk_sd = split_weights(obj)[:2]
+            if "config_yaml" in obj:  # ours: evaluate on the inputs it was trained on, unless this config sets a view
+                ours = config_from_checkpoint(obj, for_training=False).cfg
+                if cfg.MODEL.TRUNK.INPUT_NORM == "none" and ours.MODEL.TRUNK.INPUT_NORM != "none":
+                    self.trunk.input_norm = ours.MODEL.TRUNK.INPUT_NORM
+                    log.info("MODEL.TRUNK.INPUT_NORM=%s, as the checkpoint was trained", self.trunk.input_norm)
+                if not self.pre and ours.DATA.TRAIN.preprocess:
+                    self.pre = ours.DATA.TRAIN.preprocess
+                    log.info("whole-image preprocessing %s, as the checkpoint was trained",
+                             [e["name"] for e in self.pre])
+            load_into_trunk(self.trunk, trunk_sd, weights)
             log.info("trunk weights from %s (%s layout)", weights, layout)
         else:
             log.warning("config.MODEL.WEIGHTS_INIT.PARAMS_FILE is empty: evaluating a randomly initialised trunk "
