@@ -207,22 +207,17 @@ def cmd_export(args) -> int:
     from dcv2_k8s.storage import StorageError, write_bytes
     from dcv2_k8s.weights import WeightsError, export_swav, export_torchvision, input_view, read_file, split_weights
 
-    view = {}
     try:
         obj = read_file(args.checkpoint)
         layout = split_weights(obj)[0]
-        if layout == "dcv2":
-            view = input_view(config_from_checkpoint(obj).cfg)
+        cfg = config_from_checkpoint(obj).cfg if layout == "dcv2" else None  # ours carry their config: parse once
+        view = input_view(cfg) if cfg is not None else {}
         if args.format == "torchvision":
-            depth = args.depth
-            if layout == "dcv2":
-                depth = config_from_checkpoint(obj).cfg.MODEL.TRUNK.RESNETS.DEPTH
-            out = export_torchvision(obj, depth)
+            out = export_torchvision(obj, cfg.MODEL.TRUNK.RESNETS.DEPTH if cfg is not None else args.depth)
         else:
             from dcv2_k8s.model.head import build_head
 
-            head = build_head(config_from_checkpoint(obj).cfg.MODEL.HEAD) if layout == "dcv2" else None
-            out = export_swav(obj, head)
+            out = export_swav(obj, build_head(cfg.MODEL.HEAD) if cfg is not None else None)
         data = to_bytes(out)
         write_bytes(args.out, data)
     except (WeightsError, StorageError, ConfigError) as e:
