@@ -2,7 +2,10 @@
 
 ``defaults.yaml`` holds every key's default value and its comment; the dataclasses here hold every key's type.
 ``build(raw)`` turns the resolved nested dict into a :class:`Config`: lists become tuples, integers given for
-floats become floats, and a value of the wrong type is reported as one line naming the key. Code reads the result
+floats become floats, and a value of the wrong type is reported as one line naming the key. A field declared with
+:func:`checked` also carries the rules its value must meet on its own (``num_clusters`` > 1, a port's range, the
+choices of a name); ``build`` runs them on every value that typed, in the same pass. Rules that span keys, or whose
+facts live in other modules, are ``config/derive.py``'s. Code reads the result
 directly (``cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA`` is an ``int``), never through casts. The nested
 dict stays with the resolved config (``Resolved.raw``): it is the YAML that checkpoints carry and spawned
 processes load.
@@ -15,12 +18,24 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 HEAD_OPTIONS = ("dims", "use_relu", "use_bn", "skip_last_layer_relu_bn", "use_bias", "use_dropout")
 SCHEDULER_KEYS = ("name", "start_value", "end_value", "value", "values", "milestones", "base_lr", "final_lr",
                   "start_warmup", "warmup_fraction", "schedulers", "lengths", "interval_scaling", "update_interval",
                   "auto_lr_scaling")
+
+
+# ------------------------------------------------------------------------------------- field rules
+def checked(ok: Callable[[Any], bool], message: str, **kw) -> Any:
+    """A dataclass field whose typed value must also satisfy ``ok(value)``; else the error line is ``message``
+    formatted with ``key`` (dotted) and ``value`` (as written). ``kw`` are :func:`dataclasses.field`'s."""
+    return checked_by(lambda key, value: [] if ok(value) else [message.format(key=key, value=value)], **kw)
+
+
+def checked_by(check: Callable[[str, Any], list], **kw) -> Any:
+    """A dataclass field whose typed value is also checked by ``check(key, value)`` -> its error lines."""
+    return field(metadata={"check": check}, **kw)
 
 
 # ------------------------------------------------------------------------------------------- pieces
@@ -86,6 +101,30 @@ def normalize_of(transforms) -> tuple[list[float], list[float]]:
     return [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
+def _transforms_errors(key: str, transforms: list) -> list[str]:
+    """``DATA.TRAIN.TRANSFORMS`` on its own: not empty, with one well-formed ImgPilToMultiCrop entry. (Which names
+    exist, and on which side of the multi-crop each goes, is ``data/transforms.py``'s: ``config/derive.py``.)"""
+    if not transforms:
+        return [f"config.{key} must be a non-empty list of {{name: ..., ...}} entries"]
+    mc = multicrop_of(transforms)
+    if mc is None:
+        return [f"config.{key} needs an ImgPilToMultiCrop entry (DeepClusterV2 is multi-crop)"]
+    where = f"config.{key}[ImgPilToMultiCrop]"
+    nc, sc, cs = mc.num_crops, mc.size_crops, mc.crop_scales
+    if not (len(nc) == len(sc) == len(cs)) or not nc:
+        return [f"{where}: size_crops ({len(sc)}), num_crops ({len(nc)}) and crop_scales ({len(cs)}) "
+                "must have the same length, one entry per resolution"]
+    errors = []
+    if mc.total_num_crops is not None and sum(nc) != mc.total_num_crops:
+        errors.append(f"{where}: sum(num_crops)={sum(nc)} != total_num_crops={mc.total_num_crops}; make them agree")
+    for s in cs:
+        if not (len(s) == 2 and all(isinstance(v, (int, float)) for v in s) and 0 < s[0] <= s[1] <= 1):
+            errors.append(f"{where}: crop_scales entry {list(s)!r} must be [min, max] with 0 < min <= max <= 1")
+    if any(not isinstance(v, int) or v <= 0 for v in list(nc) + list(sc)):
+        errors.append(f"{where}: num_crops and size_crops must be positive integers")
+    return errors
+
+
 @dataclass(frozen=True)
 class HeadStage:
     """``["mlp", {dims, use_relu, use_bn, skip_last_layer_relu_bn, use_bias, use_dropout}]`` (VISSL's MLP)."""
@@ -121,8 +160,10 @@ class Schedule:
     warmup_fraction: Optional[float] = None
     schedulers: Tuple["Schedule", ...] = ()
     lengths: Tuple[float, ...] = ()
-    interval_scaling: Tuple[str, ...] = ()
-    update_interval: str = "step"
+    interval_scaling: Tuple[str, ...] = checked(lambda v: all(x in ("rescaled", "fixed") for x in v),
+                                                "config.{key} entries must be rescaled or fixed", default=())
+    update_interval: str = checked(lambda v: v in ("step", "epoch"), "config.{key} must be step or epoch",
+                                   default="step")
     auto_lr_scaling: Optional[AutoLR] = None
 
 
@@ -133,12 +174,12 @@ class TrainData:
     DATA_PATHS: Tuple[str, ...]
     STAGE_DIR: str
     DATA_LIMIT: int
-    BATCHSIZE_PER_REPLICA: int
+    BATCHSIZE_PER_REPLICA: int = checked(lambda v: v >= 1, "config.{key}={value} must be >= 1")
     DROP_LAST: bool
     LABEL_TYPE: str
     COLLATE_FUNCTION: str
-    AUG_BACKEND: str
-    TRANSFORMS: Tuple[Transform, ...]
+    AUG_BACKEND: str = checked(lambda v: v in ("pil", "opencv"), "config.{key}={value!r}: choose pil or opencv")
+    TRANSFORMS: Tuple[Transform, ...] = checked_by(_transforms_errors)
 
     @property
     def multicrop(self) -> MultiCrop:
@@ -178,7 +219,9 @@ class Data:
 @dataclass(frozen=True)
 class ResNets:
     DEPTH: int
-    WIDTH_MULTIPLIER: float
+    WIDTH_MULTIPLIER: float = checked(lambda v: v > 0 and int(64 * v) == 64 * v,
+                                      "config.{key}={value}: must be positive with 64 x width a whole number of "
+                                      "channels (e.g. 0.25, 0.5, 1, 2, 4)")
     GROUPS: int
     WIDTH_PER_GROUP: int
     ZERO_INIT_RESIDUAL: bool
@@ -186,7 +229,7 @@ class ResNets:
 
 @dataclass(frozen=True)
 class Trunk:
-    NAME: str
+    NAME: str = checked(lambda v: v == "resnet", "config.{key}={value!r}: only 'resnet' is supported")
     RESNETS: ResNets
     INPUT_NORM: str = "none"
 
@@ -208,9 +251,9 @@ class SyncBN:
 @dataclass(frozen=True)
 class Amp:
     USE_AMP: bool
-    AMP_TYPE: str
+    AMP_TYPE: str = checked(lambda v: v in ("pytorch", "apex"), "config.{key}={value!r}: choose pytorch or apex")
     AMP_ARGS: Mapping[str, Any]
-    DTYPE: str
+    DTYPE: str = checked(lambda v: v in ("float16", "bfloat16"), "config.{key}={value!r}: choose float16 or bfloat16")
 
 
 @dataclass(frozen=True)
@@ -232,14 +275,15 @@ class Model:
 @dataclass(frozen=True)
 class MemoryParams:
     crops_for_mb: Tuple[int, ...]
-    embedding_dim: int
+    embedding_dim: int = checked(lambda v: v >= 1, "config.{key} must be >= 1")
 
 
 @dataclass(frozen=True)
 class DCv2Loss:
-    temperature: float
-    num_clusters: Tuple[int, ...]
-    kmeans_iters: int
+    temperature: float = checked(lambda v: v > 0, "config.{key} must be > 0")
+    num_clusters: Tuple[int, ...] = checked(lambda v: v and all(k > 1 for k in v),
+                                            "config.{key}={value!r} must be a non-empty list of integers > 1")
+    kmeans_iters: int = checked(lambda v: v >= 0, "config.{key} must be an integer >= 0")
     memory_params: MemoryParams
 
 
@@ -269,7 +313,7 @@ class Optimizer:
     weight_decay: float
     momentum: float
     nesterov: bool
-    num_epochs: int
+    num_epochs: int = checked(lambda v: v >= 1, "config.{key} must be >= 1")
     regularize_bn: bool
     regularize_bias: bool
     param_schedulers: ParamSchedulers
@@ -277,12 +321,13 @@ class Optimizer:
 
 @dataclass(frozen=True)
 class Distributed:
-    NUM_NODES: Optional[int]       # always set once resolved (from the launcher, else 1)
-    NUM_PROC_PER_NODE: Optional[int]
-    BACKEND: str
+    # always set once resolved (from the launcher, else 1)
+    NUM_NODES: Optional[int] = checked(lambda v: v is None or v >= 1, "config.{key}={value} must be >= 1")
+    NUM_PROC_PER_NODE: Optional[int] = checked(lambda v: v is None or v >= 1, "config.{key}={value} must be >= 1")
+    BACKEND: str = checked(lambda v: v in ("auto", "nccl", "gloo"), "config.{key}={value!r}: choose auto, nccl or gloo")
     INIT_METHOD: str
-    TIMEOUT_SECONDS: float
-    MAX_RESTARTS: int
+    TIMEOUT_SECONDS: float = checked(lambda v: v > 0, "config.{key} must be > 0")
+    MAX_RESTARTS: int = checked(lambda v: v >= 0, "config.{key} must be >= 0")
 
     @property
     def world_size(self) -> int:
@@ -291,7 +336,8 @@ class Distributed:
 
 @dataclass(frozen=True)
 class Machine:
-    DEVICE: str
+    DEVICE: str = checked(lambda v: v in ("auto", "gpu", "cpu", "cuda"),
+                          "config.{key}={value!r}: choose auto, gpu or cpu")
 
 
 @dataclass(frozen=True)
@@ -316,24 +362,24 @@ class LinearEval:
 @dataclass(frozen=True)
 class Metrics:
     ENABLED: bool
-    PORT: int
+    PORT: int = checked(lambda v: 1 <= v <= 65535, "config.{key}={value} must be a TCP port between 1 and 65535")
     ADDR: str
 
 
 @dataclass(frozen=True)
 class Monitor:
-    KNN_FREQUENCY: int
+    KNN_FREQUENCY: int = checked(lambda v: v >= 0, "config.{key}={value!r} must be an integer >= 0")
     KNN_K: int
     KNN_TEMPERATURE: float
-    DIAG_FREQUENCY: int
-    DIAG_IMAGES: int
+    DIAG_FREQUENCY: int = checked(lambda v: v >= 0, "config.{key}={value!r} must be an integer >= 0")
+    DIAG_IMAGES: int = checked(lambda v: v >= 2, "config.{key}={value!r} must be an integer >= 2")
 
 
 @dataclass(frozen=True)
 class Trainer:
     DETERMINISTIC: bool
     MAX_STEPS: int
-    NONFINITE_POLICY: str
+    NONFINITE_POLICY: str = checked(lambda v: v in ("stop", "skip"), "config.{key}={value!r}: choose stop or skip")
     MAX_NONFINITE_SKIPS: int
 
 
@@ -430,6 +476,27 @@ class _Builder:
             return self.section(tp, v, key)
         raise TypeError(f"no rule for {tp!r}")  # a bug in this file
 
+    def field_value(self, f: dataclasses.Field, tp: Any, v: Any, key: str) -> Any:
+        """One field's value typed, then, if it typed, checked by the field's own rule (see :func:`checked`)."""
+        before = len(self.errors)
+        out = self.value(tp, v, key)
+        check = f.metadata.get("check")
+        if check is not None and len(self.errors) == before:
+            self.errors += check(key, v)
+        return out
+
+    def replaced(self, obj: Any, key: str, v: Any, at: str) -> Any:
+        """``obj`` (typed) with the value at the dotted ``key`` replaced by ``v``, typed and checked as its field;
+        ``at`` is the whole key, for error lines."""
+        name, _, rest = key.partition(".")
+        if isinstance(obj, tuple):  # an item of a list of sections (a composite schedule's children)
+            i = int(name)
+            return obj[:i] + (self.replaced(obj[i], rest, v, at),) + obj[i + 1:]
+        f = next(f for f in dataclasses.fields(obj) if f.name == name)
+        new = self.replaced(getattr(obj, name), rest, v, at) if rest else \
+            self.field_value(f, typing.get_type_hints(type(obj))[name], v, at)
+        return dataclasses.replace(obj, **{name: new})
+
     def section(self, cls: type, d: Any, key: str) -> Any:
         if not isinstance(d, dict):
             return self.fail(key, d, "a mapping")
@@ -441,7 +508,7 @@ class _Builder:
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                     self.errors.append(f"config.{sub} is missing")
                 continue
-            kw[f.name] = self.value(hints[f.name], d[f.name], sub)
+            kw[f.name] = self.field_value(f, hints[f.name], d[f.name], sub)
         if cls is Schedule:
             unknown = sorted(set(d) - set(SCHEDULER_KEYS))
             if unknown:
@@ -492,6 +559,18 @@ def build(raw: dict, extra: dict | None = None) -> tuple[Config | None, list[str
     if b.errors:
         return None, b.errors
     return dataclasses.replace(cfg, extra=_freeze(dict(extra or {}))), []
+
+
+def with_values(cfg: Config, values: Mapping[str, Any]) -> Config:
+    """``cfg`` with the values at dotted keys (``DISTRIBUTED.NUM_NODES``, ``OPTIMIZER.param_schedulers.lr.
+    schedulers.0.end_value``) replaced, each typed and checked as its field: how derived values join a config
+    typed already. Raises ValueError naming every problem (a derived value that breaks its field's rule is a bug)."""
+    b = _Builder()
+    for key, v in values.items():
+        cfg = b.replaced(cfg, key, v, key)
+    if b.errors:
+        raise ValueError("; ".join(b.errors))
+    return cfg
 
 
 def build_section(cls: type, d: dict, key: str = ""):

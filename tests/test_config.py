@@ -327,3 +327,56 @@ def test_resolved_file_round_trips_and_resolves_to_itself(tmp_path):
     assert back.cfg == r.cfg and back.name == r.name and back.raw == r.raw
     again = resolve([f"config={path}"], world_size=16, local_world_size=8)
     assert again.cfg.MODEL == r.cfg.MODEL and again.cfg.OPTIMIZER == r.cfg.OPTIMIZER and again.cfg.DATA == r.cfg.DATA
+
+
+# --------------------------------------------------------------------------- one key, one type, one pass
+@pytest.mark.parametrize("token,line", [
+    ("config.METRICS.PORT=70000", "config.METRICS.PORT=70000 must be a TCP port between 1 and 65535"),
+    ("config.DATA.TRAIN.AUG_BACKEND=dali", "config.DATA.TRAIN.AUG_BACKEND='dali': choose pil or opencv"),
+    ("config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=0", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=0 must be >= 1"),
+    (f"{LOSS}.num_clusters=[100, 1]", f"{LOSS}.num_clusters=[100, 1] must be a non-empty list of integers > 1"),
+    (f"{LOSS}.temperature=0", f"{LOSS}.temperature must be > 0"),
+    (f"{LOSS}.kmeans_iters=-1", f"{LOSS}.kmeans_iters must be an integer >= 0"),
+    ("config.MODEL.TRUNK.NAME=vit", "config.MODEL.TRUNK.NAME='vit': only 'resnet' is supported"),
+    ("config.MODEL.TRUNK.RESNETS.WIDTH_MULTIPLIER=0.3", "config.MODEL.TRUNK.RESNETS.WIDTH_MULTIPLIER=0.3: must be "
+     "positive with 64 x width a whole number of channels (e.g. 0.25, 0.5, 1, 2, 4)"),
+    ("config.DISTRIBUTED.NUM_NODES=0", "config.DISTRIBUTED.NUM_NODES=0 must be >= 1"),
+    ("config.DISTRIBUTED.BACKEND=mpi", "config.DISTRIBUTED.BACKEND='mpi': choose auto, nccl or gloo"),
+    ("config.MACHINE.DEVICE=tpu", "config.MACHINE.DEVICE='tpu': choose auto, gpu or cpu"),
+    ("config.MODEL.AMP_PARAMS.DTYPE=float8", "config.MODEL.AMP_PARAMS.DTYPE='float8': choose float16 or bfloat16"),
+    ("config.MONITOR.DIAG_IMAGES=1", "config.MONITOR.DIAG_IMAGES=1 must be an integer >= 2"),
+    ("config.TRAINER.NONFINITE_POLICY=ignore", "config.TRAINER.NONFINITE_POLICY='ignore': choose stop or skip"),
+    ("config.OPTIMIZER.num_epochs=0", "config.OPTIMIZER.num_epochs must be >= 1"),
+    ("config.OPTIMIZER.param_schedulers.lr.update_interval=batch",
+     "config.OPTIMIZER.param_schedulers.lr.update_interval must be step or epoch"),
+    (_mc(2, [2], [224], [[0.5, 2]]), "config.DATA.TRAIN.TRANSFORMS[ImgPilToMultiCrop]: crop_scales entry [0.5, 2] "
+     "must be [min, max] with 0 < min <= max <= 1"),
+])
+def test_a_value_wrong_on_its_own_is_one_line_from_its_field(token, line):
+    """A key's own rule is declared with its type (``schema.checked``) and reported in the pass that types it."""
+    assert errors_of([BASE, token]) == [line]
+
+
+def test_a_field_rule_runs_wherever_the_section_is_typed():
+    from dcv2_k8s import schema
+
+    loss = {"temperature": 0.1, "num_clusters": [1], "kmeans_iters": 10,
+            "memory_params": {"crops_for_mb": [0], "embedding_dim": 128}}
+    with pytest.raises(ValueError, match=r"num_clusters=\[1\] must be a non-empty list of integers > 1"):
+        schema.build_section(schema.DCv2Loss, loss, "LOSS.deepclusterv2_loss")
+
+
+def test_a_config_is_typed_once_per_process(tmp_path, monkeypatch):
+    """``resolve`` types the composed values once (derived values join them typed, through ``with_values``); a rank
+    types the resolved file once."""
+    from dcv2_k8s import schema
+    from dcv2_k8s.config import load_resolved, write_resolved
+
+    calls = []
+    build = schema.build
+    monkeypatch.setattr(schema, "build", lambda *a: calls.append(1) or build(*a))
+    r = resolve([BASE], world_size=16, local_world_size=8)
+    assert len(calls) == 1 and r.cfg.DISTRIBUTED.NUM_NODES == 2
+    assert r.cfg.OPTIMIZER.param_schedulers.lr.schedulers[0].end_value == pytest.approx(1.2)  # 0.3 x 16 x 64 / 256
+    back = load_resolved(write_resolved(r, tmp_path / "resolved.yaml"))
+    assert len(calls) == 2 and back.cfg == r.cfg

@@ -1,23 +1,28 @@
-"""Derived values and cross-key checks, on the composed (raw) config before it is typed.
+"""Cross-key checks and derived values of a composed config.
+
+Derived values and cross-key checks, on the composed (raw) config once each value has typed and met its own
+field's rule (``schema.checked``).
 
 A derived value is computed from its source of truth. If the user also gave it:
 - on the command line, a different value is an error naming both values;
 - in a config file (VISSL's files carry placeholders such as ``num_train_samples: 1281167``), the
   derived value is used and a note names both values. Nothing is replaced silently.
 
-The facts checked against live with the code that uses them: ResNet depths and feature sizes in
-``model/resnet.py``, transform names (and which have an OpenCV version) in ``data/transforms.py``, scheduler
-names in ``optim/schedule.py``, apex's presence in ``runtime.py``.
+Also here: the rules that hold for training only (``for_training``), and the checks of one key whose facts live
+with the code that uses them (``schema.py`` imports nothing from the project): ResNet depths, input norms and
+feature sizes in ``model/resnet.py``, transform names (and which have an OpenCV version) in
+``data/transforms.py``, scheduler names in ``optim/schedule.py``, apex's presence in ``runtime.py``.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 
-from dcv2_k8s.config.dicts import get, given_in, put
-from dcv2_k8s.schema import Config, multicrop_of
+from dcv2_k8s.config.dicts import get, given_in
+from dcv2_k8s.schema import Config, MultiCrop, multicrop_of
 
 LOSS = "LOSS.deepclusterv2_loss"
 LR = "OPTIMIZER.param_schedulers.lr"
@@ -33,7 +38,9 @@ class Sources:
     repeated: dict = field(default_factory=dict)
 
 
-def _fill(cfg: dict, key: str, value: Any, why: str, src: Sources, errors: list, notes: list) -> None:
+def _fill(cfg: dict, derived: dict, key: str, value: Any, why: str, src: Sources, errors: list,
+          notes: list) -> None:
+    """``derived[key] = value``, unless the command line gave ``key`` a different value (an error)."""
     given = get(cfg, key)
     if given is not None and given != value:
         if given_in(key, src.cli_keys):
@@ -43,7 +50,7 @@ def _fill(cfg: dict, key: str, value: Any, why: str, src: Sources, errors: list,
         if given_in(key, src.file_keys):
             notes.append(f"config.{key}: using the derived value {value!r} ({why}) instead of {given!r} "
                          "from the config file")
-    put(cfg, key, value)
+    derived[key] = value
 
 
 def _repeated(src: Sources, key: str, truth: Any, why: str, errors: list, notes: list) -> None:
@@ -63,19 +70,16 @@ def _repeated(src: Sources, key: str, truth: Any, why: str, errors: list, notes:
 
 
 # ----------------------------------------------------------------------------------------- transforms
-def _check_transforms(cfg: dict, for_training: bool, errors: list) -> dict | None:
+def _check_transforms(cfg: dict, for_training: bool, errors: list) -> None:
+    """The entries against ``data/transforms.py``: known names, an OpenCV version where the backend needs one, each
+    on its side of ImgPilToMultiCrop, preprocessing arguments accepted (the list's shape is ``schema.py``'s)."""
     from dcv2_k8s.data.transforms import TRANSFORMS
 
     transforms = get(cfg, "DATA.TRAIN.TRANSFORMS")
     backend = get(cfg, "DATA.TRAIN.AUG_BACKEND")
-    if backend not in ("pil", "opencv"):
-        errors.append(f"config.DATA.TRAIN.AUG_BACKEND={backend!r}: choose pil or opencv")
-    elif backend == "opencv" and for_training and importlib.util.find_spec("cv2") is None:
+    if backend == "opencv" and for_training and importlib.util.find_spec("cv2") is None:
         errors.append("config.DATA.TRAIN.AUG_BACKEND=opencv but OpenCV is not installed; pip install "
                       "opencv-python-headless, or set config.DATA.TRAIN.AUG_BACKEND=pil")
-    if not transforms:
-        errors.append("config.DATA.TRAIN.TRANSFORMS must be a non-empty list of {name: ..., ...} entries")
-        return None
     for i, t in enumerate(transforms):
         op = TRANSFORMS.get(t["name"])
         if op is None:
@@ -84,10 +88,6 @@ def _check_transforms(cfg: dict, for_training: bool, errors: list) -> dict | Non
         elif backend == "opencv" and op.opencv is None and not (op.multicrop or op.pre):
             errors.append(f"config.DATA.TRAIN.TRANSFORMS[{i}].name={t['name']!r} has no opencv version; set "
                           "config.DATA.TRAIN.AUG_BACKEND=pil or drop the transform")
-    mc = multicrop_of(transforms)
-    if mc is None:
-        errors.append("config.DATA.TRAIN.TRANSFORMS needs an ImgPilToMultiCrop entry (DeepClusterV2 is multi-crop)")
-        return None
     at = [t["name"] for t in transforms].index("ImgPilToMultiCrop")
     for i, t in enumerate(transforms):
         op = TRANSFORMS.get(t["name"])
@@ -100,21 +100,6 @@ def _check_transforms(cfg: dict, for_training: bool, errors: list) -> dict | Non
                 op.pil({k: v for k, v in t.items() if k != "name"})
             except (TypeError, ValueError) as e:
                 errors.append(f"config.DATA.TRAIN.TRANSFORMS[{i}] ({t['name']}): {e}")
-    key = "config.DATA.TRAIN.TRANSFORMS[ImgPilToMultiCrop]"
-    nc, sc, cs = mc.num_crops, mc.size_crops, mc.crop_scales
-    if not (len(nc) == len(sc) == len(cs)) or not nc:
-        errors.append(f"{key}: size_crops ({len(sc)}), num_crops ({len(nc)}) and crop_scales ({len(cs)}) "
-                      "must have the same length, one entry per resolution")
-        return None
-    if mc.total_num_crops is not None and sum(nc) != mc.total_num_crops:
-        errors.append(f"{key}: sum(num_crops)={sum(nc)} != total_num_crops={mc.total_num_crops}; make them agree")
-    for s in cs:
-        if not (len(s) == 2 and all(isinstance(v, (int, float)) for v in s) and 0 < s[0] <= s[1] <= 1):
-            errors.append(f"{key}: crop_scales entry {list(s)!r} must be [min, max] with 0 < min <= max <= 1")
-    if any(not isinstance(v, int) or v <= 0 for v in list(nc) + list(sc)):
-        errors.append(f"{key}: num_crops and size_crops must be positive integers")
-        return None
-    return {"num_crops": list(nc), "size_crops": list(sc)}
 
 
 # -------------------------------------------------------------------------------------- trunk, head
@@ -125,20 +110,14 @@ def _check_trunk(cfg: dict, errors: list) -> int | None:
     if get(cfg, "MODEL.TRUNK.INPUT_NORM") not in INPUT_NORMS:
         errors.append(f"config.MODEL.TRUNK.INPUT_NORM={get(cfg, 'MODEL.TRUNK.INPUT_NORM')!r}: choose one of "
                       f"{', '.join(INPUT_NORMS)}")
-    if get(cfg, "MODEL.TRUNK.NAME") != "resnet":
-        errors.append(f"config.MODEL.TRUNK.NAME={get(cfg, 'MODEL.TRUNK.NAME')!r}: only 'resnet' is supported")
     depth, width = get(cfg, "MODEL.TRUNK.RESNETS.DEPTH"), get(cfg, "MODEL.TRUNK.RESNETS.WIDTH_MULTIPLIER")
     if depth not in DEPTHS:
         errors.append(f"config.MODEL.TRUNK.RESNETS.DEPTH={depth}: choose one of {sorted(DEPTHS)}")
         return None
-    if width <= 0 or int(64 * width) != 64 * width:
-        errors.append(f"config.MODEL.TRUNK.RESNETS.WIDTH_MULTIPLIER={width}: must be positive with 64 x width "
-                      "a whole number of channels (e.g. 0.25, 0.5, 1, 2, 4)")
-        return None
     return feature_dim(depth, width)
 
 
-def _head(cfg: dict, feat: int, src: Sources, errors: list, notes: list) -> None:
+def _head(cfg: dict, derived: dict, feat: int, src: Sources, errors: list, notes: list) -> None:
     """The head follows the trunk and the embedding unless the command line wrote ``MODEL.HEAD.PARAMS``: a head
     from a file was written for that file's trunk, so its first size becomes the trunk's feature size and its
     last the ``embedding_dim`` (a note names both values). A head written on the command line is the user's own:
@@ -150,6 +129,7 @@ def _head(cfg: dict, feat: int, src: Sources, errors: list, notes: list) -> None
         return
     depth, width = get(cfg, "MODEL.TRUNK.RESNETS.DEPTH"), get(cfg, "MODEL.TRUNK.RESNETS.WIDTH_MULTIPLIER")
     if not given_in("MODEL.HEAD.PARAMS", src.cli_keys):
+        params = copy.deepcopy(params)
         first, last = params[0][1]["dims"], params[-1][1]["dims"]
         if first[0] != feat:
             notes.append(f"config.MODEL.HEAD.PARAMS[0].dims[0]: {first[0]} -> {feat}, the feature size of "
@@ -160,6 +140,8 @@ def _head(cfg: dict, feat: int, src: Sources, errors: list, notes: list) -> None
             notes.append(f"config.MODEL.HEAD.PARAMS[{len(params) - 1}].dims[-1]: {last[-1]} -> {emb}, "
                          f"config.{LOSS}.memory_params.embedding_dim (the head follows the embedding)")
             last[-1] = emb
+        if params != get(cfg, "MODEL.HEAD.PARAMS"):
+            derived["MODEL.HEAD.PARAMS"] = params
     prev = feat
     for i, (_, opts) in enumerate(params):
         dims = opts["dims"]
@@ -177,39 +159,25 @@ def _head(cfg: dict, feat: int, src: Sources, errors: list, notes: list) -> None
                       f"make the last MODEL.HEAD.PARAMS dims end at {emb} (or set embedding_dim={prev})")
 
 
-def _check_loss(cfg: dict, mc: dict | None, errors: list) -> None:
-    loss = get(cfg, LOSS)
-    k = loss["num_clusters"]
-    if not (k and all(v > 1 for v in k)):
-        errors.append(f"config.{LOSS}.num_clusters={k!r} must be a non-empty list of integers > 1")
-    if loss["temperature"] <= 0:
-        errors.append(f"config.{LOSS}.temperature must be > 0")
-    if loss["kmeans_iters"] < 0:
-        errors.append(f"config.{LOSS}.kmeans_iters must be an integer >= 0")
-    if loss["memory_params"]["embedding_dim"] < 1:
-        errors.append(f"config.{LOSS}.memory_params.embedding_dim must be >= 1")
-    mb = loss["memory_params"]["crops_for_mb"]
-    if mc is not None:
-        n_large = mc["num_crops"][0]
-        if not (mb and all(0 <= c < n_large for c in mb)):
-            errors.append(f"config.{LOSS}.memory_params.crops_for_mb={list(mb)!r} must index the large crops "
-                          f"(0..{n_large - 1}, the first {n_large} of size {mc['size_crops'][0]})")
-        if len(mc["size_crops"]) > 1 and max(mc["size_crops"]) != mc["size_crops"][0]:
-            errors.append("config.DATA.TRAIN.TRANSFORMS[ImgPilToMultiCrop].size_crops must list the large crops "
-                          "first (the memory bank is filled from them)")
+def _check_memory_bank(cfg: dict, mc: MultiCrop, errors: list) -> None:
+    """The memory bank is filled from the large crops: they come first, and ``crops_for_mb`` indexes them."""
+    mb = get(cfg, f"{LOSS}.memory_params.crops_for_mb")
+    if not (mb and all(0 <= c < mc.n_large for c in mb)):
+        errors.append(f"config.{LOSS}.memory_params.crops_for_mb={list(mb)!r} must index the large crops "
+                      f"(0..{mc.n_large - 1}, the first {mc.n_large} of size {mc.large_size})")
+    if len(mc.size_crops) > 1 and max(mc.size_crops) != mc.large_size:
+        errors.append("config.DATA.TRAIN.TRANSFORMS[ImgPilToMultiCrop].size_crops must list the large crops "
+                      "first (the memory bank is filled from them)")
 
 
 # ----------------------------------------------------------------------------- distributed, machine
-def _check_distributed(cfg: dict, world_size: int | None, local_world_size: int | None, for_training: bool,
-                       errors: list) -> int:
+def _check_distributed(cfg: dict, derived: dict, world_size: int | None, local_world_size: int | None,
+                       for_training: bool, errors: list) -> int:
+    """The world size, checked against the launcher's; fills ``DISTRIBUTED.NUM_NODES`` and ``NUM_PROC_PER_NODE``."""
     from dcv2_k8s.runtime import apex_available
 
     nodes = get(cfg, "DISTRIBUTED.NUM_NODES")
     ppn = get(cfg, "DISTRIBUTED.NUM_PROC_PER_NODE")
-    for key, v in (("NUM_NODES", nodes), ("NUM_PROC_PER_NODE", ppn)):
-        if v is not None and v < 1:
-            errors.append(f"config.DISTRIBUTED.{key}={v} must be >= 1")
-            return 1
     if world_size is not None:
         lws = local_world_size or world_size
         if ppn is None:
@@ -222,14 +190,8 @@ def _check_distributed(cfg: dict, world_size: int | None, local_world_size: int 
                           f"config.DISTRIBUTED.NUM_NODES={world_size // lws} "
                           f"config.DISTRIBUTED.NUM_PROC_PER_NODE={lws} (or drop both)")
     nodes, ppn = nodes or 1, ppn or 1
-    put(cfg, "DISTRIBUTED.NUM_NODES", nodes)
-    put(cfg, "DISTRIBUTED.NUM_PROC_PER_NODE", ppn)
-    if get(cfg, "DISTRIBUTED.BACKEND") not in ("auto", "nccl", "gloo"):
-        errors.append(f"config.DISTRIBUTED.BACKEND={get(cfg, 'DISTRIBUTED.BACKEND')!r}: choose auto, nccl or gloo")
-    if get(cfg, "DISTRIBUTED.TIMEOUT_SECONDS") <= 0:
-        errors.append("config.DISTRIBUTED.TIMEOUT_SECONDS must be > 0")
-    if get(cfg, "DISTRIBUTED.MAX_RESTARTS") < 0:
-        errors.append("config.DISTRIBUTED.MAX_RESTARTS must be >= 0")
+    derived["DISTRIBUTED.NUM_NODES"] = nodes
+    derived["DISTRIBUTED.NUM_PROC_PER_NODE"] = ppn
     world = nodes * ppn
     gs = get(cfg, "MODEL.SYNC_BN_CONFIG.GROUP_SIZE")
     if get(cfg, "MODEL.SYNC_BN_CONFIG.CONVERT_BN_TO_SYNC_BN"):
@@ -244,17 +206,11 @@ def _check_distributed(cfg: dict, world_size: int | None, local_world_size: int 
         elif sbn_type == "apex" and for_training and not apex_available():
             errors.append("config.MODEL.SYNC_BN_CONFIG.SYNC_BN_TYPE=apex but apex is not installed; set "
                           "config.MODEL.SYNC_BN_CONFIG.SYNC_BN_TYPE=pytorch (torch's SyncBatchNorm, same groups)")
-    if get(cfg, "MACHINE.DEVICE") not in ("auto", "gpu", "cpu", "cuda"):
-        errors.append(f"config.MACHINE.DEVICE={get(cfg, 'MACHINE.DEVICE')!r}: choose auto, gpu or cpu")
     amp = get(cfg, "MODEL.AMP_PARAMS")
-    if amp["AMP_TYPE"] not in ("pytorch", "apex"):
-        errors.append(f"config.MODEL.AMP_PARAMS.AMP_TYPE={amp['AMP_TYPE']!r}: choose pytorch or apex")
     level = str((amp.get("AMP_ARGS") or {}).get("opt_level", "O1"))
     if amp["USE_AMP"] and level not in ("O0", "O1", "O2"):
         errors.append(f"config.MODEL.AMP_PARAMS.AMP_ARGS.opt_level={level}: only O0, O1 and O2 are supported (O1/O2 "
                       "run as native autocast float16 + GradScaler); use O1, or DTYPE=bfloat16")
-    if amp["DTYPE"] not in ("float16", "bfloat16"):
-        errors.append(f"config.MODEL.AMP_PARAMS.DTYPE={amp['DTYPE']!r}: choose float16 or bfloat16")
     return world
 
 
@@ -266,8 +222,6 @@ def _check_schedule(lr: dict, errors: list) -> bool:
     if name not in SCHEDULES:
         errors.append(f"config.{LR}.name={name!r}: choose from {sorted(SCHEDULES)}")
         return False
-    if lr.get("update_interval", "step") not in ("step", "epoch"):
-        errors.append(f"config.{LR}.update_interval must be step or epoch")
     if name != "composite":
         return True
     scheds, lengths = lr.get("schedulers") or [], lr.get("lengths") or []
@@ -282,12 +236,10 @@ def _check_schedule(lr: dict, errors: list) -> bool:
             errors.append(f"config.{LR}.schedulers[{i}].name={s.get('name')!r}: inside a composite schedule choose "
                           f"from {sorted(CHILD_SCHEDULES)}")
             return False
-    if any(x not in ("rescaled", "fixed") for x in scaling):
-        errors.append(f"config.{LR}.interval_scaling entries must be rescaled or fixed")
     return True
 
 
-def _derive_lr(cfg: dict, world: int, src: Sources, errors: list, notes: list) -> None:
+def _derive_lr(cfg: dict, derived: dict, world: int, src: Sources, errors: list, notes: list) -> None:
     lr = get(cfg, LR)
     if not _check_schedule(lr, errors):
         return
@@ -298,67 +250,59 @@ def _derive_lr(cfg: dict, world: int, src: Sources, errors: list, notes: list) -
     peak = auto["base_value"] * global_batch / auto["base_lr_batch_size"]
     why = f"auto_lr_scaling: {auto['base_value']} x {global_batch}/{auto['base_lr_batch_size']}"
     name = lr["name"]
+
+    def fill(key: str, value: Any, reason: str = why) -> None:
+        _fill(cfg, derived, key, value, reason, src, errors, notes)
+
     if name == "composite":
         for i, s in enumerate(lr["schedulers"]):
             prefix = f"{LR}.schedulers.{i}"
             if s["name"] == "linear":
-                _fill(cfg, f"{prefix}.end_value", peak, why, src, errors, notes)
+                fill(f"{prefix}.end_value", peak)
                 if s.get("start_value", 0) > peak:
-                    _fill(cfg, f"{prefix}.start_value", peak, "warmup start capped at the scaled peak", src, errors,
-                          notes)
+                    fill(f"{prefix}.start_value", peak, "warmup start capped at the scaled peak")
             elif s["name"] == "cosine":
-                _fill(cfg, f"{prefix}.start_value", peak, why, src, errors, notes)
+                fill(f"{prefix}.start_value", peak)
             elif s["name"] == "constant":
-                _fill(cfg, f"{prefix}.value", peak, why, src, errors, notes)
+                fill(f"{prefix}.value", peak)
     elif name in ("cosine", "linear"):
-        _fill(cfg, f"{LR}.{'start_value' if name == 'cosine' else 'end_value'}", peak, why, src, errors, notes)
+        fill(f"{LR}.{'start_value' if name == 'cosine' else 'end_value'}", peak)
     elif name == "constant":
-        _fill(cfg, f"{LR}.value", peak, why, src, errors, notes)
+        fill(f"{LR}.value", peak)
     elif name == "swav_warmup_cosine":
-        _fill(cfg, f"{LR}.base_lr", peak, why, src, errors, notes)
+        fill(f"{LR}.base_lr", peak)
     elif name in ("multistep", "step") and lr.get("values"):
         values = lr["values"]
-        _fill(cfg, f"{LR}.values", [v * peak / values[0] for v in values], why, src, errors, notes)
+        fill(f"{LR}.values", [v * peak / values[0] for v in values])
 
 
 # ---------------------------------------------------------------------------------------------- entry
 def derive_and_validate(cfg: dict, src: Sources, errors: list, notes: list, world_size: int | None,
-                        local_world_size: int | None, for_training: bool = True) -> None:
-    """Check every cross-key rule and fill the derived values of ``cfg`` (typed already checked)."""
-    mc = _check_transforms(cfg, for_training, errors)
-    port = get(cfg, "METRICS.PORT")
-    if not 1 <= port <= 65535:
-        errors.append(f"config.METRICS.PORT={port} must be a TCP port between 1 and 65535")
-    if get(cfg, "TRAINER.NONFINITE_POLICY") not in ("stop", "skip"):
-        errors.append(f"config.TRAINER.NONFINITE_POLICY={get(cfg, 'TRAINER.NONFINITE_POLICY')!r}: choose stop or skip")
-    for key, low in (("MONITOR.KNN_FREQUENCY", 0), ("MONITOR.DIAG_FREQUENCY", 0), ("MONITOR.DIAG_IMAGES", 2)):
-        value = get(cfg, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            errors.append(f"config.{key}={value!r} must be an integer >= {low}")
+                        local_world_size: int | None, for_training: bool = True) -> dict[str, Any]:
+    """Check every rule of ``cfg`` beyond its fields' own (each value has typed and met those already) and return
+    the derived values (dotted key -> value, ready for ``schema.with_values``); ``cfg`` itself is only read."""
+    derived: dict[str, Any] = {}
+    mc = multicrop_of(get(cfg, "DATA.TRAIN.TRANSFORMS"))
+    _check_transforms(cfg, for_training, errors)
     feat = _check_trunk(cfg, errors)
     if for_training:
         if feat is not None:
-            _head(cfg, feat, src, errors, notes)
-        _check_loss(cfg, mc, errors)
-    world = _check_distributed(cfg, world_size, local_world_size, for_training, errors)
-    bs = get(cfg, "DATA.TRAIN.BATCHSIZE_PER_REPLICA")
-    if bs < 1:
-        errors.append(f"config.DATA.TRAIN.BATCHSIZE_PER_REPLICA={bs} must be >= 1")
-    if get(cfg, "OPTIMIZER.num_epochs") < 1:
-        errors.append("config.OPTIMIZER.num_epochs must be >= 1")
+            _head(cfg, derived, feat, src, errors, notes)
+        _check_memory_bank(cfg, mc, errors)
+    world = _check_distributed(cfg, derived, world_size, local_world_size, for_training, errors)
     if for_training and not get(cfg, "DATA.TRAIN.DROP_LAST"):
         errors.append("config.DATA.TRAIN.DROP_LAST must be true for DeepClusterV2 (every rank's memory bank "
                       "must have the same size)")
     if errors:
-        return
-    _repeated(src, f"{LOSS}.BATCHSIZE_PER_REPLICA", bs, "DATA.TRAIN.BATCHSIZE_PER_REPLICA", errors, notes)
+        return derived
+    _repeated(src, f"{LOSS}.BATCHSIZE_PER_REPLICA", get(cfg, "DATA.TRAIN.BATCHSIZE_PER_REPLICA"),
+              "DATA.TRAIN.BATCHSIZE_PER_REPLICA", errors, notes)
     _repeated(src, f"{LOSS}.DROP_LAST", get(cfg, "DATA.TRAIN.DROP_LAST"), "DATA.TRAIN.DROP_LAST", errors, notes)
-    if mc is not None:
-        _repeated(src, f"{LOSS}.num_crops", sum(mc["num_crops"]), "sum of ImgPilToMultiCrop.num_crops", errors,
-                  notes)
+    _repeated(src, f"{LOSS}.num_crops", sum(mc.num_crops), "sum of ImgPilToMultiCrop.num_crops", errors, notes)
     _repeated(src, f"{LOSS}.num_train_samples", None, "the dataset's length is used (after DATA_LIMIT)", errors,
               notes)
-    _derive_lr(cfg, world, src, errors, notes)
+    _derive_lr(cfg, derived, world, src, errors, notes)
+    return derived
 
 
 def check_dataset(cfg: Config, num_samples: int) -> list[str]:

@@ -25,7 +25,7 @@ from typing import Any, Iterable
 import yaml
 
 from dcv2_k8s import schema
-from dcv2_k8s.config import dicts
+from dcv2_k8s.config import derive, dicts
 from dcv2_k8s.config.dicts import FREE_FORM
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -42,9 +42,8 @@ VISSL_IGNORED = {
 }
 # VISSL's loss section repeats four values whose source of truth is elsewhere. They are accepted, checked
 # against that source (a disagreeing command-line value is an error, a file's placeholder a note), and dropped.
-LOSS = "LOSS.deepclusterv2_loss"
-VISSL_DERIVED = {f"{LOSS}.num_train_samples", f"{LOSS}.BATCHSIZE_PER_REPLICA", f"{LOSS}.num_crops",
-                 f"{LOSS}.DROP_LAST"}
+VISSL_DERIVED = {f"{derive.LOSS}.{k}" for k in ("num_train_samples", "BATCHSIZE_PER_REPLICA", "num_crops",
+                                                "DROP_LAST")}
 # Lists whose items are checked by the typed schema (schema.py) rather than against the defaults.
 ITEM_VALIDATED = {"DATA.TRAIN.TRANSFORMS", "MODEL.HEAD.PARAMS", "OPTIMIZER.param_schedulers.lr.schedulers"}
 # Keys that only some values of a sibling 'name' use (single LR schedulers).
@@ -217,7 +216,8 @@ def load_defaults() -> dict:
 
 def resolve(tokens: Iterable[str], world_size: int | None = None, local_world_size: int | None = None,
             for_training: bool = True) -> Resolved:
-    """Compose, validate, derive and type a config. No side effects: nothing is read but the config files.
+    """Compose, type (each value once, with its field's own rule), then check what spans keys and add the derived
+    values. No side effects: nothing is read but the config files.
 
     Args:
         tokens: command-line tokens as described in the module docstring.
@@ -229,8 +229,6 @@ def resolve(tokens: Iterable[str], world_size: int | None = None, local_world_si
     Returns:
         A :class:`Resolved`. Raises :class:`ConfigError` listing every problem found.
     """
-    from dcv2_k8s.config import derive
-
     toks = parse_tokens(tokens)
     defaults = load_defaults()
     errors: list[str] = []
@@ -283,17 +281,17 @@ def resolve(tokens: Iterable[str], world_size: int | None = None, local_world_si
 
     notes = [f"ignored (not used by dcv2): config.{k}" for k in ignored]
     notes += [f"added key config.{k} is not read by dcv2" for k in sorted(added)]
-    _, type_errors = schema.build(cfg, _added_values(cfg, added))
-    errors += type_errors
-    if not errors:
-        derive.derive_and_validate(cfg, derive.Sources(cli_keys, file_keys, repeated), errors, notes, world_size,
-                                   local_world_size, for_training)
-    typed = None
-    if not errors:
-        typed, errors = schema.build(cfg, _added_values(cfg, added))
+    typed, field_errors = schema.build(cfg, _added_values(cfg, added))
+    errors += field_errors
     if errors:
         raise ConfigError(errors)
-    return Resolved(typed, cfg, name, notes, cli_keys, file_keys)
+    derived = derive.derive_and_validate(cfg, derive.Sources(cli_keys, file_keys, repeated), errors, notes,
+                                         world_size, local_world_size, for_training)
+    if errors:
+        raise ConfigError(errors)
+    for key, value in derived.items():
+        dicts.put(cfg, key, value)
+    return Resolved(schema.with_values(typed, derived), cfg, name, notes, cli_keys, file_keys)
 
 
 def _added_values(raw: dict, keys) -> dict:
