@@ -1,6 +1,6 @@
 """DCv2 training step vs a plain forward + backward + SGD step of the same model on the same crops.
 
-- ours: the real ``Trainer.train_one_epoch`` loop over in-memory batches: DCv2 loss over the heads'
+- ours: the real ``TrainingRun.train_one_epoch`` loop over in-memory batches: DCv2 loss over the heads'
   prototypes, LARC + SGD, memory-bank write, Prometheus counters, the LOG_FREQUENCY log window (the only host
   sync) and metrics.jsonl.
 - plain: the same model (trunk + head), ``z.square().mean()`` as loss, ``torch.optim.SGD`` (momentum, foreach).
@@ -30,7 +30,7 @@ TINY = {"model": ["config=pretrain/deepcluster_v2/deepclusterv2_demo_cpu"], "bat
 def make_trainer(spec: dict, data_dir: str, ckpt_dir: str, device: str, log_every: int):
     from dcv2_k8s import distributed as D
     from dcv2_k8s.config import resolve
-    from dcv2_k8s.engine import Trainer
+    from dcv2_k8s.engine import TrainingRun
 
     tokens = [t for t in spec["model"] if t.startswith("config=")] or \
         ["config=pretrain/deepcluster_v2/deepclusterv2_2crops_resnet"]
@@ -42,7 +42,7 @@ def make_trainer(spec: dict, data_dir: str, ckpt_dir: str, device: str, log_ever
                f"config.MACHINE.DEVICE={'gpu' if device == 'cuda' else 'cpu'}", "config.CHECKPOINT.AUTO_RESUME=false",
                "config.DISTRIBUTED.NUM_NODES=1", "config.DISTRIBUTED.NUM_PROC_PER_NODE=1"]
     resolved = resolve(tokens, world_size=1, local_world_size=1)
-    return Trainer(resolved, D.env_info())
+    return TrainingRun(resolved, D.env_info())
 
 
 def main() -> None:
@@ -106,7 +106,7 @@ def main() -> None:
         for _ in range(args.repeats):  # interleaved, so drift hits both alike
             t_plain.append(plain())
             t_ours.append(ours())
-        tr.metrics.close()
+        tr.reporter.close()
     res = {"machine": machine(), "tiny": args.tiny, "batch": b, "crops": sizes, "clusters": ks,
            "steps": args.steps, "repeats": args.repeats, "log_frequency": args.log_frequency,
            "ours_step_s": statistics.median(t_ours), "plain_step_s": statistics.median(t_plain),

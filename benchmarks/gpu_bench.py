@@ -1,7 +1,7 @@
 """One-GPU throughput of DCv2 ResNet-50: model-bound variants, end-to-end with the input pipeline, k-means.
 
 For each multi-crop layout (2x224+6x96, 2x160+4x96) and variant (fp32, bf16, bf16 + channels-last,
-bf16 + channels-last + torch.compile) it times the real training step (``Trainer.train_one_epoch`` over batches
+bf16 + channels-last + torch.compile) it times the real training step (``TrainingRun.train_one_epoch`` over batches
 already on the device: model-bound) and reports images/s, 224-equivalent crops/s (sum of (size/224)^2 per
 image) and peak memory. Then the end-to-end rate with the real DataLoader and augmentation on generated
 ImageNet-like JPEGs, and k-means at ImageNet scale per GPU (N=160k, K=3000, D=128, 3 heads, 10 iterations).
@@ -108,7 +108,7 @@ class Bench:
             print(f"model-bound {layout} {variant}: {ips:.1f} img/s, {rec['eq_crops_per_s']:.0f} eq crops/s, "
                   f"peak {peak:.1f} GiB", flush=True)
         finally:
-            tr.metrics.close()
+            tr.reporter.close()
 
     def timed_pass(self, tr) -> float:
         """Seconds for one pass of ``tr.train_one_epoch`` over its loader, from the epoch's start."""
@@ -123,7 +123,7 @@ class Bench:
 
     @staticmethod
     def count_syncs(tr, batches) -> float:
-        """Host synchronisations inside ``Trainer.train_step`` (between log windows), per step, counted by CUDA's
+        """Host synchronisations inside ``TrainingRun.train_step`` (between log windows), per step, counted by CUDA's
         sync debug mode. fp16's GradScaler has one by design (its inf check); bf16 and fp32 should have none."""
         import warnings
 
@@ -156,7 +156,7 @@ class Bench:
                               "", f"{workers} workers, {rec['aug_backend']}, 500x375 JPEGs"])
             print(f"end-to-end {layout} {variant}: {ips:.1f} img/s with {workers} workers", flush=True)
         finally:
-            tr.metrics.close()
+            tr.reporter.close()
 
     def kmeans(self) -> None:
         from dcv2_k8s.dcv2.kmeans import spherical_kmeans

@@ -1,10 +1,12 @@
 """The DeepClusterV2 training loop, in the order of the swav reference's ``main_deepclusterv2.py``.
 
-Start-up (``Trainer.__init__``): process group -> data (staged when ``s3://``, its size checked) -> model with its
-prototypes (SyncBN, DDP) -> optimizer and LR schedule -> the method's state (:class:`DeepClusterV2`) -> checkpoints,
-event log, metrics. ``run()``: resume or fill the memory bank, then every epoch: k-means (the centroids become the
-model's prototypes) and the steps. ``train_step``: LR, forward, loss against the assignment table, backward, LARC/SGD,
-memory-bank write. The only host synchronisation of a step is the log window every ``LOG_FREQUENCY`` steps.
+Start-up (``TrainingRun.__init__``): process group -> data (staged when ``s3://``, its size checked) -> model with
+its prototypes (SyncBN, DDP) -> optimizer and LR schedule -> the method's state (:class:`DeepClusterV2`) ->
+checkpoints, the run's monitor (``monitor.py``) and reporter (``reporter.py``). ``run()``: resume or fill the memory
+bank, then every epoch: k-means (the centroids become the model's prototypes), the steps, the checkpoint and the
+monitor's checks. ``train_step``: LR, forward, loss against the assignment table, backward, LARC/SGD, memory-bank
+write. The guards (non-finite loss, gradient or parameters) stop the run or skip the step. Every figure goes to the
+reporter; the only host synchronisation of a step is the log window every ``LOG_FREQUENCY`` steps.
 """
 
 from __future__ import annotations
@@ -34,15 +36,12 @@ from dcv2_k8s.data.dataset import IndexedImageFolder, ResumableDistributedSample
 from dcv2_k8s.data.stage import ensure_local
 from dcv2_k8s.data.transforms import build_multicrop
 from dcv2_k8s.dcv2 import DeepClusterV2
-from dcv2_k8s.dcv2.stats import WeightChange, collapse_warnings, feature_stats
-from dcv2_k8s.eval.knn import extract_features, knn_eval
-from dcv2_k8s.events import EventLog
-from dcv2_k8s.metrics import Metrics
 from dcv2_k8s.model import build_model
 from dcv2_k8s.model.syncbn import convert_sync_bn
+from dcv2_k8s.monitor import RunMonitor
 from dcv2_k8s.optim import LRSchedule, build_optimizer
+from dcv2_k8s.reporter import RunReporter
 from dcv2_k8s.runtime import amp_settings, seed_everything, setup_logging
-from dcv2_k8s.trainer_status import TrainerStatusReporter
 
 log = logging.getLogger("dcv2")
 
@@ -110,7 +109,7 @@ def build_training_model(cfg, info: D.DistInfo, device: torch.device):
     return model, DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **D.ddp_options())
 
 
-class Trainer:
+class TrainingRun:
     """One training run on this process; ``run()`` trains to the end (or MAX_STEPS, or a SIGTERM)."""
 
     def __init__(self, resolved: Resolved, info: D.DistInfo):
@@ -139,25 +138,13 @@ class Trainer:
         self.ckpt = CheckpointManager(ck.DIR, info.rank, info.world_size, ck.KEEP_LAST, ck.KEEP_EVERY_EPOCHS,
                                       commit_timeout=cfg.DISTRIBUTED.TIMEOUT_SECONDS,
                                       retry_seconds=ck.UPLOAD_RETRY_SECONDS)
-        self.events = EventLog(ck.DIR, self.ckpt.store, info.is_main)
-        mc = cfg.METRICS
-        self.metrics = Metrics(cfg.RUN_NAME or resolved.name.replace("/", "_"), info.node_rank,
-                               mc.ENABLED and info.local_rank == 0, mc.PORT, mc.ADDR, resolved.name)
-        # Kubeflow Trainer v2: progress, ETA and metrics in the TrainJob's status (when its variables are set)
-        self.status = TrainerStatusReporter.from_env() if info.is_main else None
+        self.reporter = RunReporter(resolved, info, self.ckpt.store, self.total_steps, self.steps_per_epoch)
+        self.monitor = RunMonitor(cfg, info, self.device, self.model, self.dataset, self.schedule, self.total_steps)
         self.stop = D.StopAgreement(info, cfg.DISTRIBUTED.TIMEOUT_SECONDS)
         self.stop_reason = ""           # "", "max_steps" or "preempted"
         self.max_steps, self.iter_freq = cfg.TRAINER.MAX_STEPS, ck.CHECKPOINT_ITER_FREQUENCY
         self.progress = info.is_main and sys.stderr.isatty()
         self.skipped_steps = 0
-        self._ckpt_reported = None
-        self._bad_reported = 0
-        self._kmeans_stats: list[dict] = []
-        self._knn_last: dict | None = None
-        self.weight_change: WeightChange | None = None  # rank 0, from the weights this process starts training with
-        self.warnings: list[dict] = []  # every collapse warning of this process (epoch, kind, message)
-        self._active_warnings: set[str] = set()
-        self._lr_peak: float | None = None
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
 
@@ -182,11 +169,11 @@ class Trainer:
         if not bank_restored:
             self.fill_memory_bank()
             self.method.bank.ptr = s.step_in_epoch * self.batch
-        if cfg.MONITOR.DIAG_FREQUENCY > 0 and self.info.is_main:
-            self.weight_change = WeightChange(self.model)
-        if s.global_step == 0 and cfg.MONITOR.KNN_FREQUENCY > 0 and cfg.DATA.TEST.DATA_PATHS:
-            res = self.knn_monitor()  # the network at initialisation: the floor the training must beat
-            s.knn_top1_init = res["top1"]
+        self.monitor.start()
+        if s.global_step == 0 and self.monitor.knn_every > 0:
+            check = self.monitor.knn(s.epoch)  # the network at initialisation: the floor the training must beat
+            self.reporter.knn(check)
+            s.knn_top1_init = check.scores["top1"]
         last = {}
         while s.epoch < self.epochs:
             if s.step_in_epoch == 0:
@@ -205,22 +192,9 @@ class Trainer:
                 return last
             if s.epoch % max(1, cfg.CHECKPOINT.CHECKPOINT_FREQUENCY) == 0 or s.epoch == self.epochs:
                 self.save_checkpoint(epoch_end=True)
-            knn_every = cfg.MONITOR.KNN_FREQUENCY
-            if knn_every > 0 and (s.epoch % knn_every == 0 or s.epoch == self.epochs):
-                self.knn_monitor()
-            diag_every = cfg.MONITOR.DIAG_FREQUENCY
-            if diag_every > 0 and (s.epoch % diag_every == 0 or s.epoch == self.epochs):
-                self.diagnose()
+            self.check_epoch()
         self.wait_checkpoint()
-        log.info("training finished: %d epochs, %d steps", self.epochs, s.global_step)
-        if self.warnings:
-            kinds = sorted({w["kind"] for w in self.warnings})
-            log.warning("this run raised %d collapse warnings (%s); the last: %s. See `dcv2 report %s` and the "
-                        "README's troubleshooting", len(self.warnings), ", ".join(kinds),
-                        self.warnings[-1]["message"], cfg.CHECKPOINT.DIR)
-        if self.status is not None:
-            self.status.update(100.0, 0.0, epoch=self.epochs, global_step=s.global_step)
-        self.events.publish(final=True)
+        self.reporter.finished(self.epochs, s.global_step, self.monitor.warnings)
         return last
 
     def train_one_epoch(self) -> dict:
@@ -240,7 +214,7 @@ class Trainer:
             loss, ignored = self.train_step(index, crops, lr)
             loss_sum += loss
             ignored_sum += ignored
-            self.metrics.step(node_images, time.time() - t_end, t_start - t_end)
+            self.reporter.step(node_images, time.time() - t_end, t_start - t_end)
             n_acc += 1
             s.global_step += 1
             s.step_in_epoch += 1
@@ -280,7 +254,7 @@ class Trainer:
         self.method.write(index, z)
         return loss.detach(), ignored.detach()
 
-    # ----------------------------------------------------------------------------------- method pieces
+    # ------------------------------------------------------------- method pieces, the monitor's checks
     @torch.no_grad()
     def fill_memory_bank(self) -> None:
         """One no-grad pass in train mode over the epoch-0 sampler order (fresh augmentations)."""
@@ -303,90 +277,19 @@ class Trainer:
         self.model.set_prototypes(self.method.cluster(epoch))
         seconds = time.time() - t0
         stats = self.method.stats() if self.info.is_main else []
-        self._kmeans_stats = stats
-        for st in stats:
-            log.info("epoch %d k-means head %d: %d empty clusters, size entropy %.3f, ignored %.1f%%%s", epoch,
-                     st["head"], st["empty_clusters"], st["size_entropy"], 100 * st["ignored_ratio"],
-                     f", NMI vs previous {st['nmi_prev']:.3f}" if "nmi_prev" in st else "")
-        log.info("epoch %d k-means: %.2f s for %d heads", epoch, seconds, len(self.method.num_clusters))
-        self.metrics.kmeans(seconds, stats, self.method.num_clusters)
-        self.events.emit("kmeans", epoch=epoch, seconds=seconds, heads=stats)
+        self.reporter.kmeans(epoch, seconds, stats, self.method.num_clusters)
+        self.monitor.clustered(stats)
 
-    def knn_monitor(self) -> dict | None:
-        """Weighted k-NN of the frozen trunk: DATA.TRAIN as memory, DATA.TEST as queries (all ranks)."""
-        cfg = self.cfg
-        if not cfg.DATA.TEST.DATA_PATHS:
-            return None
-        t0 = time.time()
-        mean, std = cfg.DATA.TRAIN.normalize
-        with torch.random.fork_rng(devices=[]):
-            res = knn_eval(self.model.trunk, self.dataset.root, cfg.DATA.TEST.DATA_PATHS[0],
-                           cfg.DATA.TRAIN.multicrop.large_size, self.device, cfg.MONITOR.KNN_K,
-                           cfg.MONITOR.KNN_TEMPERATURE, self.info.rank, self.info.world_size, num_workers=0,
-                           mean=mean, std=std, pre=cfg.DATA.TRAIN.preprocess)
-        log.info("epoch %d k-NN: top-1 %.2f%% top-5 %.2f%% (%.1f s)", self.state.epoch, res["top1"], res["top5"],
-                 time.time() - t0)
-        self.events.emit("knn", epoch=self.state.epoch, **res)
-        self.metrics.knn(res["top1"], res["top5"])
-        self._knn_last = res
-        if self.status is not None:
-            self.status.update(knn_top1=res["top1"])
-        return res
-
-    def diagnose(self) -> dict:
-        """Collapse diagnostics after an epoch (all ranks): the trunk's features of a fixed subset of the training
-        images (effective rank, mean pairwise cosine), the memory bank's embeddings (the head's output), the
-        last k-means (cluster-size entropy, NMI vs the epoch before) and each layer's weight change; logged,
-        exported and written to the event log, with a warning when they say the representation collapses or
-        does not move."""
-        cfg, s = self.cfg, self.state
-        t0 = time.time()
-        n = len(self.dataset)
-        want = max(2, min(n, cfg.MONITOR.DIAG_IMAGES))
-        picked = [i * n // want for i in range(want)]
-        mean, std = cfg.DATA.TRAIN.normalize
-        with torch.random.fork_rng(devices=[]):  # monitoring leaves the run's random stream as it was
-            feats, _ = extract_features(self.model.trunk, self.dataset.root, cfg.DATA.TRAIN.multicrop.large_size,
-                                        self.device, rank=self.info.rank, world_size=self.info.world_size,
-                                        num_workers=0, mean=mean, std=std, indices=picked,
-                                        pre=cfg.DATA.TRAIN.preprocess)
-        if not self.info.is_main:
-            return {}
-        bank = self.method.bank
-        if self._lr_peak is None:
-            self._lr_peak = max(self.schedule(t) for t in range(0, self.total_steps, max(1, self.total_steps // 1000)))
-        diag = {"epoch": s.epoch, "global_step": s.global_step, "lr": self.schedule(max(0, s.global_step - 1)),
-                "lr_peak": self._lr_peak,
-                "trunk": feature_stats(feats), "embedding": feature_stats(bank.embeddings[0][bank.indices >= 0]),
-                "heads": self._kmeans_stats, "weight_change": self.weight_change.update(),
-                "seconds": 0.0}
-        knn = self._knn_last
-        if knn is not None and s.knn_top1_init >= 0:
-            diag["knn_top1"], diag["knn_top1_init"] = knn["top1"], s.knn_top1_init
-        found = collapse_warnings(diag)
-        diag["warnings"] = [m for _, m in found]
-        diag["seconds"] = time.time() - t0
-        tr, em = diag["trunk"], diag["embedding"]
-        trunk_change = max((v["per_epoch"] for k, v in diag["weight_change"].items() if k.startswith("trunk")),
-                           default=0.0)
-        log.info("epoch %d diagnostics: trunk features mean cosine %.3f effective rank %.1f; embeddings mean "
-                 "cosine %.3f effective rank %.1f; largest trunk layer change %.2f%% (%.1f s)", s.epoch,
-                 tr["mean_cosine"], tr["effective_rank"], em["mean_cosine"], em["effective_rank"],
-                 100 * trunk_change, diag["seconds"])
-        kinds = {k for k, _ in found}
-        if "knn_top1" not in diag:  # no k-NN this epoch: its condition stays as it was
-            kinds |= self._active_warnings & {"knn_below_init"}
-        for kind, message in found:  # logged when a condition appears; the metric and the event log every check
-            if kind not in self._active_warnings:
-                log.warning("collapse check (epoch %d): %s", s.epoch, message)
-            self.warnings.append({"epoch": s.epoch, "kind": kind, "message": message})
-        for kind in sorted(self._active_warnings - kinds):
-            log.info("collapse check (epoch %d): %s no longer holds", s.epoch, kind)
-        self._active_warnings = kinds
-        self.metrics.diagnostics(diag)
-        self.events.emit("diagnostics", **diag)
-        self._knn_last = None
-        return diag
+    def check_epoch(self) -> None:
+        """After an epoch's checkpoint: the monitor's checks that are due (all ranks), handed to the reporter."""
+        s = self.state
+        final = s.epoch == self.epochs
+        if self.monitor.knn_due(s.epoch, final):
+            self.reporter.knn(self.monitor.knn(s.epoch))
+        if self.monitor.diagnosis_due(s.epoch, final):
+            found = self.monitor.diagnose(s.epoch, s.global_step, s.knn_top1_init, self.method.bank)
+            if found is not None:
+                self.reporter.diagnosis(found)
 
     # ------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, epoch_end: bool) -> None:
@@ -404,26 +307,18 @@ class Trainer:
         try:
             self.ckpt.save(CheckpointManager.name_for(s.global_step), main, bank, meta)
         except BaseException:  # the previous checkpoint's upload failed
-            self.metrics.checkpoint_failed()
+            self.reporter.checkpoint_failed()
             raise
-        self.events.emit("checkpoint", global_step=s.global_step, snapshot_seconds=time.time() - t0)
-        self.events.publish()
+        self.reporter.checkpoint_saved(s.global_step, time.time() - t0)
 
     def wait_checkpoint(self) -> None:
         """Wait for the in-flight checkpoint; export its figures; count a failure before re-raising it."""
         try:
             self.ckpt.wait()
         except BaseException:
-            self.metrics.checkpoint_failed()
+            self.reporter.checkpoint_failed()
             raise
-        self.report_checkpoint()
-
-    def report_checkpoint(self) -> None:
-        res = self.ckpt.last_result
-        if res and res is not self._ckpt_reported:
-            self._ckpt_reported = res
-            self.metrics.checkpoint(res["seconds"], res["bytes"], res["time"])
-            self.events.emit("checkpoint_done", **res)
+        self.reporter.checkpoint_done(self.ckpt.last_result)
 
     def resume(self) -> bool:
         """Load the newest committed checkpoint of CHECKPOINT.DIR. Returns whether the bank was restored."""
@@ -448,7 +343,7 @@ class Trainer:
         set_rng_state(bank["rng"])
         return True
 
-    # ------------------------------------------------------------------------------------- guards, logs
+    # ---------------------------------------------------------------------------- guards, the log window
     def _nonfinite_step(self, loss: torch.Tensor) -> bool:
         """Skip policy: whether any rank's loss, or the (all-reduced) gradient, is non-finite. All ranks agree
         (one small all-reduce and one host sync per step: the price of this policy). The skipped step changes
@@ -464,13 +359,10 @@ class Trainer:
         if not bool(flag.item()):
             return False
         self.skipped_steps += 1
-        self.metrics.nonfinite(skipped=True)
-        self.events.emit("nonfinite_skip", global_step=self.state.global_step, skipped=self.skipped_steps)
         limit = self.cfg.TRAINER.MAX_NONFINITE_SKIPS
-        log.warning("non-finite loss or gradient at step %d: step skipped (%d of at most %d)",
-                    self.state.global_step, self.skipped_steps, limit)
+        self.reporter.nonfinite_skipped(self.state.global_step, self.skipped_steps, limit)
         if self.skipped_steps > limit:
-            self.metrics.nonfinite(skipped=False)
+            self.reporter.nonfinite_stop()
             raise TrainingError(f"{self.skipped_steps} steps with a non-finite loss or gradient, more than "
                                 f"config.TRAINER.MAX_NONFINITE_SKIPS={limit}; the last committed checkpoint in "
                                 f"{self.cfg.CHECKPOINT.DIR} is intact. Lower the learning rate or check the data")
@@ -481,38 +373,26 @@ class Trainer:
         params = [p.detach() for p in self.model.parameters()]
         if bool(torch.isfinite(torch.stack(torch._foreach_norm(params)).sum())):
             return
-        self.metrics.nonfinite(skipped=False)
+        self.reporter.nonfinite_stop()
         raise TrainingError(f"non-finite model parameters at step {self.state.global_step} (a NaN/inf loss or "
                             f"gradient); nothing was saved and the last committed checkpoint in "
                             f"{self.cfg.CHECKPOINT.DIR} is intact. Lower the learning rate, check the data, or set "
                             "config.TRAINER.NONFINITE_POLICY=skip")
 
     def _log_window(self, loss_sum, ignored_sum, n, lr, data_wait, seconds) -> dict:
-        loss = float(loss_sum) / max(1, n)  # the host sync of this window
-        self.metrics.window(loss, lr, self.state.epoch, self.state.global_step, self.total_steps,
-                            float(ignored_sum) / max(1, n))
-        bad = self.dataset.bad_count.value
-        self.metrics.bad_images_seen(bad - self._bad_reported)
-        self._bad_reported = bad
-        self.report_checkpoint()
-        if not math.isfinite(loss):
-            raise TrainingError(f"the loss is {loss} at step {self.state.global_step}; the last committed "
-                                f"checkpoint in {self.cfg.CHECKPOINT.DIR} is intact. Lower the learning rate "
-                                "or check the data")
+        """The window's record (its ``step`` event), handed to the reporter; a non-finite loss stops the run."""
+        loss_total, ignored_total = torch.stack([loss_sum, ignored_sum]).tolist()  # the host sync of this window
+        s = self.state
+        loss = loss_total / max(1, n)
         images = n * self.batch * self.info.world_size
-        rec = {"epoch": self.state.epoch, "step": self.state.step_in_epoch, "global_step": self.state.global_step,
-               "loss": loss, "lr": lr, "images_per_s": images / max(seconds, 1e-9),
-               "data_wait_ratio": data_wait / max(seconds, 1e-9), "ignored_ratio": float(ignored_sum) / max(1, n),
-               "bad_images": bad}
-        log.info("epoch %d step %d/%d loss %.4f lr %.4g %.1f img/s data-wait %.0f%% ignored %.1f%%", rec["epoch"],
-                 rec["step"], self.steps_per_epoch, loss, lr, rec["images_per_s"], 100 * rec["data_wait_ratio"],
-                 100 * rec["ignored_ratio"])
-        self.events.emit("step", **rec)
-        if self.status is not None:
-            left = (self.total_steps - self.state.global_step) * seconds / max(1, n)
-            self.status.update(100.0 * self.state.global_step / max(1, self.total_steps), left, loss=loss,
-                               epoch=self.state.epoch, global_step=self.state.global_step,
-                               images_per_s=rec["images_per_s"])
+        rec = {"epoch": s.epoch, "step": s.step_in_epoch, "global_step": s.global_step, "loss": loss, "lr": lr,
+               "images_per_s": images / max(seconds, 1e-9), "data_wait_ratio": data_wait / max(seconds, 1e-9),
+               "ignored_ratio": ignored_total / max(1, n), "bad_images": self.dataset.bad_count.value}
+        self.reporter.checkpoint_done(self.ckpt.last_result)
+        self.reporter.window(rec, seconds / max(1, n))
+        if not math.isfinite(loss):
+            raise TrainingError(f"the loss is {loss} at step {s.global_step}; the last committed checkpoint in "
+                                f"{self.cfg.CHECKPOINT.DIR} is intact. Lower the learning rate or check the data")
         return rec
 
     def autocast(self):
@@ -532,17 +412,15 @@ class Trainer:
 def train(resolved: Resolved) -> dict:
     info = D.env_info()
     setup_logging(info.rank)
-    trainer = None
+    training = None
     try:
-        trainer = Trainer(resolved, info)
-        return trainer.run()
+        training = TrainingRun(resolved, info)
+        return training.run()
     finally:
-        if trainer is not None:
-            trainer.metrics.close()
-            if trainer.status is not None:
-                trainer.status.close(flush=True)
+        if training is not None:
+            training.reporter.close()
             try:
-                trainer.stop.finish()
+                training.stop.finish()
             except Exception:  # a peer is gone: the process group is torn down anyway
                 pass
         D.destroy()

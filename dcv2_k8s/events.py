@@ -1,4 +1,6 @@
-"""The run's event log: one JSON line per event in ``CHECKPOINT.DIR/metrics.jsonl`` (rank 0), read by
+"""The run's event log, ``metrics.jsonl``.
+
+The run's event log: one JSON line per event in ``CHECKPOINT.DIR/metrics.jsonl`` (rank 0), read by
 ``dcv2 report``, the pipeline's report step and the tests.
 
 A local ``CHECKPOINT.DIR`` holds the file directly. For object storage it is written to a local file (continuing

@@ -67,7 +67,7 @@ def serve_metrics(registry, port: int, addr: str):
     return server
 
 
-class Metrics:
+class PrometheusMetrics:
     """All trainer metrics in one registry. ``enabled=False`` gives a no-op object with the same methods."""
 
     def __init__(self, run: str, node_rank: int, enabled: bool = True, port: int = 8000, addr: str = "0.0.0.0",
@@ -142,6 +142,14 @@ class Metrics:
         except OSError as e:
             log.warning("metrics endpoint %s:%d not started (%s); training continues without it", addr, port, e)
 
+    @classmethod
+    def of_run(cls, resolved, info) -> "PrometheusMetrics":
+        """The exporter of a run (training or linear evaluation) of ``resolved`` on the process ``info``: labelled
+        with RUN_NAME (else the config's name), served by local rank 0 of each node when METRICS.ENABLED."""
+        cfg, mc = resolved.cfg, resolved.cfg.METRICS
+        return cls(cfg.RUN_NAME or resolved.name.replace("/", "_"), info.node_rank,
+                   mc.ENABLED and info.local_rank == 0, mc.PORT, mc.ADDR, resolved.name)
+
     def _l(self, metric, **extra):
         return metric.labels(**self.labels, **extra)
 
@@ -212,7 +220,7 @@ class Metrics:
             self._l(self.knn_top5).set(top5 / 100)
 
     def diagnostics(self, diag: dict) -> None:
-        """One epoch's collapse diagnostics (``Trainer.diagnose``)."""
+        """One epoch's collapse diagnostics (``RunMonitor.diagnose``)."""
         if not self.enabled:
             return
         self._l(self.trunk_cos).set(diag["trunk"]["mean_cosine"])

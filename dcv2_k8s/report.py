@@ -133,7 +133,7 @@ def render(run: str, out_dir: str) -> str:
     if diags:
         parts.append("<h2>Collapse check</h2>")
         if warned:
-            parts.append("<p><b>The run raised collapse warnings</b> (see the README's troubleshooting):</p><ul>")
+            parts.append("<p><b>The run raised collapse warnings</b> (see docs/troubleshooting.md):</p><ul>")
             parts += [f"<li>epoch {ep}: {html.escape(w)}</li>" for ep, w in warned]
             parts.append("</ul>")
         else:

@@ -5,12 +5,13 @@ Prometheus gauge and its report; a run whose learning rate is too small to move 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 
-from dcv2_k8s.dcv2.stats import COLLAPSE_MEAN_COSINE, WeightChange, collapse_warnings, feature_stats
+from dcv2_k8s.dcv2.collapse import COLLAPSE_MEAN_COSINE, WeightChange, collapse_warnings, feature_stats
 from tests.conftest import run_cli, tiny_train_tokens
 
 
@@ -113,9 +114,9 @@ def test_a_run_that_does_not_move_warns(synth_data, tmp_path):
 def test_diagnostics_gauges_exported():
     from prometheus_client import generate_latest
 
-    from dcv2_k8s.metrics import Metrics
+    from dcv2_k8s.metrics import PrometheusMetrics
 
-    m = Metrics("r", 0, enabled=True, port=0, addr="127.0.0.1")
+    m = PrometheusMetrics("r", 0, enabled=True, port=0, addr="127.0.0.1")
     try:
         m.diagnostics({"trunk": {"mean_cosine": 0.97, "effective_rank": 3.0}, "embedding": {"mean_cosine": 0.5,
                        "effective_rank": 20.0}, "weight_change": {"trunk.layer4": {"per_epoch": 0.01, "total": 0.2}},
@@ -127,3 +128,58 @@ def test_diagnostics_gauges_exported():
     assert 'dcv2_layer_weight_change_ratio{layer="trunk.layer4",node_rank="0",run="r",window="total"} 0.2' in text
     assert 'dcv2_collapse_warnings{node_rank="0",run="r"} 1.0' in text
     assert 'dcv2_knn_top1_init_ratio{node_rank="0",run="r"} 0.265' in text
+
+
+class _Images(list):
+    root = "unused: the features are given"
+
+
+def test_monitor_warns_once_per_onset_and_the_reporter_writes_every_check(tmp_path, monkeypatch, caplog):
+    """The monitor's warning state without a training run (the trunk's features are given): collapsed, collapsed,
+    healthy. The warning is logged when the condition appears, not again while it holds, and a line says when it
+    ends; every check is a ``diagnostics`` event carrying the warnings its own numbers call for."""
+    from types import SimpleNamespace
+
+    from dcv2_k8s import monitor as M
+    from dcv2_k8s.config import resolve
+    from dcv2_k8s.distributed import DistInfo
+    from dcv2_k8s.reporter import RunReporter
+    from dcv2_k8s.storage import open_storage
+
+    caplog.set_level(logging.INFO, logger="dcv2")
+    ckpt = tmp_path / "run"
+    resolved = resolve(tiny_train_tokens(tmp_path, ckpt, "config.MONITOR.DIAG_FREQUENCY=1"))
+    g = torch.Generator().manual_seed(0)
+    collapsed = torch.ones(64, 32) + 1e-3 * torch.randn(64, 32, generator=g)
+    feats = iter([collapsed, collapsed, torch.randn(64, 32, generator=g)])
+    monkeypatch.setattr(M, "extract_features", lambda *a, **kw: (next(feats), None))
+    model = torch.nn.Module()
+    model.trunk, model.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+    bank = SimpleNamespace(embeddings=[torch.randn(64, 32, generator=g)], indices=torch.arange(64))
+    monitor = M.RunMonitor(resolved.cfg, DistInfo(), torch.device("cpu"), model, _Images(range(64)),
+                           lambda step: 0.1, 30)
+    reporter = RunReporter(resolved, DistInfo(), open_storage(str(ckpt)), 30, 10)
+    assert monitor.diagnosis_due(1, final=False) and not monitor.knn_due(1, final=True)  # no DATA.TEST: no k-NN
+    monitor.start()
+    checks = []
+    try:
+        for epoch in (1, 2, 3):
+            with torch.no_grad():  # the trunk moves: no "not moving" warning
+                for p in model.parameters():
+                    p.mul_(1.1)
+            found = monitor.diagnose(epoch, 10 * epoch, -1.0, bank)
+            reporter.diagnosis(found)
+            checks.append(found)
+    finally:
+        reporter.close()
+    kinds = [[w["kind"] for w in monitor.warnings if w["epoch"] == e] for e in (1, 2, 3)]
+    assert "trunk_cosine" in kinds[0] and "trunk_cosine" in kinds[1] and kinds[2] == []
+    assert any("mean pairwise cosine" in m for m in checks[0].appeared) and checks[1].appeared == []
+    assert "trunk_cosine" in checks[2].ended and checks[0].ended == checks[1].ended == []
+    log = caplog.text
+    assert log.count("trunk features are collapsing: mean pairwise cosine") == 1
+    assert log.count("trunk_cosine no longer holds") == 1
+    events = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in events if e["kind"] == "diagnostics"] == [1, 2, 3]
+    for e, found in zip(events, checks):
+        assert e["warnings"] == found.record["warnings"] == [m for _, m in collapse_warnings(e)]

@@ -453,7 +453,7 @@ def loss(*args, **kwargs):  # the loss of the listed global steps becomes NaN
     calls[0] += 1
     return (value * float("nan"), ignored) if step in bad else (value, ignored)
 
-real_close = M.Metrics.close
+real_close = M.PrometheusMetrics.close
 
 def close(self):  # keep what the exporter showed last
     if self.enabled:
@@ -462,7 +462,7 @@ def close(self):  # keep what the exporter showed last
             f.write(generate_latest(self.registry))
     real_close(self)
 
-E.dcv2_loss, M.Metrics.close = loss, close
+E.dcv2_loss, M.PrometheusMetrics.close = loss, close
 sys.exit(cli.main(sys.argv[1:]))
 '''
 

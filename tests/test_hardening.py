@@ -118,10 +118,10 @@ def test_secrets_never_reach_logs_configs_metrics_or_checkpoints(synth_data, tmp
 
 
 def test_metrics_endpoint_binds_where_configured_and_serves_metrics_only():
-    from dcv2_k8s.metrics import Metrics
+    from dcv2_k8s.metrics import PrometheusMetrics
 
     port = free_port()
-    m = Metrics("r", 0, True, port, "127.0.0.1")
+    m = PrometheusMetrics("r", 0, True, port, "127.0.0.1")
     try:
         assert m.server.server_address == ("127.0.0.1", port)
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()

@@ -219,3 +219,27 @@ def test_training_reports_progress_loss_and_knn(server, synth_data, tmp_path):
                 if "progressPercentage" in r["trainerStatus"]]
     assert progress == sorted(progress) and progress[-1] == 100
     assert any(r["trainerStatus"].get("estimatedRemainingSeconds", 0) > 0 for r in server.received)
+
+
+def test_the_run_reporter_sends_windows_and_holds_back_a_nonfinite_one(server, tmp_path, monkeypatch):
+    """``RunReporter.window``: progress, the ETA and the loss go to the TrainJob status and a ``step`` event to
+    metrics.jsonl; a window whose loss is not finite reaches neither (the loop stops on it)."""
+    from dcv2_k8s.config import resolve
+    from dcv2_k8s.distributed import DistInfo
+    from dcv2_k8s.reporter import RunReporter
+    from dcv2_k8s.storage import open_storage
+
+    for k, v in server.env(interval=0.0).items():
+        monkeypatch.setenv(k, v)
+    ckpt = tmp_path / "run"
+    reporter = RunReporter(resolve(tiny_train_tokens(tmp_path, ckpt)), DistInfo(), open_storage(str(ckpt)), 100, 10)
+    rec = {"epoch": 0, "step": 5, "global_step": 5, "loss": 2.5, "lr": 0.1, "images_per_s": 100.0,
+           "data_wait_ratio": 0.1, "ignored_ratio": 0.0, "bad_images": 0}
+    reporter.window(rec, 0.5)
+    reporter.window(dict(rec, step=10, global_step=10, loss=float("nan")), 0.5)
+    reporter.close()
+    steps = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
+    assert [(e["kind"], e["global_step"]) for e in steps] == [("step", 5)]
+    last = server.received[-1]["trainerStatus"]
+    assert last["progressPercentage"] == 5 and last["estimatedRemainingSeconds"] == 48
+    assert {"name": "loss", "value": "2.5"} in last["metrics"] and not server.refused

@@ -30,7 +30,7 @@ from dcv2_k8s.data.dataset import IndexedImageFolder, ResumableDistributedSample
 from dcv2_k8s.data.stage import ensure_local
 from dcv2_k8s.data.transforms import eval_transform
 from dcv2_k8s.eval.knn import extract_features
-from dcv2_k8s.metrics import Metrics
+from dcv2_k8s.metrics import PrometheusMetrics
 from dcv2_k8s.model.resnet import build_trunk
 from dcv2_k8s.optim import LRSchedule, param_groups
 from dcv2_k8s.storage import open_storage, write_bytes
@@ -129,9 +129,7 @@ class LinearEval:
         self.epochs = oc.num_epochs
         self.batch = cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA
         self.progress = info.is_main and sys.stderr.isatty()
-        mc = cfg.METRICS
-        self.metrics = Metrics(cfg.RUN_NAME or resolved.name.replace("/", "_"), info.node_rank,
-                               mc.ENABLED and info.local_rank == 0, mc.PORT, mc.ADDR, resolved.name)
+        self.metrics = PrometheusMetrics.of_run(resolved, info)
 
     # ---------------------------------------------------------------------------------------- data
     def _loaders(self):

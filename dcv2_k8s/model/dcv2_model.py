@@ -1,4 +1,6 @@
-"""The DeepClusterV2 network: trunk per resolution group, head once, L2-normalised embeddings, and the
+"""The DeepClusterV2 network: trunk, head and prototypes.
+
+The DeepClusterV2 network: trunk per resolution group, head once, L2-normalised embeddings, and the
 prototypes (one ``[K_h, D]`` buffer per head, written by k-means each epoch, never trained)."""
 
 from __future__ import annotations
