@@ -11,13 +11,13 @@ import json
 import os
 import sys
 
-EXIT_USAGE = 2
+from dcv2_k8s import exitcodes
 
 
 def _fail(lines) -> int:
     for line in lines if isinstance(lines, (list, tuple)) else [lines]:
         print(f"dcv2: error: {line}", file=sys.stderr)
-    return EXIT_USAGE
+    return exitcodes.USAGE
 
 
 def _note(resolved) -> None:
@@ -102,7 +102,6 @@ def cmd_train(args) -> int:
                          "(torchrun or a PyTorchJob); on one machine set config.DISTRIBUTED.NUM_NODES=1")
         if dist_cfg.NUM_PROC_PER_NODE > 1:
             return _spawn(resolved, "train", dist_cfg.NUM_PROC_PER_NODE, dist_cfg.MAX_RESTARTS)
-    from dcv2_k8s import exitcodes
     from dcv2_k8s.engine import Preempted, TrainingError, train
 
     try:
@@ -120,7 +119,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_stage(args) -> int:
-    from dcv2_k8s.data.stage import Interrupted, stage, verify
+    from dcv2_k8s.data.layout import verify
+    from dcv2_k8s.data.stage import Interrupted, StageOptions, stage
     from dcv2_k8s.storage import StorageError
 
     if args.verify:
@@ -139,9 +139,10 @@ def cmd_stage(args) -> int:
 
         exporter = StageMetrics(args.src, args.metrics_port)
     try:
-        m = stage(args.src, args.dest, workers=args.workers, progress=sys.stderr.isatty() or args.progress,
-                  checksum=not args.no_checksum, on_event=exporter, labels=args.labels,
-                  class_names=args.class_names, replace=args.replace, log_every=args.log_every)
+        m = stage(args.src, args.dest, StageOptions(
+            workers=args.workers, progress=sys.stderr.isatty() or args.progress, checksum=not args.no_checksum,
+            labels=args.labels, class_names=args.class_names, replace=args.replace, log_every=args.log_every,
+            on_event=exporter))
     except Interrupted as e:
         print(f"dcv2: {e}", file=sys.stderr)
         return 128 + e.signum
@@ -450,9 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     ds.set_defaults(fn=cmd_data_synth)
 
     st = sub.add_parser("stage", help="copy/extract a dataset from s3:// (or a local path) into a local ImageFolder",
-                        description="Layouts: CLASS/IMAGE objects, per-class tars, CLASS/IMAGE shards, the ILSVRC "
-                                    "train release (a tar of tars), flat validation sets with --labels, WebDataset "
-                                    "shards (KEY.jpg + KEY.cls); .tar, .tar.gz, .tgz; a prefix or one object.")
+                        description="Reads ImageFolder objects, tar archives (per class, CLASS/IMAGE shards, "
+                                    "nested, gzipped), flat validation sets (with --labels) and WebDataset shards, "
+                                    "from a prefix, one object or a local path; the source layouts: see "
+                                    "docs/staging.md.")
     st.add_argument("src", nargs="?", help="s3://bucket/prefix, s3://bucket/object.tar, or a local path")
     st.add_argument("dest", help="local directory (node-local disk, emptyDir or PVC)")
     st.add_argument("--workers", type=int, default=16, help="parallel transfers")
@@ -555,7 +557,6 @@ def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. Its exit code follows ``dcv2_k8s.exitcodes``; a process started by torchrun also leaves
     it for the node's launcher, which combines them into the container's code."""
     from dcv2_k8s import distributed as D
-    from dcv2_k8s import exitcodes
 
     args = build_parser().parse_args(argv)
     try:

@@ -62,6 +62,28 @@ class LocalStorage:
         with open(path, "rb") as f:
             return f.read()
 
+    def get_range(self, path: str, lo: int = 0, hi: int | None = None) -> bytes:
+        """Bytes ``[lo, hi)`` of a file (``hi=None``: to its end)."""
+        with open(path, "rb") as f:
+            f.seek(lo)
+            return f.read() if hi is None else f.read(max(0, hi - lo))
+
+    def head(self, path: str) -> dict | None:
+        """``ContentLength`` and ``ETag`` (empty: no content hash) of a file, as S3's HEAD has them; None when
+        ``path`` is not a file."""
+        if not os.path.isfile(path):
+            return None
+        return {"ContentLength": os.path.getsize(path), "ETag": ""}
+
+    def list_objects(self, path: str) -> list[dict]:
+        """Every file under the directory ``path`` (recursive, sorted): dicts with Key (relative to path), Size and
+        ETag (empty); [] when ``path`` is not a directory."""
+        root = Path(path)
+        if not root.is_dir():
+            return []
+        return [{"Key": str(f.relative_to(root)), "Size": f.stat().st_size, "ETag": ""}
+                for f in sorted(root.rglob("*")) if f.is_file()]
+
     def exists(self, path: str) -> bool:
         return os.path.exists(path)
 
@@ -207,6 +229,16 @@ class S3Storage:
         buf = io.BytesIO()
         self._call(path, self.client.download_fileobj, self.bucket, self._key(path), buf, Config=transfer_config())
         return buf.getvalue()
+
+    def get_range(self, path: str, lo: int = 0, hi: int | None = None) -> bytes:
+        """Bytes ``[lo, hi)`` of an object in one GET (``hi=None``: to its end; ``get_range(path)``: the whole
+        object). For many small objects and for parallel ranged reads of a large one, where :meth:`get_bytes`'
+        transfer manager (a HEAD, then parts) costs a request more."""
+        if hi is not None and hi <= lo:
+            return b""
+        extra = {} if lo == 0 and hi is None else {"Range": f"bytes={lo}-{'' if hi is None else hi - 1}"}
+        resp = self._call(path, self.client.get_object, Bucket=self.bucket, Key=self._key(path), **extra)
+        return self._call(path, resp["Body"].read)
 
     def head(self, path: str) -> dict | None:
         from botocore.exceptions import ClientError

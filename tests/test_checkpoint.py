@@ -62,30 +62,3 @@ def test_commit_times_out_when_a_rank_never_writes(tmp_path):
     except RuntimeError as e:
         assert "ranks [1] did not write their parts" in str(e)
     assert not (tmp_path / "latest.json").exists()
-
-
-def test_other_local_ranks_wait_for_the_staging_marker(tmp_path):
-    import threading
-    import time
-
-    import pytest
-
-    from dcv2_k8s.data.stage import MANIFEST, MARKER, ensure_local
-    from dcv2_k8s.storage import StorageError
-
-    dest = tmp_path / "staged"
-    uri = "s3://bucket/imagenet/train"
-
-    def rank0_finishes():
-        time.sleep(1.0)
-        dest.mkdir()
-        (dest / MANIFEST).write_text(json.dumps({"source": uri, "files": []}))
-        (dest / MARKER).write_text("{}")
-
-    threading.Thread(target=rank0_finishes).start()
-    t0 = time.time()
-    assert ensure_local(uri, str(dest), local_rank=1, timeout=30) == str(dest)
-    assert 0.9 < time.time() - t0 < 10
-    with pytest.raises(StorageError, match="did not finish within 1 s"):
-        ensure_local(uri, str(tmp_path / "never"), local_rank=1, timeout=1)
-    assert ensure_local("/local/dir", "", local_rank=1) == "/local/dir"  # local paths are used as they are

@@ -20,8 +20,10 @@ import boto3
 import numpy as np
 import pytest
 
+from dcv2_k8s.data.archive import UnsafeArchive
 from dcv2_k8s.data.dataset import ManifestMismatch, scan_image_folder
-from dcv2_k8s.data.stage import MANIFEST, MARKER, StageError, stage, verify
+from dcv2_k8s.data.layout import MANIFEST, MARKER, StageError, verify
+from dcv2_k8s.data.stage import stage
 from tests.conftest import ROOT, child_env, run_cli
 
 pytestmark = pytest.mark.slow
@@ -38,13 +40,18 @@ def _put(s3, key: str, body: bytes) -> None:
     boto3.client("s3", endpoint_url=s3.endpoint).put_object(Bucket="data", Key=key, Body=body)
 
 
-def _tar(members: dict[str, bytes], gz: bool = False) -> bytes:
+def _tar(members: dict[str, bytes], gz: bool = False, links: dict[str, str] | None = None) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz" if gz else "w") as tar:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+        for name, target in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.SYMTYPE
+            info.linkname = target
+            tar.addfile(info)
     return buf.getvalue()
 
 
@@ -103,6 +110,7 @@ def test_ilsvrc_train_release_nested_tars_then_verify_repair_and_strays(s3, jpeg
 def test_interrupted_release_resumes_at_the_next_inner_tar(s3, jpegs, tmp_path, monkeypatch):
     """SIGINT while the train release streams: the inner tars finished so far are kept with their byte spans, and
     staging again reads the archive from the first unfinished inner tar (finished files are not written again)."""
+    import dcv2_k8s.data.layout as L
     import dcv2_k8s.data.stage as S
 
     wnids = [f"n{i:08d}" for i in range(30)]
@@ -110,7 +118,7 @@ def test_interrupted_release_resumes_at_the_next_inner_tar(s3, jpegs, tmp_path, 
              for i, w in enumerate(wnids)}
     _put(s3, "resume/ILSVRC2012_img_train.tar", _tar(inner))
     dest = tmp_path / "r"
-    real = S._State.member_done
+    real = L.StageState.member_done
     calls = []
 
     def interrupt_after_two(self, *a, **kw):
@@ -119,10 +127,10 @@ def test_interrupted_release_resumes_at_the_next_inner_tar(s3, jpegs, tmp_path, 
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGINT)  # as a Ctrl-C would: the handler cancels, the stream stops
 
-    monkeypatch.setattr(S._State, "member_done", interrupt_after_two)
+    monkeypatch.setattr(L.StageState, "member_done", interrupt_after_two)
     with pytest.raises(S.Interrupted):
         stage("s3://data/resume/ILSVRC2012_img_train.tar", str(dest), workers=2, progress=False)
-    monkeypatch.setattr(S._State, "member_done", real)
+    monkeypatch.setattr(L.StageState, "member_done", real)
     state = json.loads((dest / ".dcv2_stage_state.json").read_text())
     done = state["partial"]["ILSVRC2012_img_train.tar"]
     assert 2 <= len(done) < 30 and not (dest / MARKER).exists()
@@ -219,6 +227,36 @@ def test_gzipped_per_class_tars_and_image_folder_objects(s3, jpegs, tmp_path):
     (tmp_path / "folder" / WNIDS[0] / "local_only.JPEG").write_bytes(jpegs[0])
     m2 = stage("s3://data/lay-folder", str(tmp_path / "folder"), progress=False)
     assert m2["transferred"] == 0 and m2["removed"] == 1 and m2["num_files"] == 6
+
+
+def test_stage_tar_archives(s3, synth_data, tmp_path):
+    imgs = sorted((synth_data / "train").rglob("*.jpg"))
+    # ImageNet style: one flat tar per class, named after the class
+    _put(s3, "tars/n0001.tar", _tar({f"a{i}.JPEG": imgs[i].read_bytes() for i in range(5)}))
+    # a shard with CLASS/IMAGE members
+    _put(s3, "tars/shard-000.tar", _tar({f"n0002/b{i}.JPEG": imgs[10 + i].read_bytes() for i in range(4)}))
+    dest = tmp_path / "t"
+    m = stage("s3://data/tars", str(dest), progress=False)
+    assert m["classes"] == {"n0001": 5, "n0002": 4}
+    m2 = stage("s3://data/tars", str(dest), progress=False)
+    assert m2["transferred"] == 0 and m2["skipped"] == 2
+
+
+@pytest.mark.parametrize("bad", ["../escape.JPEG", "/abs/path.JPEG", "link"])
+def test_unsafe_archives_are_refused(s3, tmp_path, bad):
+    members = {"ok/a.JPEG": b"x"}
+    links = None
+    if bad == "link":
+        links = {"ok/link.JPEG": "/etc/passwd"}
+    else:
+        members[bad] = b"evil"
+    key = f"evil-{abs(hash(bad))}/x.tar"  # one archive per case (moto's objects outlive a server in one process)
+    _put(s3, key, _tar(members, links=links))
+    dest = tmp_path / "e"
+    with pytest.raises(UnsafeArchive, match="refusing the archive"):
+        stage(f"s3://data/{key}".rsplit("/", 1)[0], str(dest), progress=False)
+    assert not (tmp_path / "escape.JPEG").exists() and not Path("/abs/path.JPEG").exists()
+    assert not (dest / "ok").exists()  # nothing of the archive was extracted
 
 
 def test_refusals_leave_no_completion_marker(s3, jpegs, tmp_path):

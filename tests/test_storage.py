@@ -1,15 +1,13 @@
-"""Object storage against a real HTTP S3 endpoint on 127.0.0.1 (moto's server): round trips, staging,
-unsafe archives, user errors, S3 checkpoints with exact resume, SIGTERM (outages: tests/test_faults.py)."""
+"""Object storage against a real HTTP S3 endpoint on 127.0.0.1 (moto's server): round trips, ranged reads, user
+errors, S3 checkpoints with exact resume, SIGTERM (outages: tests/test_faults.py; staging: tests/test_stage_*.py)."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -18,7 +16,6 @@ import pytest
 import torch
 
 from dcv2_k8s.checkpoint import CheckpointManager, from_bytes
-from dcv2_k8s.data.stage import UnsafeArchive, stage, verify
 from dcv2_k8s.storage import S3Storage, open_storage
 from tests.conftest import ROOT, run_cli, tiny_train_tokens
 
@@ -44,108 +41,25 @@ def test_round_trip_small_and_multipart(s3):
     assert store.list_objects("s3://data/rt") == []
 
 
-def _upload_folder(s3, local: Path, prefix: str) -> int:
-    c = _client(s3)
-    n = 0
-    for p in sorted(local.rglob("*.jpg")):
-        c.upload_file(str(p), "data", f"{prefix}/{p.relative_to(local)}")
-        n += 1
-    return n
-
-
-def test_stage_image_folder_then_resume(s3, synth_data, tmp_path):
-    n = _upload_folder(s3, synth_data / "train", "folder")
-    dest = tmp_path / "staged"
-    m = stage("s3://data/folder", str(dest), workers=8, progress=False)
-    assert m["num_files"] == n == 240 and len(m["classes"]) == 10 and m["transferred"] == n
-    assert verify(str(dest)) == []
-    # an interruption: some files missing, one truncated, one leftover partial download
-    files = sorted(dest.rglob("*.jpg"))
-    for p in files[:30]:
-        p.unlink()
-    files[40].write_bytes(files[40].read_bytes()[:100])
-    (files[41].parent / ".x.jpg.part").write_bytes(b"junk")
-    problems = verify(str(dest))
-    assert len(problems) == 31 and any("size differs" in p for p in problems)
-    m2 = stage("s3://data/folder", str(dest), workers=8, progress=False)
-    assert m2["transferred"] == 31 and m2["skipped"] == n - 31 and verify(str(dest)) == []
-    # the staged manifest fixes the dataset's file list; a directory that no longer matches it is an error naming
-    # both (not a silent change of sample indices), and staging again brings them back in line
-    from dcv2_k8s.data.dataset import IndexedImageFolder, ManifestMismatch
-
-    assert len(IndexedImageFolder(dest)) == n
-    (dest / "c00_stripes" / "late_arrival.jpg").write_bytes(files[0].read_bytes())
-    with pytest.raises(ManifestMismatch, match="late_arrival.jpg"):
-        IndexedImageFolder(dest)
-    m3 = stage("s3://data/folder", str(dest), workers=8, progress=False)
-    assert m3["removed"] == 1 and len(IndexedImageFolder(dest)) == n
-
-
-def _tar_bytes(members: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        for name, target in (links or {}).items():
-            info = tarfile.TarInfo(name)
-            info.type = tarfile.SYMTYPE
-            info.linkname = target
-            tar.addfile(info)
-    return buf.getvalue()
-
-
-def test_stage_progress_metrics(s3, synth_data, tmp_path):
-    import urllib.request
-
-    from dcv2_k8s.distributed import free_port
-    from dcv2_k8s.metrics import StageMetrics
-
-    _upload_folder(s3, synth_data / "val", "metrics-src")
-    port = free_port()
-    sm = StageMetrics("s3://data/metrics-src", port, "127.0.0.1")
-    try:
-        stage("s3://data/metrics-src", str(tmp_path / "m"), progress=False, on_event=sm)
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    finally:
-        sm.close()
-    values = {l.split("{")[0]: float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith("dcv2_stage")}
-    assert values["dcv2_stage_files_done"] == 60 and values["dcv2_stage_complete"] == 1
-    assert values["dcv2_stage_bytes_done"] == values["dcv2_stage_bytes_total"] > 0
-
-
-def test_stage_tar_archives(s3, synth_data, tmp_path):
-    c = _client(s3)
-    imgs = sorted((synth_data / "train").rglob("*.jpg"))
-    # ImageNet style: one flat tar per class, named after the class
-    c.put_object(Bucket="data", Key="tars/n0001.tar", Body=_tar_bytes({f"a{i}.JPEG": imgs[i].read_bytes()
-                                                                       for i in range(5)}))
-    # a shard with CLASS/IMAGE members
-    c.put_object(Bucket="data", Key="tars/shard-000.tar", Body=_tar_bytes(
-        {f"n0002/b{i}.JPEG": imgs[10 + i].read_bytes() for i in range(4)}))
-    dest = tmp_path / "t"
-    m = stage("s3://data/tars", str(dest), progress=False)
-    assert m["classes"] == {"n0001": 5, "n0002": 4}
-    m2 = stage("s3://data/tars", str(dest), progress=False)
-    assert m2["transferred"] == 0 and m2["skipped"] == 2
-
-
-@pytest.mark.parametrize("bad", ["../escape.JPEG", "/abs/path.JPEG", "link"])
-def test_unsafe_archives_are_refused(s3, tmp_path, bad):
-    members = {"ok/a.JPEG": b"x"}
-    links = None
-    if bad == "link":
-        links = {"ok/link.JPEG": "/etc/passwd"}
-    else:
-        members[bad] = b"evil"
-    key = f"evil-{abs(hash(bad))}/x.tar"  # one archive per case (moto's objects outlive a server in one process)
-    _client(s3).put_object(Bucket="data", Key=key, Body=_tar_bytes(members, links))
-    dest = tmp_path / "e"
-    with pytest.raises(UnsafeArchive, match="refusing the archive"):
-        stage(f"s3://data/{key}".rsplit("/", 1)[0], str(dest), progress=False)
-    assert not (tmp_path / "escape.JPEG").exists() and not Path("/abs/path.JPEG").exists()
-    assert not (dest / "ok").exists()  # nothing of the archive was extracted
+def test_ranged_and_whole_reads_on_both_backends(s3, tmp_path):
+    """``get_range``: bytes [lo, hi) in one request, to the end with hi=None, the whole object by default; the
+    same on a local file; ``head`` and ``list_objects`` answer alike for a local file and directory."""
+    data = os.urandom(100_000)
+    s3_store = open_storage("s3://data/ranged")
+    s3_store.put_bytes("s3://data/ranged/obj.bin", data)
+    local = tmp_path / "ranged" / "obj.bin"
+    local.parent.mkdir()
+    local.write_bytes(data)
+    local_store = open_storage(str(local.parent))
+    for store, path in ((s3_store, "s3://data/ranged/obj.bin"), (local_store, str(local))):
+        assert store.get_range(path, 10, 20) == data[10:20]
+        assert store.get_range(path, 99_990) == data[99_990:] and store.get_range(path) == data
+        assert store.get_range(path, 5, 5) == b"" and store.get_range(path, 99_000, 200_000) == data[99_000:]
+        assert int(store.head(path)["ContentLength"]) == len(data)
+    assert s3_store.head("s3://data/ranged/nope") is None and local_store.head(str(tmp_path / "nope")) is None
+    assert local_store.list_objects(str(local.parent)) == [{"Key": "obj.bin", "Size": len(data), "ETag": ""}]
+    assert local_store.list_objects(str(local)) == [] and [o["Key"] for o in
+                                                            s3_store.list_objects("s3://data/ranged")] == ["obj.bin"]
 
 
 def test_user_errors_are_one_line(s3, tmp_path):

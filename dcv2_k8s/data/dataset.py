@@ -20,11 +20,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from dcv2_k8s.data.layout import IMG_EXTENSIONS, MANIFEST  # a staged directory's file kinds and file list
+
 log = logging.getLogger("dcv2")
 MAX_IMAGE_PIXELS = 100_000_000  # larger images are refused as decompression bombs (ImageNet's largest: ~20 MP)
 MAX_REPLACEMENT_TRIES = 64
-
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 class ManifestMismatch(FileNotFoundError):
@@ -38,12 +38,12 @@ class SplitMismatch(ValueError):
 def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
     """Sorted classes and ``(relative path, class index)`` samples of an ImageFolder tree.
 
-    A staged directory's manifest (``.dcv2_manifest.json``, written by ``dcv2 stage``) is the file list when
+    A staged directory's manifest (``layout.MANIFEST``, written by ``dcv2 stage``) is the file list when
     present, so indices are fixed by what was staged. When the directory no longer matches it (a file moved,
     deleted or added in a class folder), that is an error naming both, not a silent change of indices.
     """
     root = Path(root)
-    manifest = root / ".dcv2_manifest.json"
+    manifest = root / MANIFEST
     if manifest.is_file():
         files = sorted(entry[0] for entry in json.loads(manifest.read_text())["files"])
         missing = [rel for rel in files if not (root / rel).is_file()]
