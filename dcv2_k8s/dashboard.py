@@ -12,9 +12,14 @@ operator's pod label ``training.kubeflow.org/job-name``, attached by the PodMoni
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
-SEL = 'namespace=~"$namespace", training_kubeflow_org_job_name=~"$job"'
+from dcv2_k8s.k8s.kinds import PYTORCHJOB
+
+# the PodMonitor attaches the job's pod label, which Prometheus spells with underscores
+JOB_LABEL = re.sub(r"\W", "_", PYTORCHJOB.name_label)
+SEL = f'namespace=~"$namespace", {JOB_LABEL}=~"$job"'
 # dcgm-exporter's ServiceMonitor keeps its own pod/namespace labels as exported_* (honorLabels false)
 GPU_SEL = 'exported_namespace=~"$namespace", exported_pod=~"$job-(master|worker)-.*"'
 
@@ -63,7 +68,7 @@ PANELS: list[Panel] = [
         (f"max(dcv2_trunk_feature_mean_cosine{{{SEL}}})", "trunk mean cosine"),
         (f"max(dcv2_embedding_mean_cosine{{{SEL}}})", "embedding mean cosine"),
         (f"max(dcv2_collapse_warnings{{{SEL}}})", "collapse warnings")], "short",
-          description="Collapse diagnostics (README: What is logged): mean pairwise cosine of the trunk's features "
+          description="Collapse diagnostics (docs/training.md): mean pairwise cosine of the trunk's features "
                       "(1 = collapsed) and of the head's embeddings, and the warnings of the last check"),
     Panel("Weight change per epoch", [
         (f"max by (layer) (dcv2_layer_weight_change_ratio{{{SEL}, window=\"epoch\"}})", "{{layer}}")],
@@ -93,7 +98,8 @@ PANELS: list[Panel] = [
                                  (f"max by (node_rank) (dcv2_gpu_memory_reserved_bytes{{{SEL}}})", "reserved")],
           "bytes", source="gpu"),
     Panel("Pod restarts", [('sum by (pod) (kube_pod_container_status_restarts_total{namespace=~"$namespace", '
-                            'pod=~"$job-(master|worker)-.*", container="pytorch"})', "{{pod}}")], "short",
+                            f'pod=~"$job-(master|worker)-.*", container="{PYTORCHJOB.container}"}})', "{{pod}}")],
+          "short",
           source="cluster", description="From kube-state-metrics"),
 ]
 
@@ -109,9 +115,9 @@ def _templating() -> dict:
          "current": {}, "hide": 0, "sort": 1},
         {"name": "job", "type": "query", "label": "PyTorchJob",
          "datasource": {"type": "prometheus", "uid": "${datasource}"},
-         "query": {"query": 'label_values(dcv2_train_steps_total{namespace="$namespace"}, '
-                            'training_kubeflow_org_job_name)', "refId": "job"},
-         "definition": 'label_values(dcv2_train_steps_total{namespace="$namespace"}, training_kubeflow_org_job_name)',
+         "query": {"query": f'label_values(dcv2_train_steps_total{{namespace="$namespace"}}, {JOB_LABEL})',
+                   "refId": "job"},
+         "definition": f'label_values(dcv2_train_steps_total{{namespace="$namespace"}}, {JOB_LABEL})',
          "refresh": 2, "includeAll": False, "current": {}, "hide": 0, "sort": 1},
     ]}
 

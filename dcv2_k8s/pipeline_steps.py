@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+from dcv2_k8s.k8s.kinds import KINDS
+
 DEMO_EVAL = ["config.MODEL.TRUNK.RESNETS.DEPTH=18", "config.MODEL.TRUNK.RESNETS.WIDTH_MULTIPLIER=0.5",
              "config.LINEAR_EVAL.CROP_SIZE=32", "config.LINEAR_EVAL.FEATURE_CACHE=true", "config.OPTIMIZER.num_epochs=30",
              "config.DATA.NUM_DATALOADER_WORKERS=0", "config.MACHINE.DEVICE=cpu", "config.DISTRIBUTED.NUM_PROC_PER_NODE=1"]
@@ -38,8 +40,7 @@ def stage_step(launcher: str, data_uri: str, val_uri: str, stage_root: str, val_
     """Local: stage (idempotent: a complete staged copy of the same source is reused). Cluster: verify the source
     (the PyTorchJob pods stage it to node-local disk themselves)."""
     from dcv2_k8s.data.dataset import check_splits, scan_image_folder
-    from dcv2_k8s.data.stage import ensure_local
-    from dcv2_k8s.storage import open_storage
+    from dcv2_k8s.data.stage import ensure_local, list_source
 
     if launcher not in ("local", *JOB_LAUNCHERS):
         raise StepFailed(f"launcher={launcher!r}: use pytorchjob (training operator), trainjob (Kubeflow Trainer v2) "
@@ -53,31 +54,28 @@ def stage_step(launcher: str, data_uri: str, val_uri: str, stage_root: str, val_
             classes, samples = scan_image_folder(path)
             out[split] = {"uri": uri, "local": path, "classes": len(classes), "images": len(samples)}
         else:
-            store = open_storage(uri)
-            store.check()
-            objects = store.list_objects(uri) if hasattr(store, "list_objects") else []
-            if not objects:
-                raise StepFailed(f"{uri}: no objects; upload the dataset first")
+            _, objects = list_source(uri)  # the stager's own listing: StageError (one line) when there is nothing
             out[split] = {"uri": uri, "objects": len(objects), "bytes": sum(o["Size"] for o in objects)}
     if launcher == "local":
         check_splits(out["train"]["local"], out["val"]["local"])  # the eval steps compare labels by class index
     return out
 
 
-JOB_LAUNCHERS = ("pytorchjob", "trainjob")
+JOB_LAUNCHERS = tuple(KINDS)
 
 
-def _launcher(namespace: str, launcher: str = "pytorchjob"):
-    from dcv2_k8s.k8s.launcher import KINDS, JobLauncher
+def _launcher(namespace: str, launcher: str):
+    from dcv2_k8s.k8s.launcher import JobLauncher
 
     return JobLauncher.in_cluster(namespace, kind=KINDS[launcher])
 
 
-def _render(launcher: str, spec) -> dict:
-    """The job of ``spec`` for the launcher: a PyTorchJob, or a TrainJob on our dcv2-torch runtime."""
-    from dcv2_k8s.k8s.manifests import pytorchjob, trainjob
+def _run_job(launcher: str, namespace: str, spec, timeout_seconds: float) -> None:
+    """Render ``spec`` as the launcher's kind of job, create it (or attach to it after a retry) and wait for it."""
+    from dcv2_k8s.k8s.manifests import job_manifest
 
-    return trainjob(spec) if launcher == "trainjob" else pytorchjob(spec)
+    lx = _launcher(namespace, launcher)
+    lx.wait(lx.launch(job_manifest(lx.kind, spec)), timeout_seconds)
 
 
 def pretrain_step(launcher: str, run_id: str, config: str, overrides: list[str], output_uri: str, data: dict,
@@ -96,13 +94,11 @@ def pretrain_step(launcher: str, run_id: str, config: str, overrides: list[str],
 
     name = job_name(run_id, "pretrain")
     # the job's own deadline is the step's timeout: a watcher that is gone (a terminated run) cannot leave it running
-    job = _render(launcher, JobSpec(name, nodes=nodes, gpus_per_node=gpus_per_node, config=config,
-                                    overrides=list(overrides), data_uri=data["train"]["uri"], checkpoint_uri=ckpt,
-                                    image=image, active_deadline_seconds=int(timeout_seconds),
-                                    image_pull_secrets=list(image_pull_secrets)))
-    lx = _launcher(namespace, launcher)
-    lx.launch(job)
-    lx.wait(name, timeout_seconds)
+    _run_job(launcher, namespace, JobSpec(name, nodes=nodes, gpus_per_node=gpus_per_node, config=config,
+                                          overrides=list(overrides), data_uri=data["train"]["uri"],
+                                          checkpoint_uri=ckpt, image=image,
+                                          active_deadline_seconds=int(timeout_seconds),
+                                          image_pull_secrets=list(image_pull_secrets)), timeout_seconds)
     return ckpt
 
 
@@ -123,15 +119,12 @@ def linear_eval_step(launcher: str, run_id: str, weights: str, preset: str, over
         from dcv2_k8s.k8s.manifests import JobSpec
 
         name = job_name(run_id, f"eval-{tag}")
-        job = _render(launcher, JobSpec(name, nodes=1, gpus_per_node=gpus, command="linear-eval", config=preset,
-                                 overrides=tokens[1:], data_uri=data["train"]["uri"], val_uri=data["val"]["uri"],
-                                 val_labels=data.get("val_labels", ""),
-                                 checkpoint_uri=f"{output_uri.rstrip('/')}/eval-{tag}", image=image,
-                                 active_deadline_seconds=int(timeout_seconds),
-                                 image_pull_secrets=list(image_pull_secrets)))
-        lx = _launcher(namespace, launcher)
-        lx.launch(job)
-        lx.wait(name, timeout_seconds)
+        _run_job(launcher, namespace, JobSpec(name, nodes=1, gpus_per_node=gpus, command="linear-eval",
+                                              config=preset, overrides=tokens[1:], data_uri=data["train"]["uri"],
+                                              val_uri=data["val"]["uri"], val_labels=data.get("val_labels", ""),
+                                              checkpoint_uri=f"{output_uri.rstrip('/')}/eval-{tag}", image=image,
+                                              active_deadline_seconds=int(timeout_seconds),
+                                              image_pull_secrets=list(image_pull_secrets)), timeout_seconds)
     return json.loads(read_bytes(out))
 
 
@@ -201,8 +194,9 @@ def should_clean_up(state: str) -> bool:
 
 
 def cleanup_step(launcher: str, run_id: str, namespace: str, state: str) -> list[str]:
-    """Delete the run's PyTorchJobs when the run failed or was cancelled (no GPUs left behind); a successful run
-    (COMPLETE on a backend, SUCCEEDED in kfp.local) or an unknown state keeps them, with their logs."""
+    """Delete the run's jobs (PyTorchJobs or TrainJobs) when the run failed or was cancelled (no GPUs left behind);
+    a successful run (COMPLETE on a backend, SUCCEEDED in kfp.local) or an unknown state keeps them, with their
+    logs."""
     if launcher not in JOB_LAUNCHERS or not should_clean_up(state):
         return []
     from dcv2_k8s.k8s.launcher import job_name

@@ -18,6 +18,7 @@ import yaml
 
 from dcv2_k8s.config import resolve
 from dcv2_k8s.k8s import manifests as M
+from dcv2_k8s.k8s.kinds import KINDS, PYTORCHJOB, TRAINJOB
 from dcv2_k8s.k8s.local import replica_envs
 from dcv2_k8s.k8s.validate import validate_builtin, validate_pytorchjob
 from tests.conftest import ROOT, run_cli, run_local_args
@@ -215,6 +216,29 @@ def test_image_user_script_on_bases_with_and_without_uid_1000(tmp_path, base_has
     for d in ("home/dcv2", "data", "checkpoints"):
         st = (tmp_path / d).stat()
         assert (st.st_uid, st.st_gid) == (1000, 1000), d
+
+
+def test_the_kinds_tables_are_what_the_manifests_render():
+    """One table per kind of job: the rendered jobs carry its API version, kind and trainer container, the RBAC
+    manifest grants exactly its resources, and the pipeline's launcher= values are its keys."""
+    spec = M.JOBS[0]
+    pj, tj, rt = M.pytorchjob(spec), M.trainjob(spec), M.training_runtime()
+    assert (pj["apiVersion"], pj["kind"]) == (PYTORCHJOB.api_version, PYTORCHJOB.kind) == ("kubeflow.org/v1",
+                                                                                          "PyTorchJob")
+    assert (tj["apiVersion"], tj["kind"]) == (TRAINJOB.api_version, TRAINJOB.kind) == (
+        "trainer.kubeflow.org/v1alpha1", "TrainJob")
+    assert [M.job_manifest(k, spec) for k in (PYTORCHJOB, TRAINJOB)] == [pj, tj]
+    assert pj["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["name"] == "pytorch"
+    pod = rt["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+    assert pod["spec"]["containers"][0]["name"] == TRAINJOB.container == "node"
+    assert set(KINDS) == {"pytorchjob", "trainjob"}
+    role = next(d for d in M.rbac() if d["kind"] == "Role")
+    assert {(r["apiGroups"][0], r["resources"][0]) for r in role["rules"][:-1]} == {
+        (k.group, p) for k in KINDS.values() for p in (k.plural, f"{k.plural}/status")}
+    assert PYTORCHJOB.pod(spec.name, 1) == "dcv2-r50-worker-1" and PYTORCHJOB.pod("j", 0, "Master") == "j-master-0"
+    assert PYTORCHJOB.lead_selector("j") == ("training.kubeflow.org/job-name=j,training.kubeflow.org/replica-type="
+                                              "worker,training.kubeflow.org/replica-index=0")
+    assert TRAINJOB.lead_selector("j") == TRAINJOB.job_selector("j") == "jobset.sigs.k8s.io/jobset-name=j"
 
 
 def test_no_master_so_the_operator_injects_no_init_container():

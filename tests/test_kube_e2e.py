@@ -2,7 +2,7 @@
 kube-controller-manager (garbage collector), etcd and the Kubeflow training operator v1.9.4 with its validating
 webhook, built by ``make controlplane`` (tests/kube/controlplane.py). Pods run as local processes through the
 test node agent (tests/kube/nodeagent.py), which stands in for kubelet + container runtime; everything it does not
-do is listed in its docstring and the README.
+do is listed in its docstring and in docs/kubernetes.md.
 
 All on CPU with tiny settings: ResNet-18 at 1/4 width, 1 process per pod, the synthetic dataset staged from the
 embedded S3 by the pod's own init container, checkpoints to that S3.

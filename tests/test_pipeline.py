@@ -18,7 +18,8 @@ import yaml
 
 from dcv2_k8s import pipeline_steps
 from dcv2_k8s.k8s import launcher as L
-from dcv2_k8s.k8s.launcher import JobFailed, PyTorchJobLauncher, StepTerminated, job_name
+from dcv2_k8s.k8s.kinds import PYTORCHJOB, TRAINJOB
+from dcv2_k8s.k8s.launcher import JobFailed, JobLauncher, StepTerminated, job_name
 from dcv2_k8s.k8s.manifests import IMAGE, JobSpec, pytorchjob
 from dcv2_k8s.k8s.validate import validate_pytorchjob
 from tests.conftest import ROOT
@@ -122,8 +123,8 @@ def test_executors_parse_with_the_oldest_supported_backend(tmp_path, version, ac
 def test_pyproject_lower_bounds_match_the_supported_backend():
     text = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'"kfp-kubernetes>=2\.15(\.\d+)?,<3"', text) and re.search(r'"kfp>=2\.15(\.\d+)?,<3"', text)
-    readme = (ROOT / "README.md").read_text()
-    assert "Kubeflow Pipelines backend 2.15" in readme
+    docs = (ROOT / "docs" / "pipelines.md").read_text()
+    assert "Kubeflow Pipelines backend 2.15" in docs
 
 
 def test_pipeline_for_another_image(tmp_path):
@@ -241,11 +242,11 @@ class Clock:
         return self.now
 
 
-def _launcher(printed, clock=None, kind=L.PYTORCHJOB):
+def _launcher(printed, clock=None, kind=PYTORCHJOB):
     clock = clock or Clock()
     api = FakeApi(clock)
-    return api, PyTorchJobLauncher(api, api, "ml", poll_seconds=0, log=printed.append, clock=clock.tick,
-                                   sleep=lambda s: None, own_pod="step-pod", kind=kind)
+    return api, JobLauncher(api, api, "ml", poll_seconds=0, log=printed.append, clock=clock.tick,
+                            sleep=lambda s: None, own_pod="step-pod", kind=kind)
 
 
 def _job(name="dcv2-pretrain-x", **kw):
@@ -396,8 +397,8 @@ def test_namespace_defaults_to_the_step_pods_own(tmp_path, monkeypatch):
     assert L.current_namespace(str(f)) == "team-vision"
     monkeypatch.setattr(L, "SA_NAMESPACE_FILE", str(f))
     api = FakeApi(Clock())
-    assert PyTorchJobLauncher(api, api, "").namespace == "team-vision"
-    assert PyTorchJobLauncher(api, api, "other").namespace == "other"
+    assert JobLauncher(api, api, "").namespace == "team-vision"
+    assert JobLauncher(api, api, "other").namespace == "other"
 
 
 def test_pretrain_step_job_carries_the_step_timeout_as_its_deadline(monkeypatch):
@@ -443,7 +444,7 @@ def test_trainjob_launcher_creates_waits_on_complete_streams_node_0_and_cleans_u
     the log of the JobSet's node 0 (label batch.kubernetes.io/job-completion-index=0), deleted by the exit handler
     on failure."""
     printed = []
-    api, lx = _launcher(printed, kind=L.TRAINJOB)
+    api, lx = _launcher(printed, kind=TRAINJOB)
     monkeypatch.setattr(pipeline_steps, "_launcher", lambda ns, launcher: lx)
     api.script = [("Created", ""), ("Running", "epoch 0 step 5/15 loss 8.0"), ("Complete", "training finished")]
     data = {"train": {"uri": "s3://d/train"}, "val": {"uri": "s3://d/val"}}

@@ -78,6 +78,18 @@ def test_trainjobs_match_the_pytorchjobs_of_the_same_source():
         assert f"config.DATA.TRAIN.DATA_PATHS=[{spec.data_uri}]" in t["args"]  # the run stages its own data
 
 
+def test_trainjob_args_come_from_the_jobspec():
+    """A TrainJob's run reads the splits' URIs and stages the train split into the directory the PyTorchJob's init
+    container would have staged it to; the splits' order and every other token are the PyTorchJob's."""
+    spec = next(j for j in M.JOBS if j.val_uri)
+    t, p = M.dcv2_args(spec, stages_itself=True), M.dcv2_args(spec)
+    assert f"config.DATA.TRAIN.DATA_PATHS=[{M.TRAIN_DIR}]" in p and f"config.DATA.TEST.DATA_PATHS=[{M.VAL_DIR}]" in p
+    i = p.index(f"config.DATA.TRAIN.DATA_PATHS=[{M.TRAIN_DIR}]")
+    assert t[i:i + 3] == [f"config.DATA.TRAIN.DATA_PATHS=[{spec.data_uri}]",
+                          f"config.DATA.TRAIN.STAGE_DIR={M.TRAIN_DIR}", f"config.DATA.TEST.DATA_PATHS=[{spec.val_uri}]"]
+    assert t[:i] == p[:i] and t[i + 3:] == p[i + 2:]
+
+
 def test_runtime_carries_the_exit_code_contract_and_restricted_pods():
     """dcv2's exit codes (1, 2 permanent; 143, 200 retryable) as the Job's podFailurePolicy; evictions and
     preemptions (DisruptionTarget) do not count against backoffLimit; pods pass Pod Security "restricted"."""

@@ -1,4 +1,6 @@
-"""Strict validation of a custom resource against its CustomResourceDefinition's ``openAPIV3Schema``, as the API
+"""Strict validation of a custom resource against its CRD's ``openAPIV3Schema``.
+
+Strict validation of a custom resource against its CustomResourceDefinition's ``openAPIV3Schema``, as the API
 server's structural-schema pruning and validation would judge it, except that a field the schema does not know is
 an error here (the API server would drop it silently: a typo would be lost, not reported).
 

@@ -1,4 +1,6 @@
-"""Launch a PyTorchJob (training operator) or a TrainJob (Kubeflow Trainer v2) and see it through, for the
+"""Launch a PyTorchJob or a TrainJob and see it through, for the pipeline.
+
+Launch a PyTorchJob (training operator) or a TrainJob (Kubeflow Trainer v2) and see it through, for the
 pipeline (and anyone scripting against a cluster).
 
 - The job name is derived from the pipeline run (``job_name(run_id, step)``), so a retried step re-attaches to
@@ -27,45 +29,12 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable
 
-GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+from dcv2_k8s.k8s.kinds import PYTORCHJOB, JobKind
+
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 FIRST_READ_TAIL = 200
-
-
-@dataclass(frozen=True)
-class JobKind:
-    """Where a kind of job lives in the API, which pod runs rank 0, and the condition types that end it."""
-
-    kind: str
-    group: str
-    version: str
-    plural: str
-    lead_pod: str      # label selector of the job's pods that may run rank 0, {name} = the job's name
-    container: str     # the trainer container in that pod
-    succeeded: str
-    failed: str = "Failed"
-    index_annotation: str = ""  # when set: rank 0's pod is the one with this annotation "0" and the container
-    job_pods: str = ""  # label selector of all the job's pods, {name} = the job's name
-
-
-# training operator v1.9: our jobs have Worker replicas only (see manifests.py), so rank 0 runs on worker 0; labels
-# from pkg/apis/kubeflow.org/v1/common_types.go
-PYTORCHJOB = JobKind("PyTorchJob", GROUP, VERSION, PLURAL,
-                     "training.kubeflow.org/job-name={name},training.kubeflow.org/replica-type=worker,"
-                     "training.kubeflow.org/replica-index=0", "pytorch", "Succeeded",
-                     job_pods="training.kubeflow.org/job-name={name}")
-# Trainer v2.3: a JobSet named after the TrainJob (its pods carry the label jobset.sigs.k8s.io/jobset-name); the
-# indexed Job's completion index (annotation batch.kubernetes.io/job-completion-index) is PET_NODE_RANK
-# (plugins/torch/torch.go), so rank 0 runs in the pod of index 0 with the "node" container; conditions
-# Complete / Failed (pkg/apis/trainer/v1alpha1/trainjob_types.go)
-TRAINJOB = JobKind("TrainJob", "trainer.kubeflow.org", "v1alpha1", "trainjobs",
-                   "jobset.sigs.k8s.io/jobset-name={name}", "node", "Complete",
-                   index_annotation="batch.kubernetes.io/job-completion-index",
-                   job_pods="jobset.sigs.k8s.io/jobset-name={name}")
-KINDS = {"pytorchjob": PYTORCHJOB, "trainjob": TRAINJOB}
 
 
 class JobFailed(RuntimeError):
@@ -120,7 +89,7 @@ def _status_code(err: Exception) -> int | None:
 
 
 class JobLauncher:
-    """Creates, re-attaches to, watches and deletes one kind of job (``PYTORCHJOB`` or ``TRAINJOB``)."""
+    """Creates, re-attaches to, watches and deletes one kind of job (a ``dcv2_k8s.k8s.kinds`` table)."""
 
     def __init__(self, custom_api, core_api, namespace: str = "", poll_seconds: float = 15.0,
                  log: Callable[[str], None] = print, clock: Callable[[], float] = time.time,
@@ -169,7 +138,7 @@ class JobLauncher:
 
     def lead_pod(self, name: str):
         """Rank 0's pod of the job, or None before it exists."""
-        items = self._pods(self.kind.lead_pod.format(name=name))
+        items = self._pods(self.kind.lead_selector(name))
         if self.kind.index_annotation:
             items = [p for p in items if (p.metadata.annotations or {}).get(self.kind.index_annotation) == "0"
                      and any(c.name == self.kind.container for c in p.spec.containers)]
@@ -199,7 +168,7 @@ class JobLauncher:
         deletes its Running and Pending pods and keeps the finished ones (training operator
         pkg/controller.v1/common/job.go, DeletePodsAndServices): often rank 0's goes, the pod that says why stays."""
         failed = []
-        for pod in self._pods(self.kind.job_pods.format(name=name)):
+        for pod in self._pods(self.kind.job_selector(name)):
             for c in (pod.status.container_statuses or []) if pod.status else []:
                 done = c.state.terminated if c.name == self.kind.container and c.state else None
                 if done is not None and done.exit_code:
@@ -325,6 +294,3 @@ class JobLauncher:
             if _status_code(e) == 404:
                 return False
             raise
-
-
-PyTorchJobLauncher = JobLauncher  # the name of earlier releases

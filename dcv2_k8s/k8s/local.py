@@ -1,4 +1,6 @@
-"""``dcv2 k8s run-local MANIFEST``: run a PyTorchJob's (or a TrainJob's) pods as local processes, with the
+"""``dcv2 k8s run-local MANIFEST``: a job's pods as local processes.
+
+``dcv2 k8s run-local MANIFEST``: run a PyTorchJob's (or a TrainJob's) pods as local processes, with the
 environment the training operator (or Kubeflow Trainer v2's torch plugin, see ``trainjob_replicas``) gives them.
 
 Each replica (Master, then Workers) is started like the training operator v1.9 starts a pod
@@ -29,16 +31,16 @@ from pathlib import Path
 import yaml
 
 from dcv2_k8s.distributed import free_port
-
-
-KINDS = ("PyTorchJob", "TrainJob")
+from dcv2_k8s.exitcodes import retryable
+from dcv2_k8s.k8s.kinds import KINDS, PYTORCHJOB, TRAINJOB
 
 
 def load_job(path: str) -> dict:
     docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d]
-    jobs = [d for d in docs if d.get("kind") in KINDS]
+    kinds = [k.kind for k in KINDS.values()]
+    jobs = [d for d in docs if d.get("kind") in kinds]
     if len(jobs) != 1:
-        raise ValueError(f"{path}: expected exactly one PyTorchJob or TrainJob, found {len(jobs)}")
+        raise ValueError(f"{path}: expected exactly one {' or '.join(kinds)}, found {len(jobs)}")
     return jobs[0]
 
 
@@ -65,13 +67,13 @@ def trainjob_replicas(job: dict, nproc_override: int | None = None) -> list[tupl
         env.update({e["name"]: e["value"] for e in trainer.get("env", []) if "value" in e})
         env.update({"PET_NNODES": str(nodes), "PET_NPROC_PER_NODE": nproc, "PET_NODE_RANK": str(i),
                     "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": port})
-        out.append((f"node-0-{i}", list(trainer.get("command", [])) + list(trainer.get("args", [])), env))
+        out.append((TRAINJOB.pod_suffix(i), list(trainer.get("command", [])) + list(trainer.get("args", [])), env))
     return out
 
 
 def job_replicas(job: dict, nproc_override: int | None = None) -> list[tuple[str, list[str], dict]]:
     """``(pod, command, environment)`` of every pod of a PyTorchJob or a TrainJob, the lead pod first."""
-    if job["kind"] == "TrainJob":
+    if job["kind"] == TRAINJOB.kind:
         return trainjob_replicas(job, nproc_override)
     specs = job["spec"]["pytorchReplicaSpecs"]
     out = []
@@ -83,9 +85,9 @@ def job_replicas(job: dict, nproc_override: int | None = None) -> list[tuple[str
 
 def trainer_container(replica: dict) -> dict:
     for c in replica["template"]["spec"]["containers"]:
-        if c["name"] == "pytorch":
+        if c["name"] == PYTORCHJOB.container:
             return c
-    raise ValueError("no container named 'pytorch' in the replica template")
+    raise ValueError(f"no container named {PYTORCHJOB.container!r} in the replica template")
 
 
 def replica_envs(job: dict, nproc_override: int | None = None) -> list[tuple[str, str, dict]]:
@@ -93,8 +95,9 @@ def replica_envs(job: dict, nproc_override: int | None = None) -> list[tuple[str
     literal ``env`` plus what the operator injects, Service names resolved to 127.0.0.1."""
     spec = job["spec"]
     specs = spec["pytorchReplicaSpecs"]
-    pods = [("master-0", "Master")] if "Master" in specs else []
-    pods += [(f"worker-{i}", "Worker") for i in range(int(specs.get("Worker", {}).get("replicas", 0)))]
+    pods = [(PYTORCHJOB.pod_suffix(0, "Master"), "Master")] if "Master" in specs else []
+    pods += [(PYTORCHJOB.pod_suffix(i, "Worker"), "Worker")
+             for i in range(int(specs.get("Worker", {}).get("replicas", 0)))]
     nproc = str(nproc_override) if nproc_override else str(spec.get("nprocPerNode", "1"))
     nnodes = len(pods)
     world = nnodes * int(nproc) if nproc.isdigit() else nnodes
@@ -198,7 +201,7 @@ def run_local(manifest: str, overrides: list[str], nproc_override: int | None = 
     specs = job["spec"].get("pytorchReplicaSpecs", {})
     has_master = "Master" in specs
     # a TrainJob on our runtime: its podFailurePolicy fails the job on 1 and 2 and retries the rest, as ExitCode does
-    policy = "ExitCode" if job["kind"] == "TrainJob" else \
+    policy = "ExitCode" if job["kind"] == TRAINJOB.kind else \
         specs["Master" if has_master else "Worker"].get("restartPolicy", "OnFailure")
     codes: dict[str, int] = {}
     try:
@@ -213,8 +216,8 @@ def run_local(manifest: str, overrides: list[str], nproc_override: int | None = 
                     # the operator fails the job (and cleanPodPolicy: Running stops the other pods) on a
                     # permanent code; a retryable one (>= 128 under restartPolicy ExitCode) only recreates that
                     # pod, which run-local does not do: the others find out about their lost peer themselves
-                    if code != 0 and not (policy == "ExitCode" and code >= 128) and (
-                            not has_master or name == "master-0"):
+                    if code != 0 and not (policy == "ExitCode" and retryable(code)) and (
+                            not has_master or name == procs[0][0]):
                         stop_all()
             if deadline and time.time() > deadline:
                 raise subprocess.TimeoutExpired("run-local", timeout)

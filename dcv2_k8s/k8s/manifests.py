@@ -13,6 +13,9 @@ from pathlib import Path
 
 import yaml
 
+from dcv2_k8s.exitcodes import ERROR, USAGE
+from dcv2_k8s.k8s.kinds import KINDS, PYTORCHJOB, TRAINJOB, JobKind
+
 IMAGE = "registry.example.com/dcv2/dcv2-k8s:0.1.0"  # replace with the image you pushed
 SECRET = "dcv2-s3"
 APP = "dcv2-trainer"
@@ -21,12 +24,13 @@ METRICS_PORT = 8000
 RDZV_PORT = 23456                     # the operator's "pytorchjob-port"; torchrun's c10d rendezvous store on worker 0
 UID = 1000
 RESTART_INCIDENTS = 3                 # backoffLimit = incidents x pods (see pytorchjob())
-# per GPU: the node shapes this fits are in the README ("Node sizing")
+# per GPU: the node shapes this fits are in docs/kubernetes.md ("Node sizing")
 CPU_REQUEST_PER_GPU, CPU_LIMIT_PER_GPU = 10, 12
 MEM_REQUEST_PER_GPU, MEM_LIMIT_PER_GPU = 48, 64      # GiB; the limit includes the /dev/shm tmpfs
 SHM_PER_GPU = 8                                      # GiB
 DATA_SIZE_LIMIT, TMP_SIZE_LIMIT = 400, 20            # GiB, the emptyDirs
 STORAGE_REQUEST = 200                                # GiB of node-local disk: ImageNet train + val staged is ~155 GB
+TRAIN_DIR, VAL_DIR = "/data/train", "/data/val"      # where the splits are staged, on the node-local /data
 
 
 @dataclass
@@ -49,7 +53,7 @@ class JobSpec:
     image_pull_secrets: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        longest = f"{self.name}-worker-{max(0, self.nodes - 1)}"
+        longest = PYTORCHJOB.pod(self.name, max(0, self.nodes - 1))
         if len(longest) > 63:
             raise ValueError(f"PyTorchJob name {self.name!r} is too long: its pod and Service {longest!r} must be a "
                              "DNS label of at most 63 characters")
@@ -69,12 +73,19 @@ def _resources(gpus: int) -> dict:
                        "nvidia.com/gpu": str(gpus)}}
 
 
-def dcv2_args(spec: JobSpec) -> list[str]:
+def dcv2_args(spec: JobSpec, stages_itself: bool = False) -> list[str]:
+    """The ``dcv2`` call of ``spec``. A PyTorchJob's init containers have staged its splits to TRAIN_DIR and VAL_DIR;
+    a TrainJob has no per-job init containers, so its run (``stages_itself``) reads the splits' URIs and stages the
+    train split into TRAIN_DIR itself (local rank 0 of each node; the other ranks wait)."""
     ckpt = spec.checkpoint_uri or f"s3://dcv2-checkpoints/{spec.name}"
-    val = ["config.DATA.TEST.DATA_PATHS=[/data/val]"] if spec.val_uri else []
-    return [spec.command, f"config={spec.config}", *spec.overrides, "config.DATA.TRAIN.DATA_PATHS=[/data/train]",
-            *val, f"config.CHECKPOINT.DIR={ckpt}", "config.METRICS.ENABLED=true", f"config.METRICS.PORT={METRICS_PORT}",
-            f"config.RUN_NAME={spec.name}", "config.DATA.NUM_DATALOADER_WORKERS=10"]
+    train, val = (spec.data_uri, spec.val_uri) if stages_itself else (TRAIN_DIR, VAL_DIR)
+    data = [f"config.DATA.TRAIN.DATA_PATHS=[{train}]"] + ([f"config.DATA.TRAIN.STAGE_DIR={TRAIN_DIR}"]
+                                                          if stages_itself else [])
+    if spec.val_uri:
+        data.append(f"config.DATA.TEST.DATA_PATHS=[{val}]")
+    return [spec.command, f"config={spec.config}", *spec.overrides, *data, f"config.CHECKPOINT.DIR={ckpt}",
+            "config.METRICS.ENABLED=true", f"config.METRICS.PORT={METRICS_PORT}", f"config.RUN_NAME={spec.name}",
+            "config.DATA.NUM_DATALOADER_WORKERS=10"]
 
 
 def _stage_container(spec: JobSpec, name: str, uri: str, dest: str, labels: str = "") -> dict:
@@ -94,7 +105,7 @@ def rendezvous_env(name: str) -> list[dict]:
     (``spec.nprocPerNode``) and, because the job has no Master, no ``MASTER_ADDR``/``RANK``/``WORLD_SIZE``
     (pkg/controller.v1/pytorch/envvar.go)."""
     return [{"name": "PET_RDZV_BACKEND", "value": "c10d"},
-            {"name": "PET_RDZV_ENDPOINT", "value": f"{name}-worker-0:{RDZV_PORT}"},
+            {"name": "PET_RDZV_ENDPOINT", "value": f"{PYTORCHJOB.pod(name, 0)}:{RDZV_PORT}"},
             {"name": "PET_RDZV_ID", "value": name}]
 
 
@@ -114,11 +125,11 @@ def pod_template(spec: JobSpec) -> dict:
                                 "seccompProfile": {"type": "RuntimeDefault"}},
             "nodeSelector": {"nvidia.com/gpu.present": "true"},
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-            "initContainers": [_stage_container(spec, "stage-data", spec.data_uri, "/data/train")] +
-                              ([_stage_container(spec, "stage-val", spec.val_uri, "/data/val", spec.val_labels)]
+            "initContainers": [_stage_container(spec, "stage-data", spec.data_uri, TRAIN_DIR)] +
+                              ([_stage_container(spec, "stage-val", spec.val_uri, VAL_DIR, spec.val_labels)]
                                if spec.val_uri else []),
             "containers": [{
-                "name": "pytorch", "image": spec.image, "imagePullPolicy": "IfNotPresent",
+                "name": PYTORCHJOB.container, "image": spec.image, "imagePullPolicy": "IfNotPresent",
                 # dcv2 stays the container's main process (the one the kubelet signals) and starts torchrun, which
                 # reads nnodes, nproc-per-node and the rendezvous from the PET_* variables and gives each process
                 # its RANK/LOCAL_RANK/WORLD_SIZE; dcv2 turns the processes' exit codes into the container's
@@ -148,7 +159,7 @@ def pytorchjob(spec: JobSpec) -> dict:
     - ``backoffLimit`` = RESTART_INCIDENTS x pods: the operator compares it with the sum of container restarts
       over all running pods (pkg/core/job.go ``PastBackoffLimit``), and one incident restarts every pod. With
       ExitCode the pods are recreated rather than restarted in place, so v1.9 does not count them there: the run's
-      hard limit is ``activeDeadlineSeconds`` (README, "Restarts and exit codes").
+      hard limit is ``activeDeadlineSeconds`` (docs/kubernetes.md, "Restarts and exit codes").
     """
     tpl = pod_template(spec)
     if spec.image_pull_secrets:
@@ -158,7 +169,7 @@ def pytorchjob(spec: JobSpec) -> dict:
                   "ttlSecondsAfterFinished": 604800}
     if spec.active_deadline_seconds:
         run_policy["activeDeadlineSeconds"] = int(spec.active_deadline_seconds)
-    return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
+    return {"apiVersion": PYTORCHJOB.api_version, "kind": PYTORCHJOB.kind,
             "metadata": {"name": spec.name, "labels": {"app.kubernetes.io/name": APP,
                                                        "app.kubernetes.io/part-of": "dcv2-k8s"}},
             "spec": {"nprocPerNode": str(spec.gpus_per_node), "runPolicy": run_policy,
@@ -186,22 +197,7 @@ JOBS = [
 
 
 # ------------------------------------------------------------------------------------ Kubeflow Trainer v2
-TRAINER_API = "trainer.kubeflow.org/v1alpha1"
 RUNTIME = "dcv2-torch"
-
-
-def trainjob_args(spec: JobSpec) -> list[str]:
-    """The same ``dcv2`` call as the PyTorchJob's, except that the run stages its data itself (local rank 0 of each
-    node, into the node-local ``/data``; the other ranks wait): a TrainJob has no per-job init containers."""
-    out = []
-    for a in dcv2_args(spec):
-        if a == "config.DATA.TRAIN.DATA_PATHS=[/data/train]":
-            out += [f"config.DATA.TRAIN.DATA_PATHS=[{spec.data_uri}]", "config.DATA.TRAIN.STAGE_DIR=/data/train"]
-        elif a == "config.DATA.TEST.DATA_PATHS=[/data/val]":
-            out.append(f"config.DATA.TEST.DATA_PATHS=[{spec.val_uri}]")
-        else:
-            out.append(a)
-    return out
 
 
 def trainjob(spec: JobSpec) -> dict:
@@ -209,16 +205,21 @@ def trainjob(spec: JobSpec) -> dict:
     resources and environment as the PyTorchJob; Trainer's torch plugin injects PET_NNODES, PET_NPROC_PER_NODE,
     PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT (pkg/runtime/framework/plugins/torch/torch.go)."""
     env = [e for e in pod_template(spec)["spec"]["containers"][0]["env"] if not e["name"].startswith("PET_")]
-    job = {"apiVersion": TRAINER_API, "kind": "TrainJob",
+    job = {"apiVersion": TRAINJOB.api_version, "kind": TRAINJOB.kind,
            "metadata": {"name": spec.name, "labels": {"app.kubernetes.io/name": APP,
                                                       "app.kubernetes.io/part-of": "dcv2-k8s"}},
-           "spec": {"runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime", "name": RUNTIME},
-                    "trainer": {"image": spec.image, "command": ["dcv2"], "args": trainjob_args(spec),
+           "spec": {"runtimeRef": {"apiGroup": TRAINJOB.group, "kind": "TrainingRuntime", "name": RUNTIME},
+                    "trainer": {"image": spec.image, "command": ["dcv2"], "args": dcv2_args(spec, stages_itself=True),
                                 "numNodes": spec.nodes, "numProcPerNode": spec.gpus_per_node,
                                 "resourcesPerNode": _resources(spec.gpus_per_node), "env": env}}}
     if spec.active_deadline_seconds:
         job["spec"]["activeDeadlineSeconds"] = int(spec.active_deadline_seconds)
     return job
+
+
+def job_manifest(kind: JobKind, spec: JobSpec) -> dict:
+    """The job of ``spec`` as ``kind``: a PyTorchJob, or a TrainJob on our dcv2-torch runtime."""
+    return {PYTORCHJOB: pytorchjob, TRAINJOB: trainjob}[kind](spec)
 
 
 def training_runtime(image: str = IMAGE) -> dict:
@@ -229,7 +230,7 @@ def training_runtime(image: str = IMAGE) -> dict:
     spec = JobSpec(RUNTIME, nodes=1, gpus_per_node=1, image=image)
     pod = pod_template(spec)
     c = pod["spec"]["containers"][0]
-    container = {"name": "node", "image": image, "imagePullPolicy": "IfNotPresent",
+    container = {"name": TRAINJOB.container, "image": image, "imagePullPolicy": "IfNotPresent",
                  "envFrom": c["envFrom"], "env": [{"name": "HOME", "value": "/tmp"}],
                  "ports": [p for p in c["ports"] if p["name"] == "metrics"], "volumeMounts": c["volumeMounts"],
                  "securityContext": c["securityContext"]}
@@ -237,11 +238,12 @@ def training_runtime(image: str = IMAGE) -> dict:
     pod_spec.update(containers=[container], restartPolicy="Never")
     job_spec = {"backoffLimit": RESTART_INCIDENTS,
                 "podFailurePolicy": {"rules": [
-                    {"action": "FailJob", "onExitCodes": {"containerName": "node", "operator": "In",
-                                                          "values": [1, 2]}},
+                    {"action": "FailJob", "onExitCodes": {"containerName": TRAINJOB.container, "operator": "In",
+                                                          "values": [ERROR, USAGE]}},
                     {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]},
                 "template": {"metadata": pod["metadata"], "spec": pod_spec}}
-    return {"apiVersion": TRAINER_API, "kind": "TrainingRuntime",
+    # a TrainingRuntime is in the TrainJob's API group and version
+    return {"apiVersion": TRAINJOB.api_version, "kind": "TrainingRuntime",
             "metadata": {"name": RUNTIME, "labels": {"trainer.kubeflow.org/framework": "torch",
                                                      "app.kubernetes.io/part-of": "dcv2-k8s"}},
             "spec": {"mlPolicy": {"numNodes": 1, "torch": {}},
@@ -260,17 +262,17 @@ def secret_example() -> dict:
 
 
 def rbac() -> list[dict]:
+    """The launcher's rights: every kind of job it runs (create, watch, delete) and their pods' logs."""
     name = "dcv2-launcher"
+    jobs = [rule for k in KINDS.values() for rule in (
+        {"apiGroups": [k.group], "resources": [k.plural],
+         "verbs": ["create", "get", "list", "watch", "delete", "patch"]},
+        {"apiGroups": [k.group], "resources": [f"{k.plural}/status"], "verbs": ["get"]})]
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": name},
-         "rules": [{"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"],
-                    "verbs": ["create", "get", "list", "watch", "delete", "patch"]},
-                   {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs/status"], "verbs": ["get"]},
-                   {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"],
-                    "verbs": ["create", "get", "list", "watch", "delete", "patch"]},
-                   {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs/status"], "verbs": ["get"]},
-                   {"apiGroups": [""], "resources": ["pods", "pods/log", "events"], "verbs": ["get", "list", "watch"]}]},
+         "rules": jobs + [{"apiGroups": [""], "resources": ["pods", "pods/log", "events"],
+                           "verbs": ["get", "list", "watch"]}]},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": name},
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
          "subjects": [{"kind": "ServiceAccount", "name": name},

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+from dcv2_k8s.k8s.kinds import PYTORCHJOB
+
 K8S_VERSION = "1.30"
 _PRIMITIVES = {"str": str, "int": int, "bool": bool, "float": (int, float)}
 
@@ -78,14 +80,15 @@ def validate_pytorchjob(doc: dict) -> list[str]:
         errors.append("pytorchReplicaSpecs.Master.replicas must be 1")
     for rtype, rs in specs.items():
         names = [c.get("name") for c in rs.get("template", {}).get("spec", {}).get("containers", [])]
-        if "pytorch" not in names:
-            errors.append(f"{rtype}: the training container must be named 'pytorch' (the operator looks for it)")
+        if PYTORCHJOB.container not in names:
+            errors.append(f"{rtype}: the training container must be named {PYTORCHJOB.container!r} (the operator "
+                          "looks for it)")
     name = doc.get("metadata", {}).get("name", "")
     if not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", name):
         errors.append(f"metadata.name {name!r} must be a DNS-1035 label")
     # the rendezvous is reached through the Service the operator names after the job and the pod: a copy of a
     # manifest under another name that keeps the old endpoint waits for a host that does not exist
-    lead = f"{name}-master-0" if "Master" in specs else f"{name}-worker-0"
+    lead = PYTORCHJOB.pod(name, 0, "Master" if "Master" in specs else "Worker")
     for rtype, rs in specs.items():
         for c in rs.get("template", {}).get("spec", {}).get("containers", []):
             for e in c.get("env", []) or []:
