@@ -25,7 +25,7 @@ CP_STAMP := $(CP_DIR)/.built-$(OPERATOR_VERSION)
 KUBE_LDFLAGS := -s -w -X k8s.io/component-base/version.gitVersion=v1.36.3 \
   -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=36
 
-.PHONY: demo test test-fast install clean controlplane
+.PHONY: demo test test-fast install clean controlplane docs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -77,5 +77,9 @@ test: $(STAMP) $(COMPAT)/.installed $(TRAINER_CRDS)/.installed $(CP_STAMP)
 test-fast: $(STAMP) $(COMPAT)/.installed $(TRAINER_CRDS)/.installed
 	$(PY) -m pytest -q -m "not slow"
 
+# the documentation site (mkdocs.yml, docs/), strict: a broken link or anchor, or a page left out of the nav, fails it
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(DEMO_OUT) runs .pytest_cache
+	rm -rf $(DEMO_OUT) runs .pytest_cache site

@@ -74,6 +74,17 @@ def test_no_import_cycles():
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
+def test_every_module_names_its_one_job_in_its_first_docstring_line():
+    """A reader opening any file learns its job from the first line: every module has a docstring whose first line
+    is one sentence (ending with a period, short enough to read at a glance)."""
+    bad = []
+    for name, path in sorted(_modules().items()):
+        doc = ast.get_docstring(ast.parse(path.read_text()))
+        first = (doc or "").strip().splitlines()[0] if doc and doc.strip() else ""
+        if not first.endswith(".") or len(first) > 120:
+            bad.append(f"{name}: {first[:60]!r}")
+    assert not bad, bad
+
 def test_packages_are_packages_and_the_schema_is_a_leaf():
     for d in PKG.iterdir():
         if d.is_dir() and any(d.glob("*.py")):
@@ -125,7 +136,8 @@ def test_resolved_config_is_frozen_and_typed():
 
 def test_no_casts_of_config_values_in_the_loop():
     """The training loop reads typed values: no int()/float()/str()/bool() around a cfg value."""
-    for name in ("engine.py", "eval/linear.py", "dcv2/method.py", "events.py", "runtime.py"):
+    for name in ("engine.py", "monitor.py", "reporter.py", "eval/linear.py", "dcv2/method.py", "events.py",
+                 "runtime.py"):
         for node in ast.walk(ast.parse((PKG / name).read_text())):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
                     node.func.id in ("int", "float", "str", "bool") and node.args:

@@ -72,7 +72,7 @@ def test_glyph_probe_labels_are_the_generators_and_the_preset_sees_the_glyph_not
     """The probe's nuisance labels are the draws that made each image (regenerating an image from its generator
     gives the stored pixels). The small-scale preset's network at random initialisation (its view: crop to the
     glyph, ``INPUT_NORM: standardize_polarity``) tells glyphs apart far above the majority rate and dark-on-light
-    from light-on-dark not at all; a plain trunk told polarity at 97 % (README "Small datasets"). Tiny data: 3
+    from light-on-dark not at all; a plain trunk told polarity at 97 % (docs/training.md). Tiny data: 3
     classes, 60 val images (seeds 3-5 gave class 96.7-98.3 %, polarity 46.7-53.3 %)."""
     from PIL import Image
 
