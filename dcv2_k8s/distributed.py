@@ -96,7 +96,8 @@ def init_process_group(info: DistInfo, backend: str, device: torch.device, timeo
 
 
 class StopAgreement:
-    """Every rank learns, at the same step, whether any rank was asked to stop (SIGTERM), one step after it was.
+    """Every rank learns, at the same step, whether any rank was asked to stop (SIGTERM, SIGINT), one step after
+    it was.
 
     Each ``poll()`` (every rank, once per training step) waits for the previous step's tiny all-reduce of the
     flag, then starts the next one asynchronously. The flag is a CPU tensor reduced over a gloo group of its own,
@@ -201,18 +202,20 @@ def spawn_local(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
     ``PET_*`` variables. ``max_restarts``: torchrun restarts every process this many times after one fails (they
     resume from the last committed checkpoint).
 
-    This process stays the container's main process: it is the one the kubelet signals. SIGTERM/SIGINT are passed
-    to torchrun, which passes them to the processes and gives them 30 s before SIGKILL (torch
-    ``distributed/elastic/multiprocessing/api.py``, ``PContext.close``); they commit a checkpoint well within that
-    and exit 143. torchrun itself then exits 1 (its ``SignalException``), which this process turns into 143 so that
-    ``restartPolicy: ExitCode`` restarts the pod. Every process writes its own exit code to a file, and the node's
-    code is ``exitcodes.combine`` of them: a config mistake on any rank stays permanent."""
+    This process stays the container's main process: it is the one the kubelet signals, and the one a terminal's
+    Ctrl-C reaches (torchrun runs in a session of its own, so each signal reaches it once, from here; it ends with
+    this process). SIGTERM/SIGINT are passed to torchrun, which passes them to the processes and gives them 30 s
+    before SIGKILL (torch ``distributed/elastic/multiprocessing/api.py``, ``PContext.close``); they commit a
+    checkpoint well within that and exit 143 (SIGTERM) or 130 (SIGINT), and so does this node. A second SIGINT goes
+    straight to the processes, which then stop at once. Every process writes its own exit code to a file, and the
+    node's code is ``exitcodes.combine`` of them: a config mistake on any rank stays permanent."""
     import shutil
     import tempfile
 
     from dcv2_k8s import exitcodes
 
-    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    cmd = [sys.executable, "-c", "import sys, torch.distributed.run; from dcv2_k8s.distributed import run_torchrun; "
+           "sys.exit(run_torchrun(sys.argv[1:]))"]
     if operator_env():
         if max_restarts:
             cmd.append(f"--max-restarts={max_restarts}")
@@ -223,12 +226,24 @@ def spawn_local(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nproc))))
     code_dir = tempfile.mkdtemp(prefix="dcv2-exit-")
     env[EXIT_DIR_ENV] = code_dir
-    child = subprocess.Popen(cmd, env=env)
+    child = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_end_with_parent)
     forwarded = []
 
     def forward(signum, frame):  # SIGTERM/SIGINT go to torchrun, which passes them to the workers
+        if signum == signal.SIGINT and signum in forwarded:  # a second Ctrl-C: straight to the processes
+            print(f"dcv2: interrupted again: the processes stop at once (exit {exitcodes.INTERRUPTED})",
+                  file=sys.stderr, flush=True)
+            for pid in _rank_pids(code_dir):
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    pass
+        else:
+            if signum == signal.SIGINT:
+                print(f"dcv2: interrupted: the processes finish their step, commit a checkpoint and exit "
+                      f"{exitcodes.INTERRUPTED} (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+            child.send_signal(signum)
         forwarded.append(signum)
-        child.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -237,25 +252,91 @@ def spawn_local(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
         for s, h in previous.items():
             signal.signal(s, h)
     try:
-        codes = [int(open(os.path.join(code_dir, f)).read()) for f in sorted(os.listdir(code_dir))]
+        codes = [int(open(os.path.join(code_dir, f)).read()) for f in sorted(os.listdir(code_dir))
+                 if f.endswith(".code")]
     finally:
         shutil.rmtree(code_dir, ignore_errors=True)
-    node = exitcodes.combine(codes, code, signalled=signal.SIGTERM in forwarded)
+    node = exitcodes.combine(codes, code, signalled=signal.SIGTERM in forwarded,
+                             interrupted=signal.SIGINT in forwarded)
     if node != code:
         print(f"dcv2: processes exited with {codes or 'no code'}, torchrun with {code}: this node exits with "
               f"{node} ({exitcodes.NAMES.get(node, '?')})", file=sys.stderr, flush=True)
     return node
 
 
+def _end_with_parent() -> None:
+    """In torchrun's process before it starts: SIGTERM when the ``dcv2`` process that started it dies (it is in a
+    session of its own, so a signal to that process's group no longer reaches it)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        pass
+
+
+def run_torchrun(argv: list[str]) -> int:
+    """torchrun (``torch.distributed.run``) in this process. On a death signal (SIGTERM, SIGINT) it shuts the
+    processes down as torchrun does, then exits 128 + the signal's number without its traceback and its shutdown
+    warnings: ``spawn_local`` says what happened, once."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing import api
+    from torch.distributed.run import main
+
+    handler = api._terminate_process_handler
+
+    def quiet(signum, frame):
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith("torch.distributed.elastic"):
+                logging.getLogger(name).setLevel(logging.ERROR)
+        handler(signum, frame)
+
+    api._terminate_process_handler = quiet  # PContext.start installs it by this name
+    try:
+        main(argv)
+    except api.SignalException as e:
+        return 128 + int(e.sigval)
+    except KeyboardInterrupt:  # before torchrun installed its handlers
+        return 128 + signal.SIGINT
+    return 0
+
+
 EXIT_DIR_ENV = "DCV2_EXIT_DIR"
+
+
+def record_pid() -> None:
+    """Leave this process's id for the node's launcher (``spawn_local``), which sends a second Ctrl-C straight to
+    it (torchrun passes on only the first)."""
+    _leave("pid", os.getpid())
+
+
+def _rank_pids(code_dir: str) -> list[int]:
+    pids = []
+    for f in os.listdir(code_dir):
+        if f.endswith(".pid"):
+            try:
+                pids.append(int(open(os.path.join(code_dir, f)).read()))
+            except (OSError, ValueError):
+                pass
+    return pids
+
+
+def launcher_reports() -> bool:
+    """True in a process whose node launcher (``spawn_local``) reports signals and exit codes for the node."""
+    return launched() and bool(os.environ.get(EXIT_DIR_ENV))
 
 
 def record_exit_code(code: int) -> None:
     """Leave this process's exit code for the node's launcher (``spawn_local``), when one asked for it."""
-    d = os.environ.get(EXIT_DIR_ENV)
-    if d and launched():
+    _leave("code", int(code))
+
+
+def _leave(suffix: str, value: int) -> None:
+    if launcher_reports():
         try:
-            with open(os.path.join(d, f"rank{os.environ.get('RANK', '0')}.code"), "w") as f:
-                f.write(str(int(code)))
+            with open(os.path.join(os.environ[EXIT_DIR_ENV], f"rank{os.environ.get('RANK', '0')}.{suffix}"),
+                      "w") as f:
+                f.write(str(value))
         except OSError:
             pass

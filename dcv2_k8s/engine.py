@@ -40,6 +40,7 @@ from dcv2_k8s.model import build_model
 from dcv2_k8s.model.syncbn import convert_sync_bn
 from dcv2_k8s.monitor import RunMonitor
 from dcv2_k8s.optim import LRSchedule, build_optimizer
+from dcv2_k8s.plural import count
 from dcv2_k8s.reporter import RunReporter
 from dcv2_k8s.runtime import amp_settings, seed_everything, setup_logging
 
@@ -52,6 +53,11 @@ class TrainingError(RuntimeError):
 
 class Preempted(Exception):
     """SIGTERM received: a checkpoint was committed and the process should exit with exitcodes.PREEMPTED."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) received: a checkpoint was committed and the process should exit with
+    exitcodes.INTERRUPTED, without a traceback (``cli.main``)."""
 
 
 @dataclass
@@ -141,26 +147,55 @@ class TrainingRun:
         self.reporter = RunReporter(resolved, info, self.ckpt.store, self.total_steps, self.steps_per_epoch)
         self.monitor = RunMonitor(cfg, info, self.device, self.model, self.dataset, self.schedule, self.total_steps)
         self.stop = D.StopAgreement(info, cfg.DISTRIBUTED.TIMEOUT_SECONDS)
-        self.stop_reason = ""           # "", "max_steps" or "preempted"
+        self.stop_reason = ""           # "", "max_steps", "preempted" or "interrupted"
+        self.stop_signal = None
         self.max_steps, self.iter_freq = cfg.TRAINER.MAX_STEPS, ck.CHECKPOINT_ITER_FREQUENCY
         self.progress = info.is_main and sys.stderr.isatty()
         self.skipped_steps = 0
+        self.resumed_from = None        # the manifest of the checkpoint this attempt resumed
+        self.run_tags = {}              # run_id and attempt (reporter.run_start), in every checkpoint's manifest
+        self._handlers = {}  # the signal handlers before this run's, restored by close()
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+            D.record_pid()
 
-    def _on_sigterm(self, signum, frame) -> None:
-        if not self.stop.requested:
+    def close(self) -> None:
+        """Stop the reporter's sinks, wait for the stop agreement's reduction, give the signals back."""
+        self.reporter.close()
+        try:
+            self.stop.finish()
+        except Exception:  # a peer is gone: the process group is torn down anyway
+            pass
+        for sig, handler in self._handlers.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        """SIGTERM (preemption) and SIGINT (Ctrl-C): finish the step, commit, exit 143 or 130. A second SIGINT
+        stops at once (the last committed checkpoint stays the newest)."""
+        if self.stop.requested:
+            if signum == signal.SIGINT:
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                raise KeyboardInterrupt
+            return
+        self.stop_signal = signum
+        if signum == signal.SIGTERM:
             log.warning("SIGTERM: finishing the current step, then committing a checkpoint and exiting")
+        elif self.info.local_rank == 0 and not D.launcher_reports():
+            log.warning("interrupted: finishing the current step, committing a checkpoint, then exiting %d "
+                        "(Ctrl-C again to stop at once)", exitcodes.INTERRUPTED)
         self.stop.request()
 
     # -------------------------------------------------------------------------------------------- loop
     def run(self) -> dict:
         cfg, s = self.cfg, self.state
-        log.info("training %s: %d images, %d processes x batch %d, %d steps/epoch, %d epochs, device %s",
-                 self.resolved.name, len(self.dataset), self.info.world_size, self.batch, self.steps_per_epoch,
+        log.info("training %s: %s, %s x batch %d, %d steps/epoch, %d epochs, device %s",
+                 self.resolved.name, count(len(self.dataset), "image"), count(self.info.world_size, "process"),
+                 self.batch, self.steps_per_epoch,
                  self.epochs, self.device)
         bank_restored = cfg.CHECKPOINT.AUTO_RESUME and self.resume()
         s = self.state
+        self.run_tags = self.reporter.run_start(self.resumed_from, cfg.CHECKPOINT.AUTO_RESUME, s.global_step,
+                                                s.epoch)
         if cfg.MODEL.WEIGHTS_INIT.PARAMS_FILE and s.global_step == 0:
             from dcv2_k8s.weights import load_weights
 
@@ -188,6 +223,12 @@ class TrainingRun:
                     log.warning("checkpoint committed at step %d; exiting with code %d (restart to resume)",
                                 s.global_step, exitcodes.PREEMPTED)
                     raise Preempted()
+                if self.stop_reason == "interrupted":
+                    if self.info.local_rank == 0:
+                        log.warning("interrupted: checkpoint committed at step %d in %s; exiting with code %d (the "
+                                    "same command resumes from it)", s.global_step, cfg.CHECKPOINT.DIR,
+                                    exitcodes.INTERRUPTED)
+                    raise Interrupted()
                 log.info("stopped after %d steps (config.TRAINER.MAX_STEPS)", s.global_step)
                 return last
             if s.epoch % max(1, cfg.CHECKPOINT.CHECKPOINT_FREQUENCY) == 0 or s.epoch == self.epochs:
@@ -225,8 +266,8 @@ class TrainingRun:
                 n_acc, data_wait, t_window = 0, 0.0, time.time()
             if self.iter_freq > 0 and s.global_step % self.iter_freq == 0 and s.step_in_epoch < self.steps_per_epoch:
                 self.save_checkpoint(epoch_end=False)
-            if self.stop.poll():  # every step: a SIGTERM is acted on within two steps
-                self.stop_reason = "preempted"
+            if self.stop.poll():  # every step: a SIGTERM or SIGINT is acted on within two steps
+                self.stop_reason = "interrupted" if self.stop_signal == signal.SIGINT else "preempted"
                 break
             if 0 < self.max_steps <= s.global_step:
                 self.stop_reason = "max_steps"
@@ -302,7 +343,7 @@ class TrainingRun:
                     "rng": rng_state(), "config_yaml": self.resolved.yaml(), "world_size": self.info.world_size}
         bank = {"bank": self.method.bank.state_dict(), "rng": rng_state()}
         meta = {"epoch": s.epoch, "step_in_epoch": s.step_in_epoch, "global_step": s.global_step,
-                "epoch_end": epoch_end}
+                "epoch_end": epoch_end, **self.run_tags}
         t0 = time.time()
         try:
             self.ckpt.save(CheckpointManager.name_for(s.global_step), main, bank, meta)
@@ -326,6 +367,7 @@ class TrainingRun:
         if manifest is None:
             return False
         st = self.ckpt.load_state(manifest)
+        self.resumed_from = manifest
         self.model.load_state_dict(st["model"])
         self.optimizer.load_state_dict(st["optimizer"])
         self.scaler.load_state_dict(st["scaler"])
@@ -418,9 +460,5 @@ def train(resolved: Resolved) -> dict:
         return training.run()
     finally:
         if training is not None:
-            training.reporter.close()
-            try:
-                training.stop.finish()
-            except Exception:  # a peer is gone: the process group is torn down anyway
-                pass
+            training.close()
         D.destroy()

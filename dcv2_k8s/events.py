@@ -1,7 +1,9 @@
 """The run's event log, ``metrics.jsonl``.
 
 The run's event log: one JSON line per event in ``CHECKPOINT.DIR/metrics.jsonl`` (rank 0), read by
-``dcv2 report``, the pipeline's report step and the tests.
+``dcv2 report``, the pipeline's report step and the tests. Every event from the ``run_start`` of an attempt on
+carries the run's ``run_id`` and the ``attempt`` (1 for a new run, one more for each resume): the runs and attempts
+that one directory saw never read as one.
 
 A local ``CHECKPOINT.DIR`` holds the file directly. For object storage it is written to a local file (continuing
 what earlier attempts of the run published) and published next to the checkpoints with every checkpoint and at
@@ -14,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import tempfile
 import time
 
@@ -35,6 +38,7 @@ class EventLog:
         self.root, self.store = root, store
         self.remote = "://" in root
         self.path = self._local_path() if enabled else None
+        self.tags: dict = {}  # run_id and attempt, from start_run on
 
     def _local_path(self) -> str:
         if not self.remote:
@@ -47,12 +51,35 @@ class EventLog:
             f.write(self.store.get_bytes(remote) if self.store.exists(remote) else b"")
         return local
 
+    def start_run(self, run_id: str | None, **values) -> dict:
+        """The ``run_start`` event of an attempt (``values``), and its tags on every later event: ``run_id`` (None:
+        a new run, with a new id) and this attempt's number (one more than the attempts of that run already in the
+        log). Returns the tags."""
+        if run_id is None:
+            run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+        self.tags = {"run_id": run_id, "attempt": 1 + sum(e.get("run_id") == run_id for e in self._starts())}
+        self.emit("run_start", **values)
+        return dict(self.tags)
+
+    def _starts(self) -> list[dict]:
+        if self.path is None or not os.path.exists(self.path):
+            return []
+        out = []
+        with open(self.path) as f:
+            for line in f:
+                if '"run_start"' in line:
+                    try:
+                        out.append(json.loads(line))
+                    except ValueError:  # a line cut by a kill
+                        pass
+        return [e for e in out if e.get("kind") == "run_start"]
+
     def emit(self, kind: str, **values) -> None:
         if self.path is None:
             return
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         with open(self.path, "a") as f:
-            f.write(json.dumps({"kind": kind, "time": time.time(), **values}) + "\n")
+            f.write(json.dumps({"kind": kind, "time": time.time(), **self.tags, **values}) + "\n")
 
     def publish(self, final: bool = False) -> None:
         """Copy the file next to remote checkpoints. Best effort while training (an unreachable store must not stop

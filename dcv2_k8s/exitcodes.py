@@ -13,10 +13,12 @@ from __future__ import annotations
 OK = 0
 ERROR = 1           # an unexpected error in dcv2 itself, or a training failure that a retry would repeat (NaN loss)
 USAGE = 2           # configuration, data or environment the user must fix
+INTERRUPTED = 130   # 128 + SIGINT (Ctrl-C): as PREEMPTED, a checkpoint was committed; the next start resumes
 PREEMPTED = 143     # 128 + SIGTERM: a checkpoint was committed (or the previous one stays latest); resume on restart
 RETRYABLE = 200     # an infrastructure fault: a lost peer, a collective timeout, a failed rendezvous, a store outage
 
-NAMES = {OK: "ok", ERROR: "error", USAGE: "usage", PREEMPTED: "preempted", RETRYABLE: "retryable"}
+NAMES = {OK: "ok", ERROR: "error", USAGE: "usage", INTERRUPTED: "interrupted", PREEMPTED: "preempted",
+         RETRYABLE: "retryable"}
 
 
 def retryable(code: int) -> bool:
@@ -24,21 +26,24 @@ def retryable(code: int) -> bool:
     return code >= 128
 
 
-def combine(codes: list[int], launcher_code: int, signalled: bool) -> int:
+def combine(codes: list[int], launcher_code: int, signalled: bool, interrupted: bool = False) -> int:
     """The exit code of a node (the container) from its processes' own codes (``codes``: those that reported one)
     and the local launcher's (torchrun's) exit code.
 
-    SIGTERM to the container wins (preemption: retry). Otherwise a permanent code of any process wins (a config or
-    NaN failure must not be retried), then a retryable one; a launcher that failed without any process reporting
+    SIGTERM to the container wins (preemption: retry), then SIGINT (Ctrl-C: interrupted). Otherwise a permanent
+    code of any process wins (a config or NaN failure must not be retried), then a retryable one (143, then 130,
+    then 200); a launcher that failed without any process reporting
     (a rendezvous that did not complete, a process killed by the kernel) is an infrastructure fault."""
     if signalled:
         return PREEMPTED
+    if interrupted:
+        return INTERRUPTED
     failed = [c for c in codes if c != OK]
     permanent = [c for c in failed if not retryable(c)]
     if permanent:
         return USAGE if USAGE in permanent else permanent[0]
     if failed:
-        return PREEMPTED if PREEMPTED in failed else RETRYABLE
+        return next((c for c in (PREEMPTED, INTERRUPTED) if c in failed), RETRYABLE)
     if launcher_code != OK:
         return RETRYABLE
     return OK

@@ -5,6 +5,11 @@ Reads ``RUN/metrics.jsonl`` (written by rank 0 during training; ``RUN`` is the C
 clusters, size entropy, NMI vs the previous epoch), k-NN accuracy (with the network at initialisation as the
 floor) and the collapse diagnostics (trunk-feature mean cosine and effective rank, per-layer weight change, and
 every collapse warning the run raised). For people without Grafana, and the pipeline's HTML artifact.
+
+One directory can hold several runs (a new run after the checkpoints were removed) and several attempts of one
+(each resume): the report draws the run that wrote the newest committed checkpoint, each attempt up to the step
+where a later attempt resumed (the steps recomputed after a resume are drawn once), with the resumes marked. A log
+written before events carried ``run_id`` reads as one run.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import html
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 from dcv2_k8s.storage import open_storage
@@ -27,12 +33,49 @@ def load_events(run: str) -> list[dict]:
     return [json.loads(line) for line in store.get_bytes(path).decode().splitlines() if line.strip()]
 
 
+def _position(e: dict, start: dict | None) -> float:
+    """Where in the run (in steps done) an event belongs: a later attempt that resumed at step N redoes
+    everything after N (the k-means of an epoch runs before its first step, the k-NN check after its last)."""
+    spe = (start or {}).get("steps_per_epoch", 1)
+    if "global_step" in e:
+        return e["global_step"]
+    if e.get("kind") == "kmeans":
+        return e["epoch"] * spe + 0.5
+    if e.get("kind") in ("knn", "diagnostics"):
+        return e["epoch"] * spe
+    if str(e.get("name", "")).startswith("step_"):  # checkpoint_done
+        return int(e["name"][5:])
+    return float("-inf")
+
+
+def select_run(events: list[dict], newest: dict | None) -> tuple[list[dict], list[dict], list]:
+    """(the events to draw, the run_start events of its resumed attempts, the other runs' ids in the log).
+
+    The run drawn is the one that wrote ``newest`` (the manifest of the newest committed checkpoint), or, when
+    there is none or the log holds none of that run's events, the run of the last event. Events without a
+    ``run_id`` (a log from before run ids) are one run."""
+    ids = list(dict.fromkeys(e.get("run_id") for e in events))
+    owner = newest.get("run_id") if newest is not None else None
+    if newest is None or owner not in ids:
+        owner = events[-1].get("run_id") if events else None
+    mine = [e for e in events if e.get("run_id") == owner]
+    starts = {e.get("attempt", 1): e for e in mine if e.get("kind") == "run_start"}
+    kept = []
+    for e in mine:
+        attempt = e.get("attempt", 1)
+        later = [st["from_step"] for a, st in starts.items() if a > attempt]
+        if not later or _position(e, starts.get(attempt)) <= min(later):
+            kept.append(e)
+    resumes = [st for a, st in sorted(starts.items()) if st.get("resumed")]
+    return kept, resumes, [i for i in ids if i != owner]
+
+
 def _series(events: list[dict], kind: str, x: str, y: str) -> tuple[list, list]:
     pts = [(e[x], e[y]) for e in events if e.get("kind") == kind and y in e and x in e]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def _figures(events: list[dict]) -> list[tuple[str, "object"]]:
+def _figures(events: list[dict], resumes: list[dict]) -> list[tuple[str, "object"]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,11 +90,20 @@ def _figures(events: list[dict]) -> list[tuple[str, "object"]]:
         figs.append((title, f))
         return ax
 
+    def mark_resumes(ax, per_epoch: bool = False) -> None:
+        for st in resumes:
+            x = st["from_epoch"] if per_epoch else st["from_step"]
+            ax.axvline(x, color="grey", ls=":", lw=1)
+            ax.annotate(f"attempt {st['attempt']}", (x, 1), xycoords=("data", "axes fraction"), fontsize=7,
+                        color="grey", va="top", rotation=90)
+
     ax = fig("Loss")
     ax.plot(*_series(events, "step", "global_step", "loss"))
+    mark_resumes(ax)
     ax.set_xlabel("step")
     ax = fig("Learning rate")
     ax.plot(*_series(events, "step", "global_step", "lr"))
+    mark_resumes(ax)
     ax.set_xlabel("step")
     ax = fig("Throughput (images/s, all ranks)")
     ax.plot(*_series(events, "step", "global_step", "images_per_s"))
@@ -59,6 +111,7 @@ def _figures(events: list[dict]) -> list[tuple[str, "object"]]:
     xs, ys = _series(events, "step", "global_step", "data_wait_ratio")
     ax2.plot(xs, [100 * v for v in ys], color="tab:orange", alpha=0.6)
     ax2.set_ylabel("data wait %", color="tab:orange")
+    mark_resumes(ax)
     ax.set_xlabel("step")
     ax = fig("k-means time per epoch (s)")
     ax.plot(*_series(events, "kmeans", "epoch", "seconds"), marker=".")
@@ -106,11 +159,19 @@ def _figures(events: list[dict]) -> list[tuple[str, "object"]]:
     return figs
 
 
+def png_name(i: int, title: str) -> str:
+    """The file of the i-th figure: its title before any " (", lower case, each run of characters other than
+    letters, digits and '-' as one '_' (no ':' or '/', which some file systems and URLs refuse)."""
+    return f"{i:02d}_{re.sub(r'[^a-z0-9-]+', '_', title.split(' (')[0].lower()).strip('_')}.png"
+
+
 def render(run: str, out_dir: str) -> str:
     """Write ``out_dir/*.png`` and ``out_dir/report.html``; return the HTML path."""
     import matplotlib.pyplot as plt
 
-    events = load_events(run)
+    from dcv2_k8s.checkpoint import CheckpointManager
+
+    events, resumes, others = select_run(load_events(run), CheckpointManager(run).latest())
     if not any(e.get("kind") == "step" for e in events):
         raise ValueError(f"{run}: the metrics log has no training steps yet")
     out = Path(out_dir)
@@ -118,8 +179,17 @@ def render(run: str, out_dir: str) -> str:
     steps = [e for e in events if e.get("kind") == "step"]
     knn = [e for e in events if e.get("kind") == "knn"]
     last = steps[-1]
-    summary = {"epochs logged": last["epoch"] + 1, "steps": last["global_step"], "last loss": f"{last['loss']:.4f}",
-               "median images/s": f"{sorted(s['images_per_s'] for s in steps)[len(steps) // 2]:.1f}"}
+    summary = {}
+    if last.get("run_id"):
+        summary["run"] = last["run_id"]
+        at = ", ".join(str(st["from_step"]) for st in resumes)
+        summary["attempts"] = f"{1 + len(resumes)}" + (f" (resumed at step{'s' * (len(resumes) > 1)} {at})"
+                                                       if resumes else "")
+    if others:
+        summary["other runs in this log (not drawn)"] = ", ".join(str(i or "without an id") for i in others)
+    summary |= {"epochs logged": last["epoch"] + 1, "steps": last["global_step"],
+                "last loss": f"{last['loss']:.4f}",
+                "median images/s": f"{sorted(s['images_per_s'] for s in steps)[len(steps) // 2]:.1f}"}
     if knn:
         summary["last k-NN top-1"] = f"{knn[-1]['top1']:.2f} %"
     init = [e["knn_top1_init"] for e in events if e.get("kind") == "diagnostics" and "knn_top1_init" in e]
@@ -140,8 +210,8 @@ def render(run: str, out_dir: str) -> str:
             parts.append(f"<p>No collapse warning in {len(diags)} checks (last: trunk mean cosine "
                          f"{diags[-1]['trunk']['mean_cosine']:.3f}, effective rank "
                          f"{diags[-1]['trunk']['effective_rank']:.1f}).</p>")
-    for i, (title, f) in enumerate(_figures(events)):
-        png = out / f"{i:02d}_{title.split(' (')[0].lower().replace(' ', '_').replace('/', '')}.png"
+    for i, (title, f) in enumerate(_figures(events, resumes)):
+        png = out / png_name(i, title)
         f.tight_layout()
         buf = io.BytesIO()
         f.savefig(buf, format="png")

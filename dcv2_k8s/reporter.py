@@ -35,6 +35,20 @@ class RunReporter:
         self._bad_reported = 0
         self._ckpt_reported = None
 
+    # ------------------------------------------------------------------------------------------- start
+    def run_start(self, resumed_from: dict | None, auto_resume: bool, global_step: int, epoch: int) -> dict:
+        """A new run, or the next attempt of the run that wrote ``resumed_from`` (the manifest of the checkpoint it
+        resumed): its line, its tags (``run_id``, ``attempt``) on every later event and its ``run_start`` event.
+        Returns the tags, which every checkpoint's manifest records."""
+        tags = self.events.start_run(resumed_from.get("run_id") if resumed_from else None,
+                                     resumed=resumed_from is not None,
+                                     checkpoint=resumed_from["name"] if resumed_from else None,
+                                     from_step=global_step, from_epoch=epoch, steps_per_epoch=self.steps_per_epoch)
+        if resumed_from is None:
+            log.info("%s: starting a new run (%s)", "no checkpoint in " + self.ckpt_dir if auto_resume else
+                     "config.CHECKPOINT.AUTO_RESUME=false", tags["run_id"])
+        return tags
+
     # ------------------------------------------------------------------------------------------- steps
     def step(self, images: int, seconds: float, data_wait: float) -> None:
         """Every step: this node's images, the step's wall time and its wait for data (Prometheus only)."""
