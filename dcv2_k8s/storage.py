@@ -125,12 +125,27 @@ def transfer_config(size_hint: int = 0):
                           max_concurrency=int(os.environ.get("DCV2_S3_CONCURRENCY", "10")), use_threads=True)
 
 
+def s3_endpoint() -> str:
+    """The endpoint URL from the environment (``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``; '' for AWS), or a
+    one-line StorageError naming the variable when its value is not an ``http://`` or ``https://`` URL."""
+    from urllib.parse import urlsplit
+
+    var = "AWS_ENDPOINT_URL_S3" if os.environ.get("AWS_ENDPOINT_URL_S3") else "AWS_ENDPOINT_URL"
+    endpoint = os.environ.get(var, "")
+    parts = urlsplit(endpoint)
+    if endpoint and (parts.scheme not in ("http", "https") or not parts.netloc):
+        rest = endpoint.split("://", 1)[1] if "://" in endpoint else endpoint
+        raise StorageError(f"{var}={redact(endpoint)} is not an endpoint URL (it needs http:// or https://); set "
+                           f"{var}=http://{redact(rest)}")
+    return endpoint
+
+
 def s3_client():
     """A boto3 S3 client configured from the environment (see the module docstring)."""
     import boto3
     from botocore.config import Config
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = s3_endpoint()
     addressing = os.environ.get("DCV2_S3_ADDRESSING", "path" if endpoint else "auto")
     cfg = Config(retries={"mode": os.environ.get("DCV2_S3_RETRY_MODE", "standard"),
                           "max_attempts": int(os.environ.get("DCV2_S3_MAX_ATTEMPTS", "5"))},

@@ -123,6 +123,20 @@ def load_into_trunk(trunk: nn.Module, trunk_sd: dict, source: str = "weights") -
     trunk.load_state_dict(trunk_sd)
 
 
+def trunk_tokens(obj: dict) -> list[str]:
+    """``config.MODEL.TRUNK.KEY=VALUE`` tokens of the trunk one of our checkpoints was trained with (architecture
+    and ``INPUT_NORM``, from its stored config, read by ``config_from_checkpoint`` as ``dcv2 knn``, ``export`` and
+    ``clusters`` read it). A command with a config of its own (``dcv2 linear-eval``) puts them before the user's
+    tokens: what the user sets explicitly still wins."""
+    import json
+
+    from dcv2_k8s.config import config_from_checkpoint
+    from dcv2_k8s.config.dicts import flatten
+
+    trunk = config_from_checkpoint(obj, for_training=False).raw["MODEL"]["TRUNK"]
+    return [f"config.MODEL.TRUNK.{k}={json.dumps(v)}" for k, v in sorted(flatten(trunk).items())]
+
+
 def input_view(cfg) -> dict:
     """What a run's weights expect of their inputs beyond the usual resize, crop and normalise: its
     ``MODEL.TRUNK.INPUT_NORM`` and whole-image preprocessing, when set. Whoever uses exported weights elsewhere

@@ -21,6 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from dcv2_k8s.data.layout import IMG_EXTENSIONS, MANIFEST  # a staged directory's file kinds and file list
+from dcv2_k8s.plural import count
 
 log = logging.getLogger("dcv2")
 MAX_IMAGE_PIXELS = 100_000_000  # larger images are refused as decompression bombs (ImageNet's largest: ~20 MP)
@@ -35,14 +36,38 @@ class SplitMismatch(ValueError):
     """Train and validation splits whose class names differ (labels would be compared by index)."""
 
 
+class DatasetRoot(FileNotFoundError):
+    """A dataset's root (its split directories, e.g. ``train/`` and ``val/``) where one split's class folders were
+    expected: its splits would become classes."""
+
+
+def check_split_dir(root: str | os.PathLike, split: str = "train") -> None:
+    """Raise :class:`DatasetRoot` (one line, naming the directory to give instead: ``root/SPLIT`` when it is there,
+    ``split`` being what the caller reads) when ``root`` holds split directories rather than classes. The rule is
+    staging's (``data.stage.SPLIT_NAMES``); every command that reads a split goes through
+    :func:`scan_image_folder`, which applies it."""
+    from dcv2_k8s.data.stage import SPLIT_NAMES
+
+    root = Path(root)
+    splits = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name.lower() in SPLIT_NAMES) \
+        if root.is_dir() else []
+    if splits:
+        wanted = ("train",) if split == "train" else ("val", "valid", "validation", "test")
+        first = next((s for w in wanted for s in splits if s.lower() == w), splits[0])
+        raise DatasetRoot(f"{root} holds the dataset's splits ({', '.join(splits)}), not class folders: give one "
+                          f"split, e.g. {root / first}")
+
+
 def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
     """Sorted classes and ``(relative path, class index)`` samples of an ImageFolder tree.
 
-    A staged directory's manifest (``layout.MANIFEST``, written by ``dcv2 stage``) is the file list when
+    A directory holding split directories (``train/``, ``val/``) is refused (:func:`check_split_dir`). A staged
+    directory's manifest (``layout.MANIFEST``, written by ``dcv2 stage``) is the file list when
     present, so indices are fixed by what was staged. When the directory no longer matches it (a file moved,
     deleted or added in a class folder), that is an error naming both, not a silent change of indices.
     """
     root = Path(root)
+    check_split_dir(root)
     manifest = root / MANIFEST
     if manifest.is_file():
         files = sorted(entry[0] for entry in json.loads(manifest.read_text())["files"])
@@ -55,9 +80,9 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[st
         if missing or extra:
             parts = []
             if missing:
-                parts.append(f"{len(missing)} listed files are missing (e.g. {missing[0]})")
+                parts.append(f"{count(len(missing), 'listed file')} missing (e.g. {missing[0]})")
             if extra:
-                parts.append(f"{len(extra)} image files are not listed (e.g. {sorted(extra)[0]})")
+                parts.append(f"{count(len(extra), 'image file')} not listed (e.g. {sorted(extra)[0]})")
             raise ManifestMismatch(f"{manifest} (the file list of this staged dataset) disagrees with {root}: "
                                    f"{' and '.join(parts)}; stage it again (dcv2 stage SRC {root}) to repair it, or "
                                    "delete the manifest to use the directory as it is")
@@ -84,7 +109,9 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[st
 
 def check_splits(train_root: str | os.PathLike, val_root: str | os.PathLike) -> list[str]:
     """The class names, when train and val hold the same ones; otherwise SplitMismatch (one line). An empty split
-    raises FileNotFoundError from scan_image_folder."""
+    raises FileNotFoundError from scan_image_folder, a dataset root DatasetRoot."""
+    check_split_dir(train_root, "train")
+    check_split_dir(val_root, "val")
     train, _ = scan_image_folder(train_root)
     val, _ = scan_image_folder(val_root)
     if train != val:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -99,13 +100,16 @@ class LinearEval:
         weights = cfg.MODEL.WEIGHTS_INIT.PARAMS_FILE
         if weights:
             from dcv2_k8s.config import config_from_checkpoint
+            from dcv2_k8s.config.dicts import given_in
             from dcv2_k8s.weights import load_into_trunk, read_file, split_weights
 
             obj = read_file(weights)
             layout, trunk_sd = split_weights(obj)[:2]
             if "config_yaml" in obj:  # ours: evaluate on the inputs it was trained on, unless this config sets a view
-                ours = config_from_checkpoint(obj, for_training=False).cfg
-                if cfg.MODEL.TRUNK.INPUT_NORM == "none" and ours.MODEL.TRUNK.INPUT_NORM != "none":
+                ours = config_from_checkpoint(obj, for_training=False).cfg  # `dcv2 linear-eval`: weights.trunk_tokens
+                set_here = resolved.cli_keys | resolved.file_keys  # empty: a parent's resolved file, already decided
+                if set_here and not given_in("MODEL.TRUNK.INPUT_NORM", resolved.cli_keys) and \
+                        cfg.MODEL.TRUNK.INPUT_NORM == "none" and ours.MODEL.TRUNK.INPUT_NORM != "none":
                     self.trunk.input_norm = ours.MODEL.TRUNK.INPUT_NORM
                     log.info("MODEL.TRUNK.INPUT_NORM=%s, as the checkpoint was trained", self.trunk.input_norm)
                 if not self.pre and ours.DATA.TRAIN.preprocess:
@@ -130,6 +134,7 @@ class LinearEval:
         self.batch = cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA
         self.progress = info.is_main and sys.stderr.isatty()
         self.metrics = PrometheusMetrics.of_run(resolved, info)
+        self.set_keys = resolved.cli_keys | resolved.file_keys
 
     # ---------------------------------------------------------------------------------------- data
     def _loaders(self):
@@ -225,10 +230,30 @@ class LinearEval:
         return float(100 * counts[0] / counts[2]), float(100 * counts[1] / counts[2])
 
     def write(self, result: dict) -> None:
-        out = self.cfg.LINEAR_EVAL.OUTPUT or open_storage(self.cfg.CHECKPOINT.DIR).join("linear_eval.json")
+        out = result_path(self.cfg, self.set_keys)
         write_bytes(out, json.dumps(result, indent=1).encode())
         log.info("linear eval: best top-1 %.2f%% (epoch %d), top-5 %.2f%%; written to %s", result["top1"],
                  result["best_epoch"], result["top5"], out)
+
+
+def result_path(cfg, set_keys: set[str]) -> str:
+    """Where linear evaluation writes its result (docs/evaluation.md): ``LINEAR_EVAL.OUTPUT`` when set, else
+    ``CHECKPOINT.DIR/linear_eval.json`` when the config sets ``CHECKPOINT.DIR`` (``set_keys``: the keys the
+    command line and config files set), else ``linear_eval.json`` next to the weights it evaluates (inside a run or
+    checkpoint directory, local or ``s3://``; beside a weights file), else (a random trunk) in the current
+    directory."""
+    from dcv2_k8s.config.dicts import given_in
+
+    weights = cfg.MODEL.WEIGHTS_INIT.PARAMS_FILE
+    if cfg.LINEAR_EVAL.OUTPUT:
+        return cfg.LINEAR_EVAL.OUTPUT
+    if given_in("CHECKPOINT.DIR", set_keys):
+        return open_storage(cfg.CHECKPOINT.DIR).join("linear_eval.json")
+    if not weights:
+        return "linear_eval.json"
+    if weights.startswith("s3://") or os.path.isdir(weights):  # how weights.read_file takes it: a directory
+        return open_storage(weights).join("linear_eval.json")
+    return os.path.join(os.path.dirname(weights), "linear_eval.json")
 
 
 def linear_eval(resolved) -> dict:
