@@ -12,6 +12,7 @@ import os
 import sys
 
 from dcv2_k8s import exitcodes
+from dcv2_k8s.plural import count
 
 
 def _fail(lines) -> int:
@@ -61,7 +62,7 @@ def preflight(cfg) -> None:
     (reachable, credentials)."""
     from dcv2_k8s.config import ConfigError
     from dcv2_k8s.config.derive import check_dataset
-    from dcv2_k8s.data.dataset import scan_image_folder
+    from dcv2_k8s.data.dataset import DatasetRoot, check_split_dir, scan_image_folder
     from dcv2_k8s.storage import open_storage
 
     paths = cfg.DATA.TRAIN.DATA_PATHS
@@ -72,6 +73,12 @@ def preflight(cfg) -> None:
         what = "is not a directory" if os.path.exists(paths[0]) else "does not exist"
         raise ConfigError([f"config.DATA.TRAIN.DATA_PATHS: {paths[0]} {what} (expected an ImageFolder tree "
                            "CLASS/IMAGE, or s3://bucket/prefix)"])
+    for key, split in (("DATA.TRAIN.DATA_PATHS", paths), ("DATA.TEST.DATA_PATHS", cfg.DATA.TEST.DATA_PATHS)):
+        try:  # one split each (the k-NN monitor's queries too), not a dataset root
+            if split and "://" not in split[0]:
+                check_split_dir(split[0], "train" if key.startswith("DATA.TRAIN") else "val")
+        except DatasetRoot as e:
+            raise ConfigError([f"config.{key}: {e}"]) from None
     if "://" not in paths[0]:  # local data: its size is known now (s3:// data is checked once staged, in the run)
         _, samples = scan_image_folder(paths[0])
         limit = cfg.DATA.TRAIN.DATA_LIMIT
@@ -164,10 +171,11 @@ def cmd_s3_serve(args) -> int:
 
 def cmd_linear_eval(args) -> int:
     from dcv2_k8s import distributed as D
-    from dcv2_k8s.config import ConfigError
+    from dcv2_k8s.config import ConfigError, resolve
     from dcv2_k8s.data.dataset import SplitMismatch, check_splits
+    from dcv2_k8s.eval.linear import linear_eval, result_path
     from dcv2_k8s.storage import StorageError
-    from dcv2_k8s.weights import WeightsError
+    from dcv2_k8s.weights import WeightsError, read_file, split_weights, trunk_tokens
 
     try:
         r = _resolve(args, for_training=False)
@@ -185,20 +193,30 @@ def cmd_linear_eval(args) -> int:
             train_dir, val_dir = r.cfg.DATA.TRAIN.DATA_PATHS[0], r.cfg.DATA.TEST.DATA_PATHS[0]
             if not train_dir.startswith("s3://") and not val_dir.startswith("s3://"):
                 check_splits(train_dir, val_dir)  # s3:// splits are checked once staged
+            # resolved once more, for every process: our checkpoint's trunk unless set here, and where to write
+            obj = read_file(weights) if weights else None
+            arch = trunk_tokens(obj) if obj is not None and split_weights(obj)[0] == "dcv2" else []
+            out = result_path(r.cfg, r.cli_keys | r.file_keys)
+            r = resolve([*arch, *args.tokens, f"config.LINEAR_EVAL.OUTPUT={out}"], for_training=False)
     except ConfigError as e:
         return _fail(e.lines)
-    except (SplitMismatch, FileNotFoundError) as e:
+    except (SplitMismatch, FileNotFoundError, WeightsError, StorageError) as e:
         return _fail(str(e))
+    out = r.cfg.LINEAR_EVAL.OUTPUT
+    wrote = f"dcv2: wrote {out.rsplit('/', 1)[-1]} to {out.rsplit('/', 1)[0] if '/' in out else '.'}"
     if D.operator_env() or (not D.launched() and r.cfg.DISTRIBUTED.NUM_PROC_PER_NODE > 1):
-        return _spawn(r, "linear-eval", r.cfg.DISTRIBUTED.NUM_PROC_PER_NODE)
-    from dcv2_k8s.eval.linear import linear_eval
-
+        code = _spawn(r, "linear-eval", r.cfg.DISTRIBUTED.NUM_PROC_PER_NODE)
+        if code == 0:
+            print(wrote, file=sys.stderr)
+        return code
     try:
         res = linear_eval(r)
     except (WeightsError, StorageError, FileNotFoundError, SplitMismatch) as e:
         return _fail(str(e))
     if D.env_info().is_main:
         print(json.dumps({k: v for k, v in res.items() if k != "history"}))
+        if not args.resolved:
+            print(wrote, file=sys.stderr)
     return 0
 
 
@@ -233,6 +251,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_clusters(args) -> int:
+    from dcv2_k8s.data.dataset import check_split_dir
     from dcv2_k8s.eval.clusters import run_from_checkpoint
     from dcv2_k8s.storage import StorageError
     from dcv2_k8s.weights import WeightsError
@@ -240,13 +259,16 @@ def cmd_clusters(args) -> int:
     if not os.path.isdir(args.data_dir):
         return _fail(f"{args.data_dir}: no such directory (expected an ImageFolder tree)")
     try:
+        check_split_dir(args.data_dir)  # before the checkpoint is read: one split, not a dataset root
         stats = run_from_checkpoint(args.checkpoint, args.data_dir, args.out, args.workers, sys.stderr.isatty())
     except (WeightsError, StorageError, FileNotFoundError) as e:
         return _fail(str(e))
     for h in stats["heads"]:
-        print(f"head {h['head']}: {h['clusters']} clusters, {h['empty']} empty, largest {h['largest']} images, "
+        print(f"head {h['head']}: {count(h['clusters'], 'cluster')}, {h['empty']} empty, largest "
+              f"{count(h['largest'], 'image')}, "
               f"size entropy {h['size_entropy']:.3f}")
-    print(f"{stats['images']} images assigned; {args.out}/assignments.csv, cluster_sizes.json, contact_sheet_head*.png")
+    print(f"{count(stats['images'], 'image')} assigned; wrote assignments.csv, cluster_sizes.json, contact_sheet_head*.png "
+          f"to {args.out}")
     return 0
 
 
@@ -294,8 +316,8 @@ def cmd_data_check(args) -> int:
     for path, why in res["bad"]:
         print(f"bad: {path}: {why}")
     for what, n in sorted(res["converted"].items()):
-        print(f"converted to RGB on the fly: {n} {what} images")
-    print(f"{res['images']} images, {len(res['bad'])} unusable (training replaces each by the next good image)")
+        print(f"converted to RGB on the fly: {count(n, what + ' image')}")
+    print(f"{count(res['images'], 'image')}, {len(res['bad'])} unusable (training replaces each by the next good image)")
     return 1 if res["bad"] else 0
 
 
@@ -347,11 +369,15 @@ def cmd_report(args) -> int:
     from dcv2_k8s.report import render
     from dcv2_k8s.storage import StorageError
 
+    remote = "://" in args.run  # a remote run's report is written here: ./report-NAME (docs/evaluation.md)
+    out = args.out or (f"report-{args.run.rstrip('/').rsplit('/', 1)[-1]}" if remote else
+                       os.path.join(args.run, "report"))
     try:
-        page = render(args.run, args.out or os.path.join(args.run if "://" not in args.run else ".", "report"))
+        page = render(args.run, out)
     except (FileNotFoundError, ValueError, StorageError) as e:
         return _fail(str(e))
     print(page)
+    print(f"dcv2: wrote report.html and its plots to {os.path.abspath(out)}", file=sys.stderr)
     return 0
 
 
@@ -375,38 +401,15 @@ def cmd_k8s_render(args) -> int:
 
 
 def cmd_k8s_validate(args) -> int:
-    import glob
+    from dcv2_k8s.k8s.validate import load_crds, validate_paths
 
-    import yaml
-
-    from dcv2_k8s.k8s.crdschema import validate_resource
-    from dcv2_k8s.k8s.validate import validate_builtin, validate_pytorchjob
-
-    crds = {}
-    if args.crds:
-        for path in sorted(glob.glob(os.path.join(args.crds, "*.yaml"))):
-            for d in yaml.safe_load_all(open(path)):
-                if d and d.get("kind") == "CustomResourceDefinition":
-                    crds[d["spec"]["names"]["kind"]] = d
-    problems = 0
-    for f in args.files:
-        for doc in yaml.safe_load_all(open(f)):
-            if not doc or doc.get("kind") == "Kustomization":
-                continue
-            kind = doc.get("kind")
-            if kind == "PyTorchJob":
-                errs = validate_pytorchjob(doc)
-            elif kind in crds:
-                errs = validate_resource(doc, crds[kind])
-            elif "." in doc.get("apiVersion", "").split("/")[0]:  # a custom resource without its CRD
-                errs = [f"{kind}: no CRD to check it against; pass --crds DIR (e.g. Kubeflow Trainer's "
-                        "manifests/base/crds)"]
-            else:
-                errs = validate_builtin(doc)
-            for e in errs:
-                print(f"{f}: {e}")
-            problems += len(errs)
-    print(f"{len(args.files)} files, {problems} problems")
+    try:
+        lines, files, problems = validate_paths(args.files, load_crds(args.crds) if args.crds else {})
+    except ValueError as e:
+        return _fail(str(e))
+    for line in lines:
+        print(line)
+    print(f"{count(files, 'file')}, {count(problems, 'problem')}")
     return 1 if problems else 0
 
 
@@ -417,8 +420,25 @@ def cmd_demo(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------- parser
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, except an empty or off one and where the help already speaks of it."""
+
+    def _get_help_string(self, action):
+        if action.default is False or action.default in (None, "", []) or "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """The dcv2 parser and, through add_subparsers, every subcommand's: defaults shown in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dcv2", description="DeepClusterV2 pretraining (VISSL-compatible config)")
+    p = _Parser(prog="dcv2", description="DeepClusterV2 pretraining (VISSL-compatible config)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="train DCv2: dcv2 train config=NAME [config.KEY=VALUE ...]")
@@ -430,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="show the resolved config or list presets")
     csub = c.add_subparsers(dest="config_cmd", required=True)
     cs = csub.add_parser("show", help="print the fully resolved config as YAML (dry run)")
-    cs.add_argument("tokens", nargs="*")
+    cs.add_argument("tokens", nargs="*", help="the tokens dcv2 train would get: config=NAME, config.A.B=V, ...")
     cs.set_defaults(fn=cmd_config_show)
     cl = csub.add_parser("list", help="list preset and group files")
     cl.set_defaults(fn=cmd_config_list)
@@ -438,13 +458,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     ds = dsub.add_parser("synth", help="generate an ImageFolder of JPEGs with class structure")
-    ds.add_argument("out_dir")
-    ds.add_argument("--classes", type=int, default=10)
-    ds.add_argument("--train-per-class", type=int, default=100)
-    ds.add_argument("--val-per-class", type=int, default=20)
+    ds.add_argument("out_dir", help="where to write OUT_DIR/train/CLASS/*.jpg and OUT_DIR/val/CLASS/*.jpg")
+    ds.add_argument("--classes", type=int, default=10, help="number of classes")
+    ds.add_argument("--train-per-class", type=int, default=100, help="training images per class")
+    ds.add_argument("--val-per-class", type=int, default=20, help="validation images per class")
     ds.add_argument("--size", type=int, default=64, help="image side in pixels")
     ds.add_argument("--photo-like", action="store_true", help="500x375 noisy photos (ImageNet-like JPEGs)")
-    ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--seed", type=int, default=0, help="random seed")
     ds.add_argument("--kind", choices=["textures", "shapes", "glyphs", "naturals", "icons"], default="textures",
                     help="what defines a class: a texture family (default), a shape, a digit-like grey glyph, a "
                          "natural-looking texture (clouds, marble, wood, ...) or a multi-part icon in random colours")
@@ -470,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--log-every", type=float, default=30.0, metavar="SECONDS",
                     help="outside a terminal: one progress line every SECONDS (files, bytes, rate, ETA)")
     st.add_argument("--metrics-port", type=int, default=0,
-                    help="serve staging progress as Prometheus metrics on this port while staging")
+                    help="serve staging progress as Prometheus metrics on this port while staging (0: off)")
     st.add_argument("--no-checksum", action="store_true",
                     help="check staged files by size only (no MD5) when resuming, repairing and verifying")
     st.set_defaults(fn=cmd_stage)
@@ -478,14 +498,14 @@ def build_parser() -> argparse.ArgumentParser:
     s3 = sub.add_parser("s3", help="embedded S3 endpoint for local runs")
     s3sub = s3.add_subparsers(dest="s3_cmd", required=True)
     sv = s3sub.add_parser("serve", help="serve an in-memory S3 API on 127.0.0.1 until interrupted")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=9000)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sv.add_argument("--port", type=int, default=9000, help="port to listen on")
     sv.add_argument("--bucket", action="append", default=[], help="create this bucket (repeatable)")
     sv.set_defaults(fn=cmd_s3_serve)
 
     dc = dsub.add_parser("check", help="decode every image of a dataset and list the unusable ones")
-    dc.add_argument("dir")
-    dc.add_argument("--workers", type=int, default=4)
+    dc.add_argument("dir", help="an ImageFolder (DIR/CLASS/IMAGE)")
+    dc.add_argument("--workers", type=int, default=4, help="parallel decoding processes")
     dc.set_defaults(fn=cmd_data_check)
 
     le = sub.add_parser("linear-eval", help="linear evaluation of a frozen trunk (VISSL-style tokens)")
@@ -497,15 +517,17 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="export weights as a torchvision state dict or the swav/VISSL layout")
     ex.add_argument("checkpoint", help="checkpoint dir, run dir, state.pt, or a swav/VISSL/torchvision file")
     ex.add_argument("out", help="output .pth (local or s3://)")
-    ex.add_argument("--format", choices=["torchvision", "swav"], default="torchvision")
+    ex.add_argument("--format", choices=["torchvision", "swav"], default="torchvision",
+                    help="torchvision: a ResNet state dict; swav: the swav/VISSL layout")
     ex.add_argument("--depth", type=int, default=50, help="ResNet depth when the source has no config (imports)")
     ex.set_defaults(fn=cmd_export)
 
     cl = sub.add_parser("clusters", help="assign images to the trained clusters: CSV, sizes, contact sheets")
-    cl.add_argument("checkpoint")
-    cl.add_argument("data_dir")
-    cl.add_argument("out")
-    cl.add_argument("--workers", type=int, default=2)
+    cl.add_argument("checkpoint", help="one of our DCv2 checkpoints (checkpoint dir, run dir or state.pt; local or "
+                                       "s3://): it holds the centroids")
+    cl.add_argument("data_dir", help="an ImageFolder split (DATA_DIR/CLASS/IMAGE) to assign")
+    cl.add_argument("out", help="output directory for assignments.csv, cluster_sizes.json and the contact sheets")
+    cl.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
     cl.set_defaults(fn=cmd_clusters)
 
     k = sub.add_parser("knn", help="weighted k-NN accuracy of frozen trunk features")
@@ -513,42 +535,43 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--val", required=True, help="ImageFolder of queries")
     k.add_argument("--checkpoint", help="checkpoint dir/run dir/state.pt; omit for random initialisation")
     k.add_argument("--size", type=int, default=0, help="eval crop size (default: the large crop size)")
-    k.add_argument("--k", type=int, default=20)
-    k.add_argument("--temperature", type=float, default=0.07)
-    k.add_argument("--workers", type=int, default=2)
+    k.add_argument("--k", type=int, default=20, help="neighbours that vote")
+    k.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(similarity / temperature)")
+    k.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
     k.add_argument("--json", help="also write the result here")
     k.add_argument("tokens", nargs="*", help="config tokens (model architecture for random init)")
     k.set_defaults(fn=cmd_knn)
 
     rp = sub.add_parser("report", help="PNG plots and an HTML page of a run's logged metrics")
     rp.add_argument("run", help="the run's CHECKPOINT.DIR (local or s3://)")
-    rp.add_argument("--out", default="", help="output directory (default RUN/report)")
+    rp.add_argument("--out", default="", help="output directory (default RUN/report; for an s3:// RUN, "
+                                              "./report-NAME, NAME being RUN's last path part)")
     rp.set_defaults(fn=cmd_report)
 
     k8 = sub.add_parser("k8s", help="Kubernetes: render and validate manifests, run a PyTorchJob locally")
     k8sub = k8.add_subparsers(dest="k8s_cmd", required=True)
     rl = k8sub.add_parser("run-local", help="run a PyTorchJob's or a TrainJob's pods as local processes with the "
                                             "environment the training operator or Trainer v2 gives them")
-    rl.add_argument("manifest")
+    rl.add_argument("manifest", help="a PyTorchJob or TrainJob YAML (e.g. from dcv2 k8s render)")
     rl.add_argument("--set", action="append", default=[], metavar="config.KEY=VALUE",
                     help="appended to the trainer command (repeatable)")
     rl.add_argument("--nproc-per-node", type=int, default=None, help="override nprocPerNode (GPUs) for a CPU run")
-    rl.add_argument("--timeout", type=float, default=0, help="kill every replica after this many seconds")
+    rl.add_argument("--timeout", type=float, default=0, help="kill every replica after this many seconds (0: no limit)")
     rl.set_defaults(fn=cmd_k8s_run_local)
     rr = k8sub.add_parser("render", help="write the manifests rendered from dcv2_k8s/k8s/manifests.py")
-    rr.add_argument("out", nargs="?", default="manifests")
+    rr.add_argument("out", nargs="?", default="manifests", help="directory to write the manifests into")
     rr.set_defaults(fn=cmd_k8s_render)
     rv = k8sub.add_parser("validate", help="validate manifests strictly against the API types (offline)")
-    rv.add_argument("files", nargs="+")
+    rv.add_argument("files", nargs="+", help="manifest YAML files (multi-document files too)")
     rv.add_argument("--crds", default="", metavar="DIR",
                     help="a directory of CustomResourceDefinition YAMLs (e.g. Kubeflow Trainer v2.3.0's) to check "
                          "custom resources such as TrainJob and TrainingRuntime against, unknown fields included")
     rv.set_defaults(fn=cmd_k8s_validate)
 
     dm = sub.add_parser("demo", help="generate data, train with 2 CPU processes, compare k-NN vs random init")
-    dm.add_argument("--out", default="demo_out")
-    dm.add_argument("--epochs", type=int, default=0, help="override the demo preset's epochs")
-    dm.add_argument("--minutes", type=float, default=0, help="informational time budget")
+    dm.add_argument("--out", default="demo_out", help="directory for the data, checkpoints and results")
+    dm.add_argument("--epochs", type=int, default=0, help="override the demo preset's epochs (0: the preset's)")
+    dm.add_argument("--minutes", type=float, default=0, help="informational time budget (0: none)")
     dm.set_defaults(fn=cmd_demo)
     return p
 
@@ -564,9 +587,11 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         D.record_exit_code(e.code if isinstance(e.code, int) else exitcodes.USAGE)
         raise
-    except KeyboardInterrupt:
-        D.record_exit_code(130)
-        raise
+    except KeyboardInterrupt as e:  # Ctrl-C: after a committed checkpoint (engine.Interrupted) or at once
+        D.record_exit_code(exitcodes.INTERRUPTED)
+        if not D.launched() and type(e) is KeyboardInterrupt:  # under torchrun the node's launcher says it
+            print(f"dcv2: interrupted: stopped at once (exit {exitcodes.INTERRUPTED})", file=sys.stderr)
+        return exitcodes.INTERRUPTED
     except Exception as e:
         code = exitcodes.classify(e)
         D.record_exit_code(code)

@@ -119,9 +119,10 @@ def sample_key(name: str) -> str:
     return str(p.parent / p.name.split(".", 1)[0])
 
 
-def group_samples(items: Iterable[Member]) -> Iterator[Member | Sample]:
+def group_samples(items: Iterable[Member], archive: str = "") -> Iterator[Member | Sample]:
     """Consecutive sample members with one key become one :class:`Sample` (a second image under one key starts
-    another: not WebDataset, flat images); members that are no sample's pass through as they come."""
+    another: not WebDataset, flat images); members that are no sample's pass through as they come. A ``.cls``
+    member that is no integer refuses ``archive``."""
     sample: Sample | None = None
     for m in items:
         if not is_sample_member(m.name):
@@ -139,7 +140,11 @@ def group_samples(items: Iterable[Member]) -> Iterator[Member | Sample]:
                 sample = Sample(key)
             sample.image = (m.name, m.read())
         elif m.name.lower().endswith(".cls"):
-            sample.label = int(m.read().decode().strip())
+            text = m.read().decode(errors="replace").strip()
+            if not text.lstrip("-").isdigit():
+                raise StageError(f"{archive or 'the archive'}: {m.name} holds {text[:40]!r}, not an integer label; "
+                                 "fix the shard's .cls members (one integer each)")
+            sample.label = int(text)
     if sample is not None:
         yield sample
 

@@ -82,11 +82,11 @@ def _find_file(root: str, name: str) -> bytes:
     raise StageError(f"{root}: no {name}; pass the ILSVRC 2012 devkit directory or archive")
 
 
-def _read_spec(spec: str) -> bytes:
+def _read_spec(spec: str, what: str = "labels file") -> bytes:
     if spec.startswith("s3://"):
         return read_bytes(spec)
     if not os.path.isfile(spec):
-        raise StageError(f"{spec}: no such labels file")
+        raise StageError(f"{spec}: no such {what}")
     return Path(spec).read_bytes()
 
 
@@ -104,7 +104,7 @@ def _devkit_labels(gt: bytes, meta: bytes) -> dict[str, str]:
 
 
 def load_class_names(spec: str) -> list[str]:
-    names = [l.strip() for l in _read_spec(spec).decode("utf-8-sig").splitlines() if l.strip()]
+    names = [l.strip() for l in _read_spec(spec, "class-name list").decode("utf-8-sig").splitlines() if l.strip()]
     if not names:
         raise StageError(f"{spec}: the class-name list is empty (one name per line, line i = label i)")
     return names

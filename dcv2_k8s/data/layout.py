@@ -12,6 +12,8 @@ state; checking a directory against its manifest (verify) and finding what to fe
 Files are written atomically (``.NAME.part``, then renamed). Staging again verifies every file (MD5, or size only),
 fetches again only what is missing or damaged (for a plain tar, only the inner members concerned, by byte range),
 removes files the source does not have, and refuses a ``DEST`` that holds another source unless asked to replace it.
+A staging refused once it has begun writing (:class:`Changes`) takes back what it added, so the command its message
+suggests starts from the ``DEST`` the refused one found.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from dcv2_k8s.storage import StorageError
+from dcv2_k8s.plural import count
 
 MANIFEST = ".dcv2_manifest.json"
 MARKER = ".dcv2_staged"
@@ -263,7 +266,7 @@ def remove_strays(dest: Path, files: dict) -> int:
             p.unlink()
             removed += 1
     if removed:
-        print(f"stage: removed {removed} files the source does not have", file=sys.stderr, flush=True)
+        print(f"stage: removed {count(removed, 'file')} the source does not have", file=sys.stderr, flush=True)
     return removed
 
 
@@ -275,6 +278,52 @@ def remove_written(dest: Path, files: dict) -> None:
             (dest / rel).parent.rmdir()
         except OSError:
             pass
+
+
+class Changes:
+    """What one staging run adds to DEST, to take back when the run is refused (a StageError): the files it
+    created and their class folders, DEST and the folders above it when it created them, and the resume state and
+    completion marker as they were (the marker only while no file it vouches for was written over)."""
+
+    def __init__(self, dest: Path):
+        self.dest = dest
+        self.made: list[Path] = []   # DEST and the missing folders above it, innermost first
+        p = dest
+        while not p.exists() and p != p.parent:
+            self.made.append(p)
+            p = p.parent
+        self.kept = {name: (dest / name).read_bytes() for name in (STATE, MARKER) if (dest / name).is_file()}
+        self.created: set[str] = set()
+        self.overwrote = False
+        self.lock = threading.Lock()
+
+    def write(self, rel: str, data: bytes) -> list:
+        """:func:`write_file`, remembering whether the file is new."""
+        new = not (self.dest / rel).exists()
+        out = write_file(self.dest, rel, data)
+        with self.lock:
+            if new:
+                self.created.add(rel)
+            else:
+                self.overwrote = True
+        return out
+
+    def take_back(self) -> None:
+        if self.made:
+            shutil.rmtree(self.dest, ignore_errors=True)
+            for p in self.made[1:]:
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
+            return
+        remove_written(self.dest, self.created)
+        (self.dest / STATE).with_suffix(".tmp").unlink(missing_ok=True)
+        for name in (STATE, MARKER):
+            if name in self.kept and not (name == MARKER and self.overwrote):
+                (self.dest / name).write_bytes(self.kept[name])
+            else:
+                (self.dest / name).unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------- DEST
@@ -295,6 +344,11 @@ def check_dest(dest: Path, source: str, labels: str, replace: bool) -> None:
     if owner is None and not entries:
         return
     if owner == (source, labels):
+        loose = sorted(p.name for p in entries if not p.name.startswith(".") and not p.is_dir())
+        if loose:
+            kind = "an archive left unextracted" if is_archive(loose[0]) else "a file outside class folders"
+            raise StageError(f"{dest}: {kind}: {loose[0]} ({len(loose)} such); remove it or stage into an empty "
+                             "DEST")
         return
     if not replace:
         what = f"a copy of {owner[0]}" + (f" (labels {owner[1]})" if owner[1] else "") if owner else \
@@ -309,26 +363,18 @@ def check_dest(dest: Path, source: str, labels: str, replace: bool) -> None:
 
 
 def validate_result(dest: Path, files: dict, src: str) -> None:
-    """Refuse what would train or evaluate silently wrong: no images, one class, leftovers."""
+    """Refuse what would train or evaluate silently wrong: no images, one class (before anything is removed;
+    files outside class folders are refused by :func:`check_dest`, others :func:`remove_strays` removes)."""
     if not files:
         raise StageError(f"{src}: staging produced no images in {dest}; check the source layout (dcv2 stage --help)")
     classes = {PurePosixPath(rel).parts[0] for rel in files}
+    if len(classes) == 1 and all(v[2] == rel for rel, v in files.items()):  # image objects of one source folder
+        cls = next(iter(classes))
+        raise StageError(f"{src}: every image is in one class folder ({cls}); a flat validation set gets its classes "
+                         f"from its labels: dcv2 stage {src.rstrip('/')}/{cls} {dest} --labels FILE")
     if len(classes) == 1:
         raise StageError(f"{src}: every image landed in one class ({next(iter(classes))}); a flat or single-archive "
                          "validation set needs --labels, a WebDataset needs .cls members")
-    problems = []
-    for p in dest.rglob("*"):
-        rel = p.relative_to(dest)
-        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
-            continue
-        if len(rel.parts) == 1:
-            problems.append(f"a file outside class folders: {rel}")
-        elif is_archive(p.name):
-            problems.append(f"an archive left unextracted: {rel}")
-        elif not is_image(p.name):
-            problems.append(f"a stray non-image file: {rel}")
-    if problems:
-        raise StageError(f"{dest}: {problems[0]} ({len(problems)} such); remove it or stage into an empty DEST")
 
 
 # ------------------------------------------------------------------------------------------- manifest

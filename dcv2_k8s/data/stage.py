@@ -32,10 +32,11 @@ from typing import Callable
 from dcv2_k8s.data.archive import NestedDone, UnsafeArchive, count_bytes, group_samples, members, to_files
 from dcv2_k8s.data.fetch import READ_AHEAD, Cancelled, RangedReader, read_whole
 from dcv2_k8s.data.labels import Classes, load_class_names, load_labels
-from dcv2_k8s.data.layout import (MARKER, StageError, StageState, Work, build_manifest, check_dest,
+from dcv2_k8s.data.layout import (MARKER, Changes, StageError, StageState, Work, build_manifest, check_dest,
                                   commit, is_archive, is_image, is_staged_copy, matches_etag, plan_work,
-                                  read_manifest, remove_strays, remove_written, validate_result, write_file)
+                                  read_manifest, remove_strays, remove_written, validate_result)
 from dcv2_k8s.data.progress import Progress
+from dcv2_k8s.plural import count
 from dcv2_k8s.storage import StorageError, open_storage
 
 SPLIT_NAMES = {"train", "val", "valid", "validation", "test"}
@@ -139,8 +140,11 @@ def open_source(src: str, opts: StageOptions) -> Source:
     names = load_class_names(opts.class_names) if opts.class_names else None
     images, archives, ignored = plan(src, objects, label_map)
     per_class = len(archives) > 1 and label_map is None
-    return Source(src, root, {o["Key"]: o for o in images + archives}, ignored,
-                  Classes(root, label_map, names, per_class))
+    classes = Classes(root, label_map, names, per_class)
+    for o in images:  # a flat image object without its label is refused here, not halfway through the transfers
+        if len(PurePosixPath(o["Key"]).parts) == 1:
+            classes.of_image(o["Key"], "")
+    return Source(src, root, {o["Key"]: o for o in images + archives}, ignored, classes)
 
 
 # ------------------------------------------------------------------------------------------- stage
@@ -149,26 +153,32 @@ def stage(src: str, dest: str, options: StageOptions | None = None, **overrides)
 
     ``options`` (or its fields as keywords, e.g. ``workers=8, progress=False``): see :class:`StageOptions`.
     SIGINT/SIGTERM (main thread) cancel the queued transfers and raise :class:`Interrupted` within seconds.
+    A refusal (StageError) leaves DEST as it found it; an interruption or a storage failure keeps the resume state.
     """
     opts = replace(options or StageOptions(), **overrides)
     source = open_source(src, opts)                      # nothing is created before the source is known
     dest_p = Path(dest)
-    state = _open_dest(dest_p, src, opts)
-    work = plan_work(state, source.by_key, dest_p, opts.checksum, opts.workers)
-    prog = _announce(source, work, opts)
-    _transfer(source, work, state, prog, dest_p, opts)
-    return _finish(source, work, state, prog, dest_p, opts)
+    state, changes = _open_dest(dest_p, src, opts)
+    try:
+        work = plan_work(state, source.by_key, dest_p, opts.checksum, opts.workers)
+        prog = _announce(source, work, opts)
+        _transfer(source, work, state, prog, dest_p, opts, changes)
+        return _finish(source, work, state, prog, dest_p, opts)
+    except StageError:
+        changes.take_back()
+        raise
 
 
-def _open_dest(dest: Path, src: str, opts: StageOptions) -> StageState:
+def _open_dest(dest: Path, src: str, opts: StageOptions) -> tuple[StageState, Changes]:
     """Refuse a DEST holding another source, create it and drop its completion marker; the resume state (a
-    complete earlier staging is adopted, to be verified and repaired)."""
+    complete earlier staging is adopted, to be verified and repaired) and the record of what this run adds."""
     check_dest(dest, src, opts.labels, opts.replace)
+    changes = Changes(dest)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / MARKER).unlink(missing_ok=True)
     state = StageState(dest, src, opts.labels)
     state.adopt(read_manifest(dest))
-    return state
+    return state, changes
 
 
 def _announce(source: Source, work: Work, opts: StageOptions) -> Progress:
@@ -176,20 +186,21 @@ def _announce(source: Source, work: Work, opts: StageOptions) -> Progress:
     opts.notify("start", bytes=total, objects=work.objects)
     prog = Progress(total, work.objects, opts.progress, opts.log_every)
     if source.ignored:
-        print(f"stage: ignoring {len(source.ignored)} objects that are neither images nor archives (e.g. "
+        print(f"stage: ignoring {count(len(source.ignored), 'object')} that are neither images nor archives (e.g. "
               f"{source.ignored[0]})", file=sys.stderr, flush=True)
     if work.damaged:
-        print(f"stage: {work.damaged} files missing or damaged; fetching them again", file=sys.stderr, flush=True)
+        print(f"stage: {count(work.damaged, 'file')} missing or damaged; fetching again", file=sys.stderr, flush=True)
     return prog
 
 
-def _transfer(source: Source, work: Work, state: StageState, prog: Progress, dest: Path, opts: StageOptions) -> None:
+def _transfer(source: Source, work: Work, state: StageState, prog: Progress, dest: Path, opts: StageOptions,
+              changes: Changes) -> None:
     """Run the work, ``opts.workers`` objects at a time (big archives first). SIGINT/SIGTERM cancel the queued
     transfers and raise Interrupted; on any way out but success the state is saved, so staging again resumes."""
     cancel = threading.Event()
     io_pool = ThreadPoolExecutor(max_workers=max(2, min(READ_AHEAD * 2, opts.workers)), thread_name_prefix="dcv2-range")
     pool = ThreadPoolExecutor(max_workers=max(1, opts.workers), thread_name_prefix="dcv2-stage")
-    stager = _Stager(source, dest, state, prog, cancel, io_pool)
+    stager = _Stager(source, dest, state, prog, cancel, io_pool, changes)
     with _cancel_on_signals(cancel) as got:
         try:
             _await(_submit(pool, stager, work, source.by_key), cancel, got, work, source.by_key, opts)
@@ -258,11 +269,11 @@ def _await(futures: dict, cancel: threading.Event, got: list[int], work: Work, b
 
 
 def _finish(source: Source, work: Work, state: StageState, prog: Progress, dest: Path, opts: StageOptions) -> dict:
-    """Remove what the source does not have, refuse a result that would train wrong, write the manifest and the
-    completion marker."""
+    """Refuse a result that would train wrong (before anything is removed), remove what the source does not have,
+    write the manifest and the completion marker."""
     files = {rel: v for rel, v in state.data["files"].items() if v[2] in source.by_key}
-    removed = remove_strays(dest, files)
     validate_result(dest, files, source.uri)
+    removed = remove_strays(dest, files)
     manifest = build_manifest(source.uri, opts.labels, files, {k: state.data["objects"][k] for k in source.by_key},
                               skipped=work.skipped, transferred=len(work.todo), repaired=len(work.repairs),
                               removed=removed, bytes=work.bytes(source.by_key))
@@ -278,16 +289,16 @@ class _Stager:
     """Stages one source object (called from the transfer pool): an image, or an archive streamed into DEST."""
 
     def __init__(self, source: Source, dest: Path, state: StageState, progress: Progress, cancel: threading.Event,
-                 io_pool: ThreadPoolExecutor):
+                 io_pool: ThreadPoolExecutor, changes: Changes):
         self.source, self.dest, self.state, self.progress = source, dest, state, progress
-        self.cancel, self.io_pool = cancel, io_pool
+        self.cancel, self.io_pool, self.changes = cancel, io_pool, changes
         self.store = open_storage(source.root)
 
     def path_of(self, key: str) -> str:
         return f"{self.source.root.rstrip('/')}/{key}"
 
     def write(self, rel: str, data: bytes, files: dict) -> None:
-        files[rel] = write_file(self.dest, rel, data)
+        files[rel] = self.changes.write(rel, data)
         self.progress.add(files=1)
 
     def image_object(self, o: dict) -> None:
@@ -350,7 +361,7 @@ class _Stager:
     def _extract(self, stream, key: str, lo: int, hi: int, only: set[str] | None, written: dict) -> None:
         """members -> bytes read (progress) -> WebDataset samples -> files written, nested archives recorded."""
         items = group_samples(count_bytes(members(stream, key, lo, self.cancel), lo, hi,
-                                          lambda n: self.progress.add(nbytes=n)))
+                                          lambda n: self.progress.add(nbytes=n)), key)
         for out in to_files(items, key, only, self.source.classes.of_sample):
             if isinstance(out, NestedDone):
                 self.state.member_done(key, out.name, out.start, out.end, written.get(out.name, {}))
@@ -377,14 +388,31 @@ def ensure_local(uri: str, stage_dir: str = "", local_rank: int = 0, timeout: fl
     """A local directory holding ``uri``: the path itself, or a staged copy of an ``s3://`` source.
 
     Only local rank 0 stages; the other processes of the node wait for its completion marker (bounded). A
-    complete staged copy of the same source is reused (staging is idempotent and resumable anyway).
+    complete staged copy of the same source is reused (staging is idempotent and resumable anyway); local rank 0
+    logs where it is and how old, and, when the source cannot be reached (or the store is misconfigured), warns
+    that it falls back to that copy, with the store's one-line error.
     """
+    import logging
+
     if not uri.startswith("s3://"):
         return uri
+    log = logging.getLogger("dcv2")
     dest = stage_dir or default_stage_dir(uri)
     if is_staged_copy(Path(dest), uri):
+        if local_rank == 0:
+            hours = (time.time() - (Path(dest) / MARKER).stat().st_mtime) / 3600
+            age = f"{hours / 24:.1f} days" if hours >= 48 else f"{hours:.1f} hours" if hours >= 1 else \
+                f"{hours * 60:.0f} minutes"
+            try:
+                open_storage(uri).check()
+            except StorageError as e:
+                log.warning("%s; falling back to the copy of %s staged at %s %s ago (it may be out of date)", e, uri,
+                            dest, age)
+                return dest
+            log.info("data: %s, staged at %s %s ago (reused; delete it to stage again)", uri, dest, age)
         return dest
     if local_rank == 0:
+        log.info("data: staging %s to %s", uri, dest)
         stage(uri, dest, progress=progress, labels=labels)
     else:
         wait_for_marker(dest, timeout)

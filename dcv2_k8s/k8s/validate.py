@@ -4,14 +4,23 @@ PyTorchJobs are walked against the kubeflow-training SDK's models (``KubeflowOrg
 references), the pod template against the kubernetes client's models: every field must exist in the model
 (``attribute_map``) and have its type (``openapi_types``). The generated models themselves drop unknown fields
 silently; this walker is what makes the check strict. Built-in kinds are checked with ``kubernetes-validate``
-(strict, at a pinned Kubernetes version).
+(strict, at a pinned Kubernetes version); a kind is built in when that package's schemas for the version declare
+its group, version and kind (``x-kubernetes-group-version-kind``). Custom resources are checked against their
+CRDs (``crdschema``). :func:`validate_paths` is ``dcv2 k8s validate``: files and directories (every YAML file,
+recursively), each document to its check, what is skipped and why.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import re
+from pathlib import Path
 
-from dcv2_k8s.k8s.kinds import PYTORCHJOB
+import yaml
+
+from dcv2_k8s.k8s.crdschema import validate_resource
+from dcv2_k8s.k8s.kinds import PYTORCHJOB, TRAINJOB
 
 K8S_VERSION = "1.30"
 _PRIMITIVES = {"str": str, "int": int, "bool": bool, "float": (int, float)}
@@ -108,3 +117,116 @@ def validate_builtin(doc: dict) -> list[str]:
     except kubernetes_validate.ValidationError as e:
         return [f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}: {e.message} at {list(e.path)}"]
     return []
+
+
+@functools.lru_cache(maxsize=None)
+def builtin_kinds(version: str = K8S_VERSION) -> frozenset[tuple[str, str, str]]:
+    """``(group, version, kind)`` of every built-in kind of Kubernetes ``version`` (the core group is ""), as the
+    strict schemas of the installed ``kubernetes-validate`` declare them."""
+    try:
+        import kubernetes_validate
+        from kubernetes_validate.utils import all_versions, major_minor
+    except ImportError:
+        raise ValueError("checking built-in kinds needs kubernetes-validate: pip install 'kubernetes-validate>=1.30'") \
+            from None
+    # the same schema directory kubernetes_validate.validate picks: the newest release not newer than ``version``
+    release = [v for v in all_versions() if tuple(map(int, major_minor(v).split("."))) <=
+               tuple(map(int, major_minor(version).split(".")))][-1]
+    path = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema" / f"v{release}-local-strict" / \
+        "_definitions.json"
+    defs = json.loads(path.read_text())["$defs"]
+    return frozenset((g["group"], g["version"], g["kind"]) for d in defs.values()
+                     for g in d.get("x-kubernetes-group-version-kind", []))
+
+
+def problems_of(doc: dict, crds: dict[str, dict]) -> list[str]:
+    """One document's problems: a PyTorchJob against the SDK models, a custom resource against its CRD (``crds``:
+    kind -> CRD), a built-in kind against the Kubernetes schemas; a custom resource without its CRD is one line."""
+    kind, api = doc.get("kind"), str(doc.get("apiVersion", ""))
+    group, _, version = api.rpartition("/")
+    if kind == "PyTorchJob":
+        return validate_pytorchjob(doc)
+    if kind in crds:
+        return validate_resource(doc, crds[kind])
+    known = builtin_kinds()
+    if (group, version, kind) in known:
+        return validate_builtin(doc)
+    if group in {g for g, _, _ in known}:
+        return [f"{kind}: {api} has no kind {kind} in Kubernetes {K8S_VERSION}; check apiVersion and kind"]
+    example = " (e.g. Kubeflow Trainer's manifests/base/crds)" if group == TRAINJOB.group else ""
+    return [f"{kind}: no CRD to check it against; pass --crds DIR, a directory holding the CustomResourceDefinition "
+            f"of {group}{example}"]
+
+
+def yaml_files(paths: list[str]) -> list[Path]:
+    """The files named, and every ``.yaml``/``.yml`` file under the directories named (recursively, sorted)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix in (".yaml", ".yml") and f.is_file())
+            if not found:
+                raise ValueError(f"{p}: no .yaml or .yml files in this directory")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise ValueError(f"{p}: no such file or directory")
+    return out
+
+
+def load_crds(directory: str) -> dict[str, dict]:
+    """Kind -> CustomResourceDefinition, from the YAML files under ``directory``."""
+    crds = {}
+    try:
+        paths = yaml_files([directory])
+    except ValueError as e:
+        raise ValueError(f"--crds {e}") from None
+    for path in paths:
+        try:
+            docs = list(yaml.safe_load_all(path.read_text()))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ValueError(f"--crds {directory}: {path} is not readable YAML ({' '.join(str(e).split())[:200]}); "
+                             "pass a directory of CustomResourceDefinition YAMLs only") from None
+        for d in docs:
+            if isinstance(d, dict) and d.get("kind") == "CustomResourceDefinition":
+                crds[d["spec"]["names"]["kind"]] = d
+    if not crds:
+        raise ValueError(f"--crds {directory}: no CustomResourceDefinition in it; pass the directory of the CRD YAMLs")
+    return crds
+
+
+def _skip_reason(doc) -> str:
+    """Why a document is no API object to check ("" when it is one)."""
+    if doc is None:
+        return "empty"
+    if not isinstance(doc, dict) or ("kind" not in doc and "apiVersion" not in doc):
+        return "skipped: not a Kubernetes object (no apiVersion and kind)"
+    if doc.get("kind") == "Kustomization":
+        return "skipped: a Kustomization (kustomize's build file, not an API object)"
+    return ""
+
+
+def validate_paths(paths: list[str], crds: dict[str, dict]) -> tuple[list[str], int, int]:
+    """``(lines, files, problems)`` for ``dcv2 k8s validate PATH...``: a ``FILE: problem`` line per problem and a
+    ``FILE: skipped: why`` line per document that is no API object. Raises ValueError for a path that is neither a
+    file nor a directory holding YAML files."""
+    lines: list[str] = []
+    files = yaml_files(paths)
+    problems = 0
+    for f in files:
+        try:
+            docs = list(yaml.safe_load_all(f.read_text()))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            lines.append(f"{f}: not readable YAML ({' '.join(str(e).split())})")
+            problems += 1
+            continue
+        for i, doc in enumerate(docs):
+            why = _skip_reason(doc)
+            if why:
+                if why != "empty":
+                    lines.append(f"{f}: {why}" + (f" (document {i + 1})" if len(docs) > 1 else ""))
+                continue
+            errs = problems_of(doc, crds)
+            lines += [f"{f}: {e}" for e in errs]
+            problems += len(errs)
+    return lines, len(files), problems
