@@ -15,6 +15,10 @@ GO ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
 # the module cache stays in .venv (writable, removed with it); no toolchain download
 GOENV_VARS := GOMODCACHE=$(abspath $(COMPAT))/gomod GOPATH=$(abspath $(COMPAT))/gopath GOFLAGS=-modcacherw GOTOOLCHAIN=local
 
+# Grafana's dashboard schema (@grafana/schema) and tsc, pinned by tests/grafana/package-lock.json, for
+# tests/test_dashboard_schema.py; reinstalled only when the lock file changes
+GRAFANA_SCHEMA := tests/grafana/node_modules/.installed
+
 # The Kubernetes control plane of the end-to-end tests (tests/kube): kube-apiserver, kube-controller-manager and
 # etcd pinned by controlplane/go.mod (k8s.io/kubernetes v1.36.3, etcd v3.6.8), the training operator at the
 # release our manifests target. Built once into $(CP_DIR); rebuilt when a pin changes.
@@ -48,6 +52,10 @@ $(TRAINER_CRDS)/.installed: Makefile
 	  && chmod u+w $(TRAINER_CRDS)/*.yaml
 	touch $@
 
+$(GRAFANA_SCHEMA): tests/grafana/package.json tests/grafana/package-lock.json
+	npm ci --prefix tests/grafana --no-audit --no-fund
+	touch $@
+
 $(CP_STAMP): controlplane/go.mod controlplane/go.sum
 	@echo "building the control plane (kube-apiserver, kube-controller-manager, etcd, training operator $(OPERATOR_VERSION)) into $(CP_DIR); once, a few minutes"
 	mkdir -p $(CP_DIR)/bin $(CP_DIR)/operator
@@ -71,10 +79,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m dcv2_k8s demo --out $(DEMO_OUT)
 
-test: $(STAMP) $(COMPAT)/.installed $(TRAINER_CRDS)/.installed $(CP_STAMP)
+test: $(STAMP) $(COMPAT)/.installed $(TRAINER_CRDS)/.installed $(GRAFANA_SCHEMA) $(CP_STAMP)
 	$(PY) -m pytest -q -ra --durations=15
 
-test-fast: $(STAMP) $(COMPAT)/.installed $(TRAINER_CRDS)/.installed
+test-fast: $(STAMP) $(COMPAT)/.installed $(TRAINER_CRDS)/.installed $(GRAFANA_SCHEMA)
 	$(PY) -m pytest -q -m "not slow"
 
 # the documentation site (mkdocs.yml, docs/), strict: a broken link or anchor, or a page left out of the nav, fails it

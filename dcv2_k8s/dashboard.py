@@ -107,19 +107,27 @@ PANELS: list[Panel] = [
 def _templating() -> dict:
     return {"list": [
         {"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Data source",
-         "current": {}, "hide": 0},
+         "hide": 0},
         {"name": "namespace", "type": "query", "label": "Namespace",
          "datasource": {"type": "prometheus", "uid": "${datasource}"},
          "query": {"query": "label_values(dcv2_train_steps_total, namespace)", "refId": "ns"},
-         "definition": "label_values(dcv2_train_steps_total, namespace)", "refresh": 2, "includeAll": False,
-         "current": {}, "hide": 0, "sort": 1},
+         "refresh": 2, "includeAll": False, "hide": 0, "sort": 1},
         {"name": "job", "type": "query", "label": "PyTorchJob",
          "datasource": {"type": "prometheus", "uid": "${datasource}"},
          "query": {"query": f'label_values(dcv2_train_steps_total{{namespace="$namespace"}}, {JOB_LABEL})',
                    "refId": "job"},
-         "definition": f'label_values(dcv2_train_steps_total{{namespace="$namespace"}}, {JOB_LABEL})',
-         "refresh": 2, "includeAll": False, "current": {}, "hide": 0, "sort": 1},
+         "refresh": 2, "includeAll": False, "hide": 0, "sort": 1},
     ]}
+
+
+def _options(kind: str) -> dict:
+    """A panel's options: every key its type's schema requires (tests/test_dashboard_schema.py), less those the
+    type's defaults fill in on load."""
+    if kind == "timeseries":
+        return {"legend": {"calcs": [], "displayMode": "list", "placement": "bottom", "showLegend": True},
+                "tooltip": {"mode": "single", "sort": "none"}}
+    # stat and gauge: the newest non-null value of each series
+    return {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}, "orientation": "auto"}
 
 
 def render() -> dict:
@@ -132,7 +140,7 @@ def render() -> dict:
             "datasource": {"type": "prometheus", "uid": "${datasource}"},
             "gridPos": {"h": row_h, "w": p.width, "x": x, "y": y},
             "fieldConfig": {"defaults": {"unit": p.unit}, "overrides": []},
-            "options": {"legend": {"displayMode": "list", "placement": "bottom"}} if p.kind == "timeseries" else {},
+            "options": _options(p.kind),
             "targets": [{"refId": chr(65 + j), "expr": expr, "legendFormat": legend}
                         for j, (expr, legend) in enumerate(p.exprs)],
             **p.extra})

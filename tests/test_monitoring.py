@@ -41,7 +41,7 @@ def prometheus(tmp_path):
     def start(targets: list[str]) -> str:
         nonlocal proc
         cfg.write_text(yaml.safe_dump({
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "global": {"scrape_interval": f"{SCRAPE_S:g}s", "evaluation_interval": "1s"},
             "scrape_configs": [{"job_name": "dcv2", "static_configs": [{"targets": targets}]}]}))
         proc = subprocess.Popen([_bin("prometheus"), f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                                  f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
@@ -74,8 +74,58 @@ def query(url: str, expr: str) -> tuple[int, dict]:
         return e.code, json.loads(e.read() or b"{}")
 
 
-def substitute(expr: str) -> str:
-    return expr.replace("$namespace", ".*").replace("$job", ".*").replace("$__rate_interval", "20s")
+SCRAPE_S = 1.0  # the test Prometheus's scrape_interval, also its Grafana data source's "Scrape interval"
+# Grafana's interval rounding (grafana-plugin-sdk-go backend/gtime RoundInterval): up to each bound -> that value
+ROUNDING = [(0.015, 0.01), (0.035, 0.02), (0.075, 0.05), (0.15, 0.1), (0.35, 0.2), (0.75, 0.5), (1.5, 1), (3.5, 2),
+            (7.5, 5), (12.5, 10), (17.5, 15), (25, 20), (45, 30), (90, 60)]
+
+
+def grafana_query(url: str, expr: str, start: float, end: float, width: int) -> tuple[int, dict]:
+    """One panel target as Grafana's Prometheus data source runs it: a range query over [start, end] whose step is
+    the panel's interval (range / max data points, the panel's width in pixels on a 1920-px dashboard, rounded, at
+    least the scrape interval and range / 11000), start and end rounded down to the step, and
+    ``$__rate_interval = max($__interval + scrape interval, 4 x scrape interval)`` (grafana/grafana
+    pkg/promlib/models/query.go: calculatePrometheusInterval, calculateRateInterval, AlignTimeRange)."""
+    def rounded(s: float) -> float:
+        return next(v for bound, v in ROUNDING if s <= bound)
+
+    rng = end - start
+    interval = max(rounded(rng / (width * 1920 / 24)), SCRAPE_S)
+    step = max(interval, rounded(rng / 11000))
+    rate = max(interval + SCRAPE_S, 4 * SCRAPE_S)
+    expr = expr.replace("$namespace", ".*").replace("$job", ".*").replace("$__rate_interval", f"{rate:g}s")
+    q = urllib.parse.urlencode({"query": expr, "start": start // step * step, "end": end // step * step,
+                                "step": f"{step:g}"})
+    try:
+        with urllib.request.urlopen(f"{url}/api/v1/query_range?{q}", timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def test_grafana_query_follows_grafanas_interval_rules(monkeypatch):
+    sent = []
+
+    class Reply:
+        status = 200
+
+        def __init__(self, u, timeout):
+            sent.append(urllib.parse.parse_qs(urllib.parse.urlsplit(u).query))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def read(self):
+            return b"{}"
+
+    monkeypatch.setattr(urllib.request, "urlopen", Reply)
+    grafana_query("http://x", "rate(m[$__rate_interval])", 1000.0, 1300.0, 8)  # 5 min on 640 px: 0.47 s -> 1 s
+    grafana_query("http://x", "rate(m[$__rate_interval])", 0.0, 6 * 3600.0, 8)  # 6 h: 33.75 s -> 30 s
+    assert [(s["query"][0], s["step"][0], s["start"][0]) for s in sent] == [
+        ("rate(m[4s])", "1", "1000.0"), ("rate(m[31s])", "30", "0.0")]
 
 
 def test_dashboard_file_is_current():
@@ -120,12 +170,14 @@ def test_metrics_dashboard_queries_against_real_prometheus(prometheus, synth_dat
             assert set(s["metric"]) <= {"__name__", "instance", "job", "run", "node_rank", "head", "le", "version",
                                         "torch", "cuda", "python", "config", "layer", "window"}, s["metric"]
         empty = []
-        for panel in dashboard.PANELS:
-            for expr, _ in panel.exprs:
-                status, body = query(url, substitute(expr))
-                assert status == 200 and body["status"] == "success", (panel.title, expr, body)
-                if panel.source == "trainer" and not body["data"]["result"]:
-                    empty.append(panel.title)
+        end = time.time()
+        for panel, shown in zip(dashboard.PANELS, dashboard.render()["panels"]):  # the last 5 minutes, as Grafana
+            for target in shown["targets"]:
+                status, body = grafana_query(url, target["expr"], end - 300, end, shown["gridPos"]["w"])
+                assert status == 200 and body["status"] == "success", (panel.title, target["expr"], body)
+                values = [v for s in body["data"]["result"] for _, v in s["values"] if v not in ("NaN", "+Inf", "-Inf")]
+                if panel.source == "trainer" and not values:
+                    empty.append(f"{panel.title}: {target['expr']}")
         assert not empty, f"panels without data: {empty}"
         status, _ = query(url, "sum(rate(dcv2_train_samples_total[1m])")  # the server rejects bad PromQL
         assert status == 400

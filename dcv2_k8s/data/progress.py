@@ -9,6 +9,8 @@ import sys
 import threading
 import time
 
+from dcv2_k8s.plural import count
+
 
 class Progress:
     """A progress bar on a terminal; elsewhere (``kubectl logs``) one line every ``every`` seconds."""
@@ -24,7 +26,7 @@ class Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, mininterval=1.0,
-                            desc=f"stage {objects} objects", dynamic_ncols=True, file=self.out)
+                            desc=f"stage {count(objects, 'object')}", dynamic_ncols=True, file=self.out)
 
     def add(self, nbytes: int = 0, files: int = 0, objects: int = 0) -> None:
         with self.lock:
@@ -43,7 +45,7 @@ class Progress:
         rate = self.bytes / dt
         eta = (self.total - self.bytes) / rate if rate > 0 else float("inf")
         eta_s = f"{eta / 60:.1f} min" if eta != float("inf") else "?"
-        return (f"stage: {self.done_objects}/{self.objects} objects, {self.files} files, "
+        return (f"stage: {self.done_objects}/{count(self.objects, 'object')}, {count(self.files, 'file')}, "
                 f"{self.bytes / 1e9:.2f}/{self.total / 1e9:.2f} GB, {rate / 1e6:.1f} MB/s, ETA {eta_s}")
 
     def close(self) -> None:
