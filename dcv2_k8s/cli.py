@@ -197,7 +197,8 @@ def cmd_linear_eval(args) -> int:
             obj = read_file(weights) if weights else None
             arch = trunk_tokens(obj) if obj is not None and split_weights(obj)[0] == "dcv2" else []
             out = result_path(r.cfg, r.cli_keys | r.file_keys)
-            r = resolve([*arch, *args.tokens, f"config.LINEAR_EVAL.OUTPUT={out}"], for_training=False)
+            r = resolve([*arch, *args.tokens, f"config.LINEAR_EVAL.OUTPUT={out}"], *D.launcher_world(),
+                        for_training=False)
     except ConfigError as e:
         return _fail(e.lines)
     except (SplitMismatch, FileNotFoundError, WeightsError, StorageError) as e:

@@ -53,18 +53,23 @@ def select_run(events: list[dict], newest: dict | None) -> tuple[list[dict], lis
 
     The run drawn is the one that wrote ``newest`` (the manifest of the newest committed checkpoint), or, when
     there is none or the log holds none of that run's events, the run of the last event. Events without a
-    ``run_id`` (a log from before run ids) are one run."""
+    ``run_id`` (a log from before run ids) are one run; when the drawn run began by resuming a checkpoint written
+    before run ids, they are its earlier attempts."""
     ids = list(dict.fromkeys(e.get("run_id") for e in events))
     owner = newest.get("run_id") if newest is not None else None
     if newest is None or owner not in ids:
         owner = events[-1].get("run_id") if events else None
     mine = [e for e in events if e.get("run_id") == owner]
+    first = next((e for e in mine if e.get("kind") == "run_start"), None)
+    if owner is not None and first is not None and first.get("resumed") and first.get("attempt", 1) == 1:
+        mine = [dict(e, attempt=0) for e in events if e.get("run_id") is None] + mine
+        ids = [i for i in ids if i is not None]
     starts = {e.get("attempt", 1): e for e in mine if e.get("kind") == "run_start"}
     kept = []
     for e in mine:
         attempt = e.get("attempt", 1)
         later = [st["from_step"] for a, st in starts.items() if a > attempt]
-        if not later or _position(e, starts.get(attempt)) <= min(later):
+        if not later or _position(e, starts.get(attempt) or first) <= min(later):
             kept.append(e)
     resumes = [st for a, st in sorted(starts.items()) if st.get("resumed")]
     return kept, resumes, [i for i in ids if i != owner]

@@ -55,12 +55,17 @@ def _blocks() -> list[tuple[str, str]]:
 
 
 def _commands(block: str) -> list[str]:
-    """The block's commands: continuation lines joined, quotes spanning lines kept, comment-only lines dropped."""
+    """The block's commands: continuation lines joined, quotes spanning lines kept, comments (a ``#`` that starts
+    a word, outside quotes) dropped."""
     cmds, cur, quote, i = [], "", "", 0
     while i < len(block):
         c = block[i]
         if quote:
             quote = "" if c == quote else quote
+        elif c == "#" and (not cur or cur[-1].isspace()):  # a comment, to the end of the line
+            end = block.find("\n", i)
+            i = len(block) if end < 0 else end
+            continue
         elif c in "'\"":
             quote = c
         elif c == "\\" and block[i + 1:i + 2] == "\n":
@@ -75,7 +80,7 @@ def _commands(block: str) -> list[str]:
         cur += c
         i += 1
     cmds.append(cur)
-    return [c.strip() for c in cmds if c.strip() and not c.strip().startswith("#")]
+    return [c.strip() for c in cmds if c.strip()]
 
 
 def _argv(cmd: str) -> list[str]:
@@ -99,6 +104,14 @@ def test_the_docs_show_commands_and_every_block_is_classified():
     kinds = {where: _kind(b) for where, b in BLOCKS}
     assert kinds, "no ```bash block found in README.md or docs/"
     assert "run" in kinds.values() and "cluster" in kinds.values()
+    # every line that starts a command is one of the commands parsed (none swallowed by a comment or a quote)
+    for where, block in BLOCKS:
+        starts = {_argv(c)[0] for c in _commands(block)}
+        for line in block.splitlines():
+            word = line.split(" ", 1)[0]
+            if word in ("dcv2", "torchrun", "python", "kubectl", "make"):
+                assert word in starts and any(c.startswith(line.strip().split(" #")[0].strip()[:30])
+                                              for c in _commands(block)), f"{where}: `{line}` is not parsed"
 
 
 @pytest.mark.parametrize("where,block", [pytest.param(*b, id=b[0]) for b in BLOCKS if _kind(b[1]) == "cluster"])

@@ -65,6 +65,11 @@ def test_linear_eval_result_goes_next_to_the_weights_unless_a_place_is_set(tmp_p
     assert where(f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={run_dir}") == str(run_dir / "linear_eval.json")
     assert where(f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={run_dir / 'r50.pth'}") == str(run_dir / "linear_eval.json")
     assert where("config.MODEL.WEIGHTS_INIT.PARAMS_FILE=s3://b/run") == "s3://b/run/linear_eval.json"
+    # a checkpoint of a run: the run's directory (checkpoint retention deletes old step_* directories)
+    (run_dir / "step_000000004").mkdir()
+    assert where(f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={run_dir / 'step_000000004'}") == \
+        str(run_dir / "linear_eval.json")
+    assert where("config.MODEL.WEIGHTS_INIT.PARAMS_FILE=s3://b/run/step_000000004/") == "s3://b/run/linear_eval.json"
     assert where() == "linear_eval.json"  # a random trunk: the current directory
     assert where(f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={run_dir}",
                  f"config.CHECKPOINT.DIR={tmp_path / 'le'}") == str(tmp_path / "le" / "linear_eval.json")

@@ -45,6 +45,19 @@ def test_a_log_without_run_ids_reads_as_one_run():
     assert select_run(old, None)[0] == old
 
 
+def test_a_run_resumed_from_a_checkpoint_before_run_ids_keeps_its_history():
+    """The log's events without an id (steps 1-6, the checkpoint at step 4) and then the first attempt with an id,
+    which resumed at step 4: one run, steps 1-4 from the old log, 5-8 from the resumed attempt."""
+    old = [{"kind": "kmeans", "epoch": 0, "seconds": 0.1},
+           *[{"kind": "step", "global_step": g, "epoch": (g - 1) // 4, "loss": 3.0} for g in range(1, 7)]]
+    log = old + [_start("B", 1, from_step=4, resumed=True), *_steps("B", 1, 5, 8, loss=2.0)]
+    kept, resumes, others = select_run(log, {"name": "step_000000008", "run_id": "B", "attempt": 1})
+    assert [(e["global_step"], e.get("run_id")) for e in kept if e["kind"] == "step"] == \
+        [(1, None), (2, None), (3, None), (4, None), (5, "B"), (6, "B"), (7, "B"), (8, "B")]
+    assert others == [] and [st["from_step"] for st in resumes] == [4]
+    assert [e["epoch"] for e in kept if e["kind"] == "kmeans"] == [0]
+
+
 def test_the_run_of_the_newest_checkpoint_is_drawn_alone():
     """Run A (interrupted at step 6, nothing kept), then run B from scratch: B owns the newest checkpoint."""
     log = [_start("A", 1), _km("A", 1, 0), *_steps("A", 1, 1, 6, loss=3.0),

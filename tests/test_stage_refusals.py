@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dcv2_k8s.data.layout import MARKER, verify
+from dcv2_k8s.data.layout import MARKER, REPLACED, verify
 from tests.conftest import run_cli
 from tests.test_stage_layouts import WNIDS, _devkit, _tar
 
@@ -267,12 +267,21 @@ def _source_changed_to_an_unsafe_archive(t):
             lambda: _write(t / "src" / "c2.tar", _tar({"c2/2.jpg": IMG})), None, prepare)
 
 
+def _replace_refused_keeps_the_old_copy(t):
+    """--replace moves the old copy aside until the new one is committed: refused halfway, DEST is as it was."""
+    _classes(t / "old")
+    _files(t / "new", ["c0/5.jpg", "c0/6.jpg"])
+    return ([str(t / "new"), str(t / "d"), "--replace"], "every image is in one class folder (c0)",
+            lambda: _files(t / "new", ["c1/7.jpg"]), None, lambda: _staged(str(t / "old"), str(t / "d")))
+
+
 CASES = [_missing_src, _empty_src, _no_src, _splits, _flat_without_labels, _no_images, _labels_missing, _labels_empty,
          _labels_bad_line, _labels_ids_only, _not_a_devkit, _devkit_dir_incomplete, _flat_object_not_labelled,
          _archive_member_not_labelled, _single_archive_without_labels, _class_names_missing, _class_names_empty,
          _label_outside_names, _label_not_an_integer, _unsafe_member, _not_a_tar, _no_images_produced,
          _one_class_folder, _one_class_of_labels, _dest_holds_another_source, _dest_holds_other_labels,
-         _dest_holds_other_files, _dest_with_a_loose_file, _source_changed_to_an_unsafe_archive]
+         _dest_holds_other_files, _dest_with_a_loose_file, _source_changed_to_an_unsafe_archive,
+         _replace_refused_keeps_the_old_copy]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__.strip("_") for c in CASES])
@@ -294,4 +303,5 @@ def test_a_refusal_writes_nothing_and_its_suggestion_then_works(case, tmp_path):
     assert p.returncode == 0, p.stderr
     staged = Path((retry or refused)[1])
     assert (staged / MARKER).exists() and verify(str(staged)) == []
+    assert not (staged / REPLACED).exists()               # what --replace moved aside is gone once committed
     assert json.loads(p.stdout)["classes"] >= 2

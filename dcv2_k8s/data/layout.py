@@ -35,6 +35,7 @@ from dcv2_k8s.plural import count
 MANIFEST = ".dcv2_manifest.json"
 MARKER = ".dcv2_staged"
 STATE = ".dcv2_stage_state.json"
+REPLACED = ".dcv2_replaced"  # what --replace found in DEST, kept aside until the new copy is committed
 MANIFEST_VERSION = 2
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 ARCHIVES = (".tar", ".tar.gz", ".tgz")
@@ -271,13 +272,16 @@ def remove_strays(dest: Path, files: dict) -> int:
 
 
 def remove_written(dest: Path, files: dict) -> None:
-    """Undo what a refused archive wrote: its files, and the class folders it created."""
+    """Undo what a refused archive wrote: its files, and the folders it created for them (left when not empty)."""
     for rel in files:
         (dest / rel).unlink(missing_ok=True)
-        try:
-            (dest / rel).parent.rmdir()
-        except OSError:
-            pass
+        d = (dest / rel).parent
+        while d != dest:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+            d = d.parent
 
 
 class Changes:
@@ -285,8 +289,9 @@ class Changes:
     created and their class folders, DEST and the folders above it when it created them, and the resume state and
     completion marker as they were (the marker only while no file it vouches for was written over)."""
 
-    def __init__(self, dest: Path):
+    def __init__(self, dest: Path, replaced: bool = False):
         self.dest = dest
+        self.replaced = replaced     # check_dest moved DEST's entries aside for this run (--replace)
         self.made: list[Path] = []   # DEST and the missing folders above it, innermost first
         p = dest
         while not p.exists() and p != p.parent:
@@ -324,13 +329,19 @@ class Changes:
                 (self.dest / name).write_bytes(self.kept[name])
             else:
                 (self.dest / name).unlink(missing_ok=True)
+        aside = self.dest / REPLACED
+        if self.replaced and aside.is_dir():  # what this run's --replace moved aside: back where it was
+            for p in aside.iterdir():
+                os.replace(p, self.dest / p.name)
+            aside.rmdir()
 
 
 # ------------------------------------------------------------------------------------------- DEST
-def check_dest(dest: Path, source: str, labels: str, replace: bool) -> None:
-    """Refuse a DEST that holds another source (or other files), unless ``replace``."""
+def check_dest(dest: Path, source: str, labels: str, replace: bool) -> bool:
+    """Refuse a DEST that holds another source (or other files), unless ``replace``: then its entries are moved
+    aside into ``DEST/.dcv2_replaced`` (True)."""
     if not dest.exists():
-        return
+        return False
     owner = None
     for name in (STATE, MANIFEST):
         if (dest / name).exists():
@@ -342,24 +353,28 @@ def check_dest(dest: Path, source: str, labels: str, replace: bool) -> None:
             break
     entries = [p for p in dest.iterdir() if p.name != "lost+found"]  # a freshly formatted volume has one
     if owner is None and not entries:
-        return
+        return False
     if owner == (source, labels):
         loose = sorted(p.name for p in entries if not p.name.startswith(".") and not p.is_dir())
         if loose:
             kind = "an archive left unextracted" if is_archive(loose[0]) else "a file outside class folders"
             raise StageError(f"{dest}: {kind}: {loose[0]} ({len(loose)} such); remove it or stage into an empty "
                              "DEST")
-        return
+        return False
     if not replace:
         what = f"a copy of {owner[0]}" + (f" (labels {owner[1]})" if owner[1] else "") if owner else \
             f"{len(entries)} entries not staged by dcv2"
         raise StageError(f"{dest} holds {what}; choose another DEST, or pass --replace to delete it and stage "
                          f"{source} there")
+    # replaced: moved aside, deleted once the new copy is committed (commit), moved back if this run is refused
+    # (Changes.take_back); an aside left by an earlier --replace that never finished is what --replace deletes
+    aside = dest / REPLACED
+    shutil.rmtree(aside, ignore_errors=True)
+    aside.mkdir()
     for p in entries:
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
+        if p.name != REPLACED:
+            os.replace(p, aside / p.name)
+    return True
 
 
 def validate_result(dest: Path, files: dict, src: str) -> None:
@@ -403,6 +418,7 @@ def commit(dest: Path, manifest: dict) -> None:
     os.replace(tmp, dest / MANIFEST)
     (dest / STATE).unlink(missing_ok=True)
     (dest / MARKER).write_text(json.dumps({"time": time.time(), "num_files": manifest["num_files"]}))
+    shutil.rmtree(dest / REPLACED, ignore_errors=True)  # what --replace found there: the new copy is in place
 
 
 def is_staged_copy(dest: Path, source: str) -> bool:

@@ -172,8 +172,7 @@ def stage(src: str, dest: str, options: StageOptions | None = None, **overrides)
 def _open_dest(dest: Path, src: str, opts: StageOptions) -> tuple[StageState, Changes]:
     """Refuse a DEST holding another source, create it and drop its completion marker; the resume state (a
     complete earlier staging is adopted, to be verified and repaired) and the record of what this run adds."""
-    check_dest(dest, src, opts.labels, opts.replace)
-    changes = Changes(dest)
+    changes = Changes(dest, replaced=check_dest(dest, src, opts.labels, opts.replace))
     dest.mkdir(parents=True, exist_ok=True)
     (dest / MARKER).unlink(missing_ok=True)
     state = StageState(dest, src, opts.labels)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 
@@ -252,7 +253,10 @@ def result_path(cfg, set_keys: set[str]) -> str:
     if not weights:
         return "linear_eval.json"
     if weights.startswith("s3://") or os.path.isdir(weights):  # how weights.read_file takes it: a directory
-        return open_storage(weights).join("linear_eval.json")
+        run = weights.rstrip("/")
+        if re.fullmatch(r"step_\d+", run.rsplit("/", 1)[-1]):  # a checkpoint of a run: retention deletes it later
+            run = run.rsplit("/", 1)[0]
+        return open_storage(run).join("linear_eval.json")
     return os.path.join(os.path.dirname(weights), "linear_eval.json")
 
 
