@@ -268,8 +268,8 @@ def cmd_clusters(args) -> int:
         print(f"head {h['head']}: {count(h['clusters'], 'cluster')}, {h['empty']} empty, largest "
               f"{count(h['largest'], 'image')}, "
               f"size entropy {h['size_entropy']:.3f}")
-    print(f"{count(stats['images'], 'image')} assigned; wrote assignments.csv, cluster_sizes.json, contact_sheet_head*.png "
-          f"to {args.out}")
+    print(f"{count(stats['images'], 'image')} assigned; wrote assignments.csv, cluster_sizes.json, "
+          f"contact_sheet_head*.png to {args.out}")
     return 0
 
 
