@@ -284,7 +284,7 @@ def run_torchrun(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing import api
     from torch.distributed.run import main
 
-    handler = api._terminate_process_handler
+    handler = getattr(api, "_terminate_process_handler", None)  # a private name of torch 2.x: quiet only if there
 
     def quiet(signum, frame):
         for name in list(logging.root.manager.loggerDict):
@@ -292,7 +292,8 @@ def run_torchrun(argv: list[str]) -> int:
                 logging.getLogger(name).setLevel(logging.ERROR)
         handler(signum, frame)
 
-    api._terminate_process_handler = quiet  # PContext.start installs it by this name
+    if handler is not None:
+        api._terminate_process_handler = quiet  # PContext.start installs it by this name
     try:
         main(argv)
     except api.SignalException as e:

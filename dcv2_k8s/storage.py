@@ -160,8 +160,7 @@ def explain_s3_error(uri: str, err: Exception) -> StorageError:
     """One line naming the URI and what to do, for the mistakes users make."""
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
-    endpoint = redact(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "") \
-        or "the AWS default"
+    endpoint = redact(s3_endpoint()) or "the AWS default"
     if isinstance(err, NoCredentialsError):
         return StorageError(f"{uri}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (in a "
                             "Kubernetes Secret referenced by envFrom)")

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from markdown.extensions.toc import slugify
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
 DOCS = ROOT / "docs"
 PAGES = sorted(p.name for p in DOCS.glob("*.md"))
 

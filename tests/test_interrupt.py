@@ -75,6 +75,7 @@ def test_ctrl_c_commits_exits_130_and_resumes(synth_data, tmp_path, nproc):
     assert rc == X.INTERRUPTED, out[-3000:]
     assert "Traceback" not in out and "SignalException" not in out, out[-5000:]
     assert sum("interrupted" in line for line in out.splitlines()) <= 2, out[-3000:]  # once per node, not per rank
+    assert out.count("interrupted: checkpoint committed at step") == 1, out[-3000:]  # rank 0 says where, once
     latest = CheckpointManager(str(ckpt)).latest()
     assert latest is not None and latest["global_step"] >= 2, out[-3000:]
     p = run_cli("train", *tokens)

@@ -4,32 +4,16 @@ local rank 0's staging. Sources: a local directory (no S3) and a real HTTP S3 en
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import tarfile
 from pathlib import Path
 
-import boto3
 import pytest
 
 from dcv2_k8s.data.layout import MANIFEST, MARKER, STATE, verify
 from dcv2_k8s.data.stage import StageOptions, ensure_local, stage
-
-
-def _client(s3):
-    return boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id="testing",
-                        aws_secret_access_key="testing", region_name="us-east-1")
-
-
-def _tar(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+from tests.test_stage_layouts import _tar
+from tests.test_storage import _client
 
 
 def test_local_release_resumes_after_a_failure_and_repairs_one_inner_tar(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from dcv2_k8s.data.layout import IMG_EXTENSIONS, MANIFEST  # a staged directory's file kinds and file list
+from dcv2_k8s.data.layout import IMG_EXTENSIONS, MANIFEST, SPLIT_NAMES  # a staged directory's file kinds and file list
 from dcv2_k8s.plural import count
 
 log = logging.getLogger("dcv2")
@@ -44,10 +44,8 @@ class DatasetRoot(FileNotFoundError):
 def check_split_dir(root: str | os.PathLike, split: str = "train") -> None:
     """Raise :class:`DatasetRoot` (one line, naming the directory to give instead: ``root/SPLIT`` when it is there,
     ``split`` being what the caller reads) when ``root`` holds split directories rather than classes. The rule is
-    staging's (``data.stage.SPLIT_NAMES``); every command that reads a split goes through
+    staging's (``layout.SPLIT_NAMES``); every command that reads a split goes through
     :func:`scan_image_folder`, which applies it."""
-    from dcv2_k8s.data.stage import SPLIT_NAMES
-
     root = Path(root)
     splits = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name.lower() in SPLIT_NAMES) \
         if root.is_dir() else []

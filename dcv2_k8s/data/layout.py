@@ -35,6 +35,7 @@ from dcv2_k8s.plural import count
 MANIFEST = ".dcv2_manifest.json"
 MARKER = ".dcv2_staged"
 STATE = ".dcv2_stage_state.json"
+SPLIT_NAMES = {"train", "val", "valid", "validation", "test"}  # directory names of a dataset's splits, not classes
 REPLACED = ".dcv2_replaced"  # what --replace found in DEST, kept aside until the new copy is committed
 MANIFEST_VERSION = 2
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

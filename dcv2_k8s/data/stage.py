@@ -32,14 +32,13 @@ from typing import Callable
 from dcv2_k8s.data.archive import NestedDone, UnsafeArchive, count_bytes, group_samples, members, to_files
 from dcv2_k8s.data.fetch import READ_AHEAD, Cancelled, RangedReader, read_whole
 from dcv2_k8s.data.labels import Classes, load_class_names, load_labels
-from dcv2_k8s.data.layout import (MARKER, Changes, StageError, StageState, Work, build_manifest, check_dest,
-                                  commit, is_archive, is_image, is_staged_copy, matches_etag, plan_work,
+from dcv2_k8s.data.layout import (MARKER, SPLIT_NAMES, Changes, StageError, StageState, Work, build_manifest,
+                                  check_dest, commit, is_archive, is_image, is_staged_copy, matches_etag, plan_work,
                                   read_manifest, remove_strays, remove_written, validate_result)
 from dcv2_k8s.data.progress import Progress
 from dcv2_k8s.plural import count
 from dcv2_k8s.storage import StorageError, open_storage
 
-SPLIT_NAMES = {"train", "val", "valid", "validation", "test"}
 
 
 class Interrupted(Exception):
