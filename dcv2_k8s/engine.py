@@ -147,6 +147,13 @@ class TrainingRun:
         self.reporter = RunReporter(resolved, info, self.ckpt.store, self.total_steps, self.steps_per_epoch)
         self.monitor = RunMonitor(cfg, info, self.device, self.model, self.dataset, self.schedule, self.total_steps)
         self.stop = D.StopAgreement(info, cfg.DISTRIBUTED.TIMEOUT_SECONDS)
+        # fencing: rank 0 takes the checkpoint directory over (a newer generation) before anything is resumed, so
+        # that a run still writing there (a partitioned pod, the same job submitted twice) can commit nothing more;
+        # every rank writes its parts under this generation's names (checkpoint.py, "Fencing")
+        generation = [self.ckpt.take_over() if info.is_main else None]
+        if info.distributed:
+            dist.broadcast_object_list(generation, src=0, group=self.stop.group)
+        self.ckpt.generation = generation[0]
         self.stop_reason = ""           # "", "max_steps", "preempted" or "interrupted"
         self.stop_signal = None
         self.max_steps, self.iter_freq = cfg.TRAINER.MAX_STEPS, ck.CHECKPOINT_ITER_FREQUENCY

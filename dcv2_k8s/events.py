@@ -20,7 +20,7 @@ import secrets
 import tempfile
 import time
 
-from dcv2_k8s.storage import StorageError
+from dcv2_k8s.storage import StorageError, is_disk_full
 
 log = logging.getLogger("dcv2")
 
@@ -39,6 +39,7 @@ class EventLog:
         self.remote = "://" in root
         self.path = self._local_path() if enabled else None
         self.tags: dict = {}  # run_id and attempt, from start_run on
+        self._full = False    # the last emit met a full disk (warned once)
 
     def _local_path(self) -> str:
         if not self.remote:
@@ -75,11 +76,33 @@ class EventLog:
         return [e for e in out if e.get("kind") == "run_start"]
 
     def emit(self, kind: str, **values) -> None:
+        """Append one line. On a full disk the line is dropped whole (never half a line), with one warning until
+        space is back: the run goes on, and its next checkpoint says what the disk needs (DiskFull)."""
         if self.path is None:
             return
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"kind": kind, "time": time.time(), **self.tags, **values}) + "\n")
+        data = (json.dumps({"kind": kind, "time": time.time(), **self.tags, **values}) + "\n").encode()
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                start = os.fstat(fd).st_size
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                except OSError:
+                    os.ftruncate(fd, start)
+                    raise
+            finally:
+                os.close(fd)
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            if not self._full:
+                log.warning("%s: no space left on the device; events are not recorded until space is freed", self.path)
+            self._full = True
+            return
+        self._full = False
 
     def publish(self, final: bool = False) -> None:
         """Copy the file next to remote checkpoints. Best effort while training (an unreachable store must not stop

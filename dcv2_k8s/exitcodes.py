@@ -12,13 +12,17 @@ from __future__ import annotations
 
 OK = 0
 ERROR = 1           # an unexpected error in dcv2 itself, or a training failure that a retry would repeat (NaN loss)
-USAGE = 2           # configuration, data or environment the user must fix
+USAGE = 2           # configuration, data or environment the user must fix (a full disk included: see classify)
+# A newer run took over CHECKPOINT.DIR (a replacement pod while this one was cut off, or the job submitted again
+# with the same output URI): this writer is a zombie. Permanent on purpose: a recreated pod would take the directory
+# back (a new generation), fence the newer run in turn, and the two would take turns forever. The newer run goes on.
+FENCED = 3
 INTERRUPTED = 130   # 128 + SIGINT (Ctrl-C): as PREEMPTED, a checkpoint was committed; the next start resumes
 PREEMPTED = 143     # 128 + SIGTERM: a checkpoint was committed (or the previous one stays latest); resume on restart
 RETRYABLE = 200     # an infrastructure fault: a lost peer, a collective timeout, a failed rendezvous, a store outage
 
-NAMES = {OK: "ok", ERROR: "error", USAGE: "usage", INTERRUPTED: "interrupted", PREEMPTED: "preempted",
-         RETRYABLE: "retryable"}
+NAMES = {OK: "ok", ERROR: "error", USAGE: "usage", FENCED: "fenced", INTERRUPTED: "interrupted",
+         PREEMPTED: "preempted", RETRYABLE: "retryable"}
 
 
 def retryable(code: int) -> bool:
@@ -51,8 +55,12 @@ def combine(codes: list[int], launcher_code: int, signalled: bool, interrupted: 
 
 def classify(exc: BaseException) -> int:
     """The exit code for an exception that ended a training process."""
-    from dcv2_k8s.storage import StorageError
+    from dcv2_k8s.storage import DiskFull, Fenced, StorageError
 
+    if isinstance(exc, Fenced):  # a newer run owns the checkpoint directory: never retried (see FENCED)
+        return FENCED
+    if isinstance(exc, DiskFull):  # the checkpoint volume is full: a recreated pod meets the same volume, so the
+        return USAGE               # job fails at once and the operator frees space (or a bigger volume), then resumes
     if isinstance(exc, StorageError):
         return RETRYABLE if getattr(exc, "transient", False) else ERROR
     try:

@@ -9,7 +9,8 @@ S3 settings come from the standard environment (a Kubernetes Secret through ``en
 ``AWS_ENDPOINT_URL`` (MinIO, SeaweedFS, Ceph RGW, the embedded server), and these of ours:
 
 - ``DCV2_S3_ADDRESSING``: ``path`` (default when an endpoint is set; MinIO/SeaweedFS want it) or ``virtual``;
-- ``DCV2_S3_RETRY_MODE`` (``standard``/``adaptive``, default standard) and ``DCV2_S3_MAX_ATTEMPTS`` (default 5);
+- ``DCV2_S3_RETRY_MODE`` (``standard``/``adaptive``, default standard) and ``DCV2_S3_MAX_ATTEMPTS`` (default 5; also
+  the attempts of our own retries of a response body cut off mid-way, which botocore raises outside its retries);
 - ``DCV2_S3_CONNECT_TIMEOUT`` / ``DCV2_S3_READ_TIMEOUT`` seconds (default 10 / 60);
 - ``AWS_REQUEST_CHECKSUM_CALCULATION=when_required`` and ``AWS_RESPONSE_CHECKSUM_VALIDATION=when_required`` for
   stores that reject boto3's newer default checksum headers (botocore reads them itself).
@@ -17,10 +18,13 @@ S3 settings come from the standard environment (a Kubernetes Secret through ``en
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import random
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 MiB = 2 ** 20
@@ -35,6 +39,55 @@ class StorageError(RuntimeError):
         self.transient = transient
 
 
+class Fenced(StorageError):
+    """A conditional write lost to a newer writer: another run took over the checkpoint directory
+    (``checkpoint.CheckpointManager.take_over``). Permanent (``exitcodes.FENCED``): a retry would fight the newer
+    owner."""
+
+
+class DiskFull(StorageError):
+    """No space left on a local filesystem (ENOSPC, or EDQUOT: a quota): permanent, as a retry fills the same disk
+    again; the operator frees space or points the path at a bigger volume (``exitcodes.classify``: exit 2).
+    ``path``: what was being written; ``needed`` and ``available``: bytes."""
+
+    def __init__(self, message: str, path: str = "", needed: int = 0, available: int = 0):
+        super().__init__(message)
+        self.path, self.needed, self.available = path, needed, available
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """An OSError saying that the filesystem (or the user's quota) is full."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _existing(path: str) -> str:
+    p = os.path.abspath(path)
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    return p
+
+
+def free_bytes(path: str) -> int:
+    """Bytes an unprivileged writer can still write on the filesystem holding ``path`` (or its nearest existing
+    parent)."""
+    st = os.statvfs(_existing(path))
+    return st.f_bavail * st.f_frsize
+
+
+def on_disk(size: int, path: str) -> int:
+    """The space a file of ``size`` bytes takes on the filesystem holding ``path`` (whole blocks)."""
+    block = os.statvfs(_existing(path)).f_frsize or 4096
+    return -(-size // block) * block
+
+
+def size_text(n: int) -> str:
+    """``n`` bytes for a message: ``5.9 MB``, ``312.0 kB``, ``18 bytes``."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
 class LocalStorage:
     """A directory tree on a local or mounted filesystem."""
 
@@ -45,17 +98,25 @@ class LocalStorage:
         return os.path.join(self.root, *parts)
 
     def put_bytes(self, path: str, data: bytes) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+        """Write ``path`` atomically (a temporary file, fsync, rename; the temporary file is removed on any
+        failure); a full filesystem raises :class:`DiskFull`, naming the path, the size and the space left."""
+        tmp = ""
         try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
+        except BaseException as e:
+            if tmp and os.path.exists(tmp):
                 os.unlink(tmp)
+            if is_disk_full(e):
+                free = free_bytes(path)
+                raise DiskFull(f"{path}: no space left on the device: writing it needs {size_text(len(data))}, "
+                               f"{size_text(free)} available; free space or use a bigger volume", path, len(data),
+                               free) from None
             raise
 
     def get_bytes(self, path: str) -> bytes:
@@ -83,6 +144,37 @@ class LocalStorage:
             return []
         return [{"Key": str(f.relative_to(root)), "Size": f.stat().st_size, "ETag": ""}
                 for f in sorted(root.rglob("*")) if f.is_file()]
+
+    def read_versioned(self, path: str) -> tuple[bytes, str] | None:
+        """The content of a small file and its version tag (a SHA-256 of the content), or None when absent."""
+        import hashlib
+
+        try:
+            data = self.get_bytes(path)
+        except FileNotFoundError:
+            return None
+        return data, hashlib.sha256(data).hexdigest()
+
+    def put_if(self, path: str, data: bytes, match: str | None) -> str | None:
+        """Compare-and-swap of a small file: write ``path`` only if its version is still ``match`` (a tag from
+        :meth:`read_versioned` or an earlier ``put_if``; None: only if ``path`` does not exist). Returns the new
+        tag, or None when the precondition failed. Writers serialise on an exclusive ``flock`` of
+        ``.NAME.lock`` beside the file: atomic between processes on a local filesystem, and on NFSv4 and CephFS,
+        which take it as a server-side lock."""
+        import fcntl
+        import hashlib
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                cur = self.read_versioned(path)
+                if (cur[1] if cur else None) != match:
+                    return None
+                self.put_bytes(path, data)
+                return hashlib.sha256(data).hexdigest()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def exists(self, path: str) -> bool:
         return os.path.exists(path)
@@ -164,6 +256,12 @@ def explain_s3_error(uri: str, err: Exception) -> StorageError:
     if isinstance(err, NoCredentialsError):
         return StorageError(f"{uri}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (in a "
                             "Kubernetes Secret referenced by envFrom)")
+    if cut_short(err):
+        last = getattr(err, "last_exception", None)  # s3transfer's RetriesExceededError: what its last try raised
+        why = type(err).__name__ + (f" of {type(last).__name__}" if last is not None else "")
+        return StorageError(f"{uri}: the S3 endpoint {endpoint} closed the connection in the middle of a response, "
+                            f"through every retry ({why}); the store is overloaded or failing: try again later",
+                            transient=True)
     if isinstance(err, EndpointConnectionError) or type(err).__name__ in ("ConnectTimeoutError", "ReadTimeoutError",
                                                                           "ConnectionClosedError"):
         return StorageError(f"{uri}: cannot reach the S3 endpoint {endpoint}; check AWS_ENDPOINT_URL(_S3) and that "
@@ -179,8 +277,30 @@ def explain_s3_error(uri: str, err: Exception) -> StorageError:
                                 "AWS_REQUEST_CHECKSUM_CALCULATION=when_required AWS_RESPONSE_CHECKSUM_VALIDATION=when_required")
         transient = code in ("500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
                              "RequestTimeout")
-        return StorageError(f"{uri}: S3 error {code}: {redact(str(err))}", transient=transient)
+        if transient:
+            return StorageError(f"{uri}: the S3 endpoint {endpoint} answered {code} through every retry "
+                                f"(DCV2_S3_MAX_ATTEMPTS={max_attempts()}); the store is overloaded or failing: try "
+                                f"again later ({redact(str(err))})", transient=True)
+        return StorageError(f"{uri}: S3 error {code}: {redact(str(err))}")
     return StorageError(f"{uri}: {type(err).__name__}: {redact(str(err))}")
+
+
+def cut_short(err: BaseException) -> bool:
+    """``err`` is a response body cut off mid-way (the connection closed or reset while reading it): botocore
+    raises it while the body is READ, outside its own retry loop, so the reader must retry it
+    (s3transfer's downloads retry it a few times, then raise RetriesExceededError)."""
+    return type(err).__name__ in ("IncompleteReadError", "ResponseStreamingError", "RetriesExceededError",
+                                  "ProtocolError", "IncompleteRead") or isinstance(err, ConnectionError)
+
+
+def max_attempts() -> int:
+    return max(1, int(os.environ.get("DCV2_S3_MAX_ATTEMPTS", "5")))
+
+
+def backoff(attempt: int) -> float:
+    """Seconds to wait before retry ``attempt`` (0-based): full jitter over 1, 2, 4 ... s, at most 20 s (as
+    botocore's standard retry mode)."""
+    return random.uniform(0, min(20.0, 2.0 ** attempt))
 
 
 def redact(text: str) -> str:
@@ -225,6 +345,17 @@ class S3Storage:
         except Exception as e:  # botocore errors become one actionable line
             raise explain_s3_error(path, e) from e
 
+    def _download(self, path: str, fn, *args, **kwargs):
+        """A transfer-manager download, again (with backoff, up to DCV2_S3_MAX_ATTEMPTS times) when its bodies were
+        cut off more often than its own retries allow."""
+        for attempt in range(max_attempts()):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                if not cut_short(e) or attempt == max_attempts() - 1:
+                    raise explain_s3_error(path, e) from e
+                time.sleep(backoff(attempt))
+
     def put_bytes(self, path: str, data: bytes) -> None:
         self._call(path, self.client.upload_fileobj, io.BytesIO(data), self.bucket, self._key(path),
                    Config=transfer_config(len(data)))
@@ -236,13 +367,16 @@ class S3Storage:
     def download_file(self, path: str, local: str) -> None:
         Path(local).parent.mkdir(parents=True, exist_ok=True)
         tmp = f"{local}.part"
-        self._call(path, self.client.download_file, self.bucket, self._key(path), tmp, Config=transfer_config())
+        self._download(path, self.client.download_file, self.bucket, self._key(path), tmp, Config=transfer_config())
         os.replace(tmp, local)
 
     def get_bytes(self, path: str) -> bytes:
-        buf = io.BytesIO()
-        self._call(path, self.client.download_fileobj, self.bucket, self._key(path), buf, Config=transfer_config())
-        return buf.getvalue()
+        def fetch() -> bytes:
+            buf = io.BytesIO()  # a fresh buffer per attempt
+            self.client.download_fileobj(self.bucket, self._key(path), buf, Config=transfer_config())
+            return buf.getvalue()
+
+        return self._download(path, fetch)
 
     def get_range(self, path: str, lo: int = 0, hi: int | None = None) -> bytes:
         """Bytes ``[lo, hi)`` of an object in one GET (``hi=None``: to its end; ``get_range(path)``: the whole
@@ -250,9 +384,30 @@ class S3Storage:
         transfer manager (a HEAD, then parts) costs a request more."""
         if hi is not None and hi <= lo:
             return b""
-        extra = {} if lo == 0 and hi is None else {"Range": f"bytes={lo}-{'' if hi is None else hi - 1}"}
-        resp = self._call(path, self.client.get_object, Bucket=self.bucket, Key=self._key(path), **extra)
-        return self._call(path, resp["Body"].read)
+        # botocore retries a 503/500 answer itself, but a body cut off mid-way is raised while READING it, outside
+        # its retry loop: read on from where the body stopped (a ranged GET of the rest, If-Match the first
+        # answer's ETag so that the pieces are of one version), with backoff, up to DCV2_S3_MAX_ATTEMPTS times.
+        buf, etag, size = bytearray(), None, None
+        for attempt in range(max_attempts()):
+            at = lo + len(buf)
+            extra = {} if at == 0 and hi is None else {"Range": f"bytes={at}-{'' if hi is None else hi - 1}"}
+            if etag:
+                extra["IfMatch"] = etag
+            resp = self._call(path, self.client.get_object, Bucket=self.bucket, Key=self._key(path), **extra)
+            if etag is None:
+                etag, size = resp.get("ETag"), int(resp.get("ContentLength", 0))
+            try:
+                for chunk in resp["Body"].iter_chunks(1 << 20):
+                    buf += chunk
+                return bytes(buf)
+            except Exception as e:
+                resp["Body"].close()
+                if not cut_short(e) or attempt == max_attempts() - 1:
+                    raise explain_s3_error(path, e) from e
+                if size is not None and len(buf) >= size:  # every byte arrived before the connection closed
+                    return bytes(buf[:size])
+                time.sleep(backoff(attempt))
+        raise AssertionError("unreachable")
 
     def head(self, path: str) -> dict | None:
         from botocore.exceptions import ClientError
@@ -265,6 +420,48 @@ class S3Storage:
             raise explain_s3_error(path, e) from e
         except Exception as e:
             raise explain_s3_error(path, e) from e
+
+    def read_versioned(self, path: str) -> tuple[bytes, str] | None:
+        """The content of a small object and its ETag, from one GET (again, whole, when the body is cut off
+        mid-way: up to DCV2_S3_MAX_ATTEMPTS times); None when absent."""
+        from botocore.exceptions import ClientError
+
+        for attempt in range(max_attempts()):
+            try:
+                resp = self.client.get_object(Bucket=self.bucket, Key=self._key(path))
+                return resp["Body"].read(), resp["ETag"]
+            except ClientError as e:
+                if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise explain_s3_error(path, e) from e
+            except Exception as e:
+                if not cut_short(e) or attempt == max_attempts() - 1:
+                    raise explain_s3_error(path, e) from e
+                time.sleep(backoff(attempt))
+        raise AssertionError("unreachable")
+
+    def put_if(self, path: str, data: bytes, match: str | None) -> str | None:
+        """Compare-and-swap of a small object with S3 conditional writes: one PutObject with ``If-Match: match``
+        (None: ``If-None-Match: *``, only if absent). Returns the new ETag, or None when the precondition failed
+        (412, or 404 for If-Match on a deleted object). A 409 (a concurrent conditional write to the same key) is
+        retried as AWS advises. A store that ignores the headers makes this a plain PUT: ``take_over`` detects
+        that once and warns."""
+        from botocore.exceptions import ClientError
+
+        cond = {"IfNoneMatch": "*"} if match is None else {"IfMatch": match}
+        for attempt in range(5):
+            try:
+                return self.client.put_object(Bucket=self.bucket, Key=self._key(path), Body=data, **cond)["ETag"]
+            except ClientError as e:
+                code = str(e.response.get("Error", {}).get("Code", ""))
+                if code in ("PreconditionFailed", "412", "NoSuchKey", "404"):
+                    return None
+                if code not in ("ConditionalRequestConflict", "409") or attempt == 4:
+                    raise explain_s3_error(path, e) from e
+                time.sleep(0.2 * (attempt + 1))
+            except Exception as e:
+                raise explain_s3_error(path, e) from e
+        return None
 
     def exists(self, path: str) -> bool:
         return self.head(path) is not None

@@ -91,13 +91,13 @@ def test_trainjob_args_come_from_the_jobspec():
 
 
 def test_runtime_carries_the_exit_code_contract_and_restricted_pods():
-    """dcv2's exit codes (1, 2 permanent; 143, 200 retryable) as the Job's podFailurePolicy; evictions and
+    """dcv2's exit codes (1, 2, 3 permanent; 143, 200 retryable) as the Job's podFailurePolicy; evictions and
     preemptions (DisruptionTarget) do not count against backoffLimit; pods pass Pod Security "restricted"."""
     rt = M.training_runtime()
     job = rt["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]
     rules = job["podFailurePolicy"]["rules"]
     assert rules[0] == {"action": "FailJob", "onExitCodes": {"containerName": "node", "operator": "In",
-                                                             "values": [1, 2]}}
+                                                             "values": [1, 2, 3]}}
     assert rules[1]["action"] == "Ignore" and rules[1]["onPodConditions"][0]["type"] == "DisruptionTarget"
     pod = job["template"]["spec"]
     assert pod["restartPolicy"] == "Never"  # podFailurePolicy requires it

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from dcv2_k8s.storage import StorageError
+from dcv2_k8s.storage import DiskFull, StorageError
 from dcv2_k8s.plural import count
 
 MANIFEST = ".dcv2_manifest.json"
@@ -44,6 +44,10 @@ ARCHIVES = (".tar", ".tar.gz", ".tgz")
 
 class StageError(StorageError):
     """A source, labels file or destination that cannot be staged as asked (one line: what and what to pass)."""
+
+
+class NoSpace(StageError, DiskFull):
+    """DEST's filesystem has less space available than the staging needs: refused before anything is written."""
 
 
 # ------------------------------------------------------------------------------------------- file kinds
@@ -81,9 +85,13 @@ def write_file(dest: Path, rel: str, data: bytes) -> list:
     out = dest / rel
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.part")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, out)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, out)
+    except BaseException:  # a full disk: no partial file is left behind (nor its space taken)
+        tmp.unlink(missing_ok=True)
+        raise
     return [len(data), md5_bytes(data)]
 
 
@@ -137,8 +145,12 @@ class StageState:
                         "objects": dict(self.data["objects"]), "files": dict(self.data["files"]),
                         "partial": {k: dict(v) for k, v in self.data["partial"].items()}}
             tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(snap))
-            os.replace(tmp, self.path)
+            try:
+                tmp.write_text(json.dumps(snap))
+                os.replace(tmp, self.path)
+            except BaseException:  # a full disk: the state saved before stays, whole
+                tmp.unlink(missing_ok=True)
+                raise
 
     def adopt(self, manifest: dict) -> None:
         """Start from a complete earlier staging of the same source (to verify it and repair it), unless this
@@ -415,8 +427,12 @@ def build_manifest(src: str, labels: str, files: dict, objects: dict, **counts) 
 def commit(dest: Path, manifest: dict) -> None:
     """Write the manifest (atomically), drop the resume state, then mark the staging complete."""
     tmp = dest / f"{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest))
-    os.replace(tmp, dest / MANIFEST)
+    try:
+        tmp.write_text(json.dumps(manifest))
+        os.replace(tmp, dest / MANIFEST)
+    except BaseException:  # a full disk: the resume state stays, staging again commits
+        tmp.unlink(missing_ok=True)
+        raise
     (dest / STATE).unlink(missing_ok=True)
     (dest / MARKER).write_text(json.dumps({"time": time.time(), "num_files": manifest["num_files"]}))
     shutil.rmtree(dest / REPLACED, ignore_errors=True)  # what --replace found there: the new copy is in place

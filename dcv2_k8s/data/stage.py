@@ -32,12 +32,13 @@ from typing import Callable
 from dcv2_k8s.data.archive import NestedDone, UnsafeArchive, count_bytes, group_samples, members, to_files
 from dcv2_k8s.data.fetch import READ_AHEAD, Cancelled, RangedReader, read_whole
 from dcv2_k8s.data.labels import Classes, load_class_names, load_labels
-from dcv2_k8s.data.layout import (MARKER, SPLIT_NAMES, Changes, StageError, StageState, Work, build_manifest,
-                                  check_dest, commit, is_archive, is_image, is_staged_copy, matches_etag, plan_work,
-                                  read_manifest, remove_strays, remove_written, validate_result)
+from dcv2_k8s.data.layout import (MARKER, SPLIT_NAMES, Changes, NoSpace, StageError, StageState, Work,
+                                  build_manifest, check_dest, commit, is_archive, is_image, is_staged_copy,
+                                  matches_etag, plan_work, read_manifest, remove_strays, remove_written,
+                                  validate_result)
 from dcv2_k8s.data.progress import Progress
 from dcv2_k8s.plural import count
-from dcv2_k8s.storage import StorageError, open_storage
+from dcv2_k8s.storage import DiskFull, StorageError, free_bytes, is_disk_full, on_disk, open_storage, size_text
 
 
 
@@ -153,19 +154,83 @@ def stage(src: str, dest: str, options: StageOptions | None = None, **overrides)
     ``options`` (or its fields as keywords, e.g. ``workers=8, progress=False``): see :class:`StageOptions`.
     SIGINT/SIGTERM (main thread) cancel the queued transfers and raise :class:`Interrupted` within seconds.
     A refusal (StageError) leaves DEST as it found it; an interruption or a storage failure keeps the resume state.
+    A DEST without room for what is left to stage is refused up front (:class:`NoSpace`); one that fills up on the
+    way (another writer) stops with :class:`DiskFull` and keeps what was staged, so staging again resumes.
     """
     opts = replace(options or StageOptions(), **overrides)
     source = open_source(src, opts)                      # nothing is created before the source is known
     dest_p = Path(dest)
     state, changes = _open_dest(dest_p, src, opts)
+    work = prog = None
     try:
         work = plan_work(state, source.by_key, dest_p, opts.checksum, opts.workers)
+        check_space(source, work, state, dest_p)
         prog = _announce(source, work, opts)
         _transfer(source, work, state, prog, dest_p, opts, changes)
         return _finish(source, work, state, prog, dest_p, opts)
-    except StageError:
-        changes.take_back()
+    except StageError as e:
+        try:
+            changes.take_back()
+        except OSError as err:  # no room to put the marker back: the copy reads as unfinished until staged again
+            if not (isinstance(e, NoSpace) and is_disk_full(err)):
+                raise
         raise
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        _save_if_room(state)
+        raise _disk_full(source, work, prog, dest_p) from None
+
+
+def _objects_left(source: Source, work: Work, state: StageState, dest: Path) -> int:
+    """Bytes the work still writes into DEST: image objects (not those whose file of that size is already there,
+    written before a failure the resume state missed: rewriting one takes no more room), the rest of each archive
+    past the resume state's offset (a compressed one counts by its compressed size), the repairs."""
+    need = 0
+    for o in work.todo:
+        key = o["Key"]
+        if is_archive(key):
+            plain = key.lower().endswith(".tar")  # a compressed stream is read again from its start
+            done = max((v["end"] for v in state.partial_of(key).values()), default=0) if plain else 0
+            need += max(0, o["Size"] - done)
+        else:
+            out = dest / (key if len(PurePosixPath(key).parts) >= 2 else f"{source.classes.of_image(key, '')}/{key}")
+            if not (out.is_file() and out.stat().st_size == o["Size"]):
+                need += on_disk(o["Size"], str(dest))
+    return need + sum(source.by_key[k]["Size"] for k in work.repairs)
+
+
+def check_space(source: Source, work: Work, state: StageState, dest: Path) -> None:
+    """Refuse (:class:`NoSpace`, before anything is written) a DEST whose filesystem has less room available than
+    what is left to stage, and the manifest and resume state (about 200 bytes a file, twice)."""
+    files = len(state.data["files"]) + len(work.todo)
+    needed = _objects_left(source, work, state, dest) + 2 * on_disk(200 * files, str(dest))
+    free = free_bytes(str(dest))
+    if free < needed:
+        raise NoSpace(f"{dest}: not enough space: staging {source.uri} needs {size_text(needed)} more "
+                      f"({count(work.objects, 'object')} to fetch), {size_text(free)} available; free space or "
+                      "choose a DEST on a bigger volume, then run the same command again", str(dest), needed, free)
+
+
+def _save_if_room(state: StageState) -> None:
+    """Save the resume state after a failure, unless the disk is too full for it (the last saved one stays)."""
+    try:
+        state.save()
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+
+
+def _disk_full(source: Source, work: Work | None, prog: Progress | None, dest: Path) -> DiskFull:
+    """DEST filled up while staging (another writer, or a compressed archive larger than it looked)."""
+    free = free_bytes(str(dest))
+    total = len(source.by_key)
+    done = (work.skipped if work else 0) + (prog.done_objects if prog else 0)
+    left = max(0, prog.total - prog.bytes) if prog else 0
+    rest = f"the rest needs about {size_text(left)}" if left else "the manifest still needs writing"
+    return DiskFull(f"{dest}: no space left on the device after staging {done} of {count(total, 'object')}; {rest}, "
+                    f"{size_text(free)} available. Free space (or choose a DEST on a bigger volume) and run the same "
+                    "command again: it resumes", str(dest), left, free)
 
 
 def _open_dest(dest: Path, src: str, opts: StageOptions) -> tuple[StageState, Changes]:
@@ -207,7 +272,7 @@ def _transfer(source: Source, work: Work, state: StageState, prog: Progress, des
             pool.shutdown(wait=True, cancel_futures=True)
             io_pool.shutdown(wait=True, cancel_futures=True)
             prog.close()
-            state.save()
+            _save_if_room(state)
             raise
     pool.shutdown(wait=True)
     io_pool.shutdown(wait=True)

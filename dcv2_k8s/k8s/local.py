@@ -200,7 +200,7 @@ def run_local(manifest: str, overrides: list[str], nproc_override: int | None = 
     previous = {s: signal.signal(s, lambda *_: stop_all()) for s in (signal.SIGTERM, signal.SIGINT)}
     specs = job["spec"].get("pytorchReplicaSpecs", {})
     has_master = "Master" in specs
-    # a TrainJob on our runtime: its podFailurePolicy fails the job on 1 and 2 and retries the rest, as ExitCode does
+    # a TrainJob on our runtime: its podFailurePolicy fails the job on 1, 2 and 3 and retries the rest, as ExitCode does
     policy = "ExitCode" if job["kind"] == TRAINJOB.kind else \
         specs["Master" if has_master else "Worker"].get("restartPolicy", "OnFailure")
     codes: dict[str, int] = {}
