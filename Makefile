@@ -28,8 +28,12 @@ CP_DIR := build/controlplane
 CP_STAMP := $(CP_DIR)/.built-$(OPERATOR_VERSION)
 KUBE_LDFLAGS := -s -w -X k8s.io/component-base/version.gitVersion=v1.36.3 \
   -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=36
+# The node of the end-to-end tests: kubelet, kube-scheduler and kubectl from the same pinned k8s.io/kubernetes
+# (controlplane/go.mod), CoreDNS pinned by its own module controlplane/coredns/go.mod (keep COREDNS_VERSION equal).
+COREDNS_VERSION := v1.15.0
+NODE_STAMP := $(CP_DIR)/.built-node-v1.36.3-coredns-$(COREDNS_VERSION)
 
-.PHONY: demo test test-fast install clean controlplane docs
+.PHONY: demo test test-fast install clean controlplane node image docs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -74,12 +78,31 @@ $(CP_STAMP): controlplane/go.mod controlplane/go.sum
 
 controlplane: $(CP_STAMP)
 
+$(NODE_STAMP): controlplane/go.mod controlplane/go.sum controlplane/coredns/go.mod controlplane/coredns/go.sum
+	@echo "building the node (kubelet, kube-scheduler, kubectl v1.36.3, coredns $(COREDNS_VERSION)) into $(CP_DIR); once, a few minutes"
+	grep -q '^require github.com/coredns/coredns $(COREDNS_VERSION)$$' controlplane/coredns/go.mod
+	mkdir -p $(CP_DIR)/bin
+	cd controlplane && GOTOOLCHAIN=local GOFLAGS=-buildvcs=false $(GO) build -p 2 -trimpath -ldflags "$(KUBE_LDFLAGS)" \
+	  -o ../$(CP_DIR)/bin/ k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
+	cd controlplane/coredns && GOTOOLCHAIN=local GOFLAGS=-buildvcs=false $(GO) build -p 2 -trimpath -ldflags "-s -w" \
+	  -o ../../$(CP_DIR)/bin/coredns github.com/coredns/coredns
+	du -sh $(CP_DIR)/bin
+	touch $@
+
+node: $(NODE_STAMP)
+
+# The images of the end-to-end tests' node (tests/node/image.sh): dcv2-k8s:test (docker/Dockerfile on a local
+# debootstrap bookworm + torch base) and the pause image, built by a dockerd of its own and imported into the node's
+# containerd store (/var/lib/dcv2-k8s-test); needs root. Cold a while; a second run only checks (seconds).
+image:
+	tests/node/image.sh
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m dcv2_k8s demo --out $(DEMO_OUT)
 
-test: $(STAMP) $(COMPAT)/.installed $(TRAINER_CRDS)/.installed $(GRAFANA_SCHEMA) $(CP_STAMP)
+test: $(STAMP) $(COMPAT)/.installed $(TRAINER_CRDS)/.installed $(GRAFANA_SCHEMA) $(CP_STAMP) $(NODE_STAMP) image
 	$(PY) -m pytest -q -ra --durations=15
 
 test-fast: $(STAMP) $(COMPAT)/.installed $(TRAINER_CRDS)/.installed $(GRAFANA_SCHEMA)

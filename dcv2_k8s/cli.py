@@ -154,6 +154,9 @@ def cmd_stage(args) -> int:
         print(f"dcv2: {e}", file=sys.stderr)
         return 128 + e.signum
     except StorageError as e:
+        if e.transient:  # the store is unreachable or throttling past the retries: retry later, as training does
+            print(f"dcv2: error: {e} (retryable: staging again resumes)", file=sys.stderr)
+            return exitcodes.RETRYABLE
         return _fail(str(e))
     finally:
         if exporter is not None:
@@ -396,7 +399,11 @@ def cmd_k8s_run_local(args) -> int:
 def cmd_k8s_render(args) -> int:
     from dcv2_k8s.k8s.manifests import write
 
-    for path in write(args.out):
+    try:
+        paths = write(args.out, args.cpu_per_gpu, args.memory_gib_per_gpu, args.scratch_gib)
+    except ValueError as e:
+        return _fail(str(e))
+    for path in paths:
         print(path)
     return 0
 
@@ -561,6 +568,15 @@ def build_parser() -> argparse.ArgumentParser:
     rl.set_defaults(fn=cmd_k8s_run_local)
     rr = k8sub.add_parser("render", help="write the manifests rendered from dcv2_k8s/k8s/manifests.py")
     rr.add_argument("out", nargs="?", default="manifests", help="directory to write the manifests into")
+    rr.add_argument("--cpu-per-gpu", type=float, default=10.0, metavar="CORES",
+                    help="CPU cores each job's trainer container requests per GPU (fractions allowed, e.g. 0.5; "
+                         "the limit is 1.2 x the request; default: 10, which fits nodes with 12+ cores per GPU)")
+    rr.add_argument("--memory-gib-per-gpu", type=float, default=48.0, metavar="GIB",
+                    help="memory (GiB) each job's trainer container requests per GPU (the limit is 64/48 x the "
+                         "request and includes /dev/shm, 8 GiB per GPU or half the limit if less; default: 48)")
+    rr.add_argument("--scratch-gib", type=float, default=200.0, metavar="GIB",
+                    help="node-local disk (GiB of ephemeral-storage) each pod requests for the staged data and /tmp "
+                         "(the volumes' own size limits stay; default: 200, ImageNet train + val staged)")
     rr.set_defaults(fn=cmd_k8s_render)
     rv = k8sub.add_parser("validate", help="validate manifests strictly against the API types (offline)")
     rv.add_argument("files", nargs="+", help="manifest YAML files (multi-document files too)")

@@ -45,19 +45,21 @@ def stage(launcher: str, data_uri: str, val_uri: str, val_labels: str, dataset: 
 
 def pretrain(launcher: str, run_id: str, config: str, overrides: list, output_uri: str, data: str, nodes: int,
              gpus_per_node: int, image: str, image_pull_secrets: list, namespace: str,
-             timeout_seconds: float) -> str:
+             timeout_seconds: float, cpu_per_gpu: float, memory_gib_per_gpu: float, scratch_gib: float) -> str:
     """DCv2 pretraining; returns the checkpoint URI."""
     import json
 
     from dcv2_k8s.pipeline_steps import pretrain_step
 
     return pretrain_step(launcher, run_id, config, overrides, output_uri, json.loads(data), nodes, gpus_per_node,
-                         image, namespace, timeout_seconds, image_pull_secrets)
+                         image, namespace, timeout_seconds, image_pull_secrets, cpu_per_gpu=cpu_per_gpu,
+                         memory_gib_per_gpu=memory_gib_per_gpu, scratch_gib=scratch_gib)
 
 
 def linear_eval(launcher: str, run_id: str, weights: str, enabled: bool, preset: str, overrides: list,
                 output_uri: str, data: str, gpus: int, image: str, image_pull_secrets: list, namespace: str,
-                timeout_seconds: float, tag: str) -> str:
+                timeout_seconds: float, tag: str, cpu_per_gpu: float, memory_gib_per_gpu: float,
+                scratch_gib: float) -> str:
     """Linear evaluation of the weights ("" = random-init baseline); returns the result JSON ("{}" if disabled)."""
     import json
 
@@ -66,7 +68,8 @@ def linear_eval(launcher: str, run_id: str, weights: str, enabled: bool, preset:
     if not enabled:
         return "{}"
     res = linear_eval_step(launcher, run_id, weights, preset, overrides, output_uri, json.loads(data), gpus, image,
-                           namespace, timeout_seconds, tag, image_pull_secrets)
+                           namespace, timeout_seconds, tag, image_pull_secrets, cpu_per_gpu=cpu_per_gpu,
+                           memory_gib_per_gpu=memory_gib_per_gpu, scratch_gib=scratch_gib)
     return json.dumps({k: v for k, v in res.items() if k != "history"})
 
 
@@ -144,6 +147,9 @@ def build_pipeline(image: str = IMAGE, image_pull_secrets: tuple = ()):
         gpu_node_selector: dict = {},
         pretrain_timeout_seconds: float = 7 * 24 * 3600,
         eval_timeout_seconds: float = 2 * 24 * 3600,
+        cpu_per_gpu: float = 10.0,
+        memory_gib_per_gpu: float = 48.0,
+        scratch_gib: float = 200.0,
     ):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         done = settings(c_cleanup(launcher=launcher, run_id=run_id, namespace=namespace))
@@ -154,7 +160,9 @@ def build_pipeline(image: str = IMAGE, image_pull_secrets: tuple = ()):
             pt = settings(c_pretrain(launcher=launcher, run_id=run_id, config=config, overrides=overrides,
                                      output_uri=output_uri, data=st.outputs["Output"], nodes=nodes,
                                      gpus_per_node=gpus_per_node, image=image, image_pull_secrets=image_pull_secrets,
-                                     namespace=namespace, timeout_seconds=pretrain_timeout_seconds))
+                                     namespace=namespace, timeout_seconds=pretrain_timeout_seconds,
+                                     cpu_per_gpu=cpu_per_gpu, memory_gib_per_gpu=memory_gib_per_gpu,
+                                     scratch_gib=scratch_gib))
             pt.set_display_name("pretrain").set_caching_options(False)
             pt.set_retry(num_retries=WATCHER_RETRIES, backoff_duration=WATCHER_BACKOFF, backoff_factor=2)
             _pod_settings(pt, gpu_node_selector, shm=True)
@@ -164,7 +172,8 @@ def build_pipeline(image: str = IMAGE, image_pull_secrets: tuple = ()):
                                      preset=eval_preset, overrides=eval_overrides, output_uri=output_uri,
                                      data=st.outputs["Output"], gpus=eval_gpus, image=image,
                                      image_pull_secrets=image_pull_secrets, namespace=namespace,
-                                     timeout_seconds=eval_timeout_seconds, tag=tag))
+                                     timeout_seconds=eval_timeout_seconds, tag=tag, cpu_per_gpu=cpu_per_gpu,
+                                     memory_gib_per_gpu=memory_gib_per_gpu, scratch_gib=scratch_gib))
                 ev.set_display_name(f"linear eval ({tag})").set_caching_options(False)
                 ev.set_retry(num_retries=WATCHER_RETRIES, backoff_duration=WATCHER_BACKOFF, backoff_factor=2)
                 _pod_settings(ev, gpu_node_selector, shm=True)

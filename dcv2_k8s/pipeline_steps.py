@@ -80,8 +80,10 @@ def _run_job(launcher: str, namespace: str, spec, timeout_seconds: float) -> Non
 
 def pretrain_step(launcher: str, run_id: str, config: str, overrides: list[str], output_uri: str, data: dict,
                   nodes: int, gpus_per_node: int, image: str, namespace: str, timeout_seconds: float,
-                  image_pull_secrets: list[str] = ()) -> str:
-    """Pretrain; return the checkpoint URI (the run's CHECKPOINT.DIR)."""
+                  image_pull_secrets: list[str] = (), cpu_per_gpu: float = 10.0,
+                  memory_gib_per_gpu: float = 48.0, scratch_gib: float = 200.0) -> str:
+    """Pretrain; return the checkpoint URI (the run's CHECKPOINT.DIR). A job's pods request ``cpu_per_gpu`` cores
+    and ``memory_gib_per_gpu`` GiB per GPU and ``scratch_gib`` GiB of node-local disk (dcv2_k8s.k8s.manifests.JobSpec)."""
     from dcv2_k8s.k8s.launcher import job_name
 
     ckpt = f"{output_uri.rstrip('/')}/pretrain"
@@ -98,14 +100,18 @@ def pretrain_step(launcher: str, run_id: str, config: str, overrides: list[str],
                                           overrides=list(overrides), data_uri=data["train"]["uri"],
                                           checkpoint_uri=ckpt, image=image,
                                           active_deadline_seconds=int(timeout_seconds),
-                                          image_pull_secrets=list(image_pull_secrets)), timeout_seconds)
+                                          image_pull_secrets=list(image_pull_secrets), cpu_per_gpu=cpu_per_gpu,
+                                          memory_gib_per_gpu=memory_gib_per_gpu, scratch_gib=scratch_gib),
+             timeout_seconds)
     return ckpt
 
 
 def linear_eval_step(launcher: str, run_id: str, weights: str, preset: str, overrides: list[str], output_uri: str,
                      data: dict, gpus: int, image: str, namespace: str, timeout_seconds: float, tag: str,
-                     image_pull_secrets: list[str] = ()) -> dict:
-    """Linear evaluation of ``weights`` ("" = random-init baseline); returns the result JSON."""
+                     image_pull_secrets: list[str] = (), cpu_per_gpu: float = 10.0,
+                     memory_gib_per_gpu: float = 48.0, scratch_gib: float = 200.0) -> dict:
+    """Linear evaluation of ``weights`` ("" = random-init baseline); returns the result JSON. A job's pods request
+    ``cpu_per_gpu`` cores and ``memory_gib_per_gpu`` GiB per GPU and ``scratch_gib`` GiB of node-local disk."""
     from dcv2_k8s.storage import read_bytes
 
     out = f"{output_uri.rstrip('/')}/linear_eval_{tag}.json"
@@ -124,7 +130,10 @@ def linear_eval_step(launcher: str, run_id: str, weights: str, preset: str, over
                                               val_uri=data["val"]["uri"], val_labels=data.get("val_labels", ""),
                                               checkpoint_uri=f"{output_uri.rstrip('/')}/eval-{tag}", image=image,
                                               active_deadline_seconds=int(timeout_seconds),
-                                              image_pull_secrets=list(image_pull_secrets)), timeout_seconds)
+                                              image_pull_secrets=list(image_pull_secrets),
+                                              cpu_per_gpu=cpu_per_gpu, memory_gib_per_gpu=memory_gib_per_gpu,
+                                              scratch_gib=scratch_gib),
+                     timeout_seconds)
     return json.loads(read_bytes(out))
 
 

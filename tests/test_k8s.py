@@ -299,6 +299,68 @@ def test_requests_fit_common_8_gpu_nodes_and_disk_is_requested():
         assert _gib(lim["memory"]) >= _gib(req["memory"]) + shm / 2, f  # the tmpfs counts against the memory limit
 
 
+def _sized_pod(kind: str, gpus: int, **sizing) -> tuple[dict, dict]:
+    """(trainer container resources, pod spec) of a job with ``gpus`` GPUs per node and ``sizing``."""
+    spec = M.JobSpec("sized", nodes=1, gpus_per_node=gpus, **sizing)
+    if kind == "trainjob":
+        return M.trainjob(spec)["spec"]["trainer"]["resourcesPerNode"], {}
+    pod = M.pytorchjob(spec)["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    return pod["containers"][0]["resources"], pod
+
+
+@pytest.mark.parametrize("kind", ["pytorchjob", "trainjob"])
+@pytest.mark.parametrize("gpus,cpu_req,cpu_lim,mem_req,mem_lim,shm", [
+    (1, "500m", "600m", "1536Mi", "2Gi", "1Gi"), (2, "1", "1200m", "3Gi", "4Gi", "2Gi")])
+def test_pods_sized_per_gpu_for_small_nodes(kind, gpus, cpu_req, cpu_lim, mem_req, mem_lim, shm):
+    """A node with fewer cores or less memory per GPU than the defaults (10 cores, 48 GiB) keeps the pods Pending
+    for ever: ``cpu_per_gpu`` and ``memory_gib_per_gpu`` size them, limits at the default ratios (1.2 and 64/48) in
+    Kubernetes quantities; /dev/shm (it counts against the memory limit) at most half the limit; the staging init
+    container (its request counts on its own when the pod is scheduled) asks no more than the trainer."""
+    res, pod = _sized_pod(kind, gpus, cpu_per_gpu=0.5, memory_gib_per_gpu=1.5)
+    assert res["requests"] == {"cpu": cpu_req, "memory": mem_req, "ephemeral-storage": "200Gi",
+                               "nvidia.com/gpu": str(gpus)}
+    assert res["limits"] == {"cpu": cpu_lim, "memory": mem_lim, "ephemeral-storage": "430Gi",
+                             "nvidia.com/gpu": str(gpus)}
+    if pod:
+        dshm = next(v for v in pod["volumes"] if v["name"] == "dshm")["emptyDir"]
+        assert dshm == {"medium": "Memory", "sizeLimit": shm}
+        assert all(c["resources"]["requests"] == {"cpu": cpu_req, "memory": mem_req} for c in pod["initContainers"])
+        job = M.pytorchjob(M.JobSpec("sized", nodes=1, gpus_per_node=gpus, cpu_per_gpu=0.5, memory_gib_per_gpu=1.5))
+        assert validate_pytorchjob(job) == []
+
+
+def test_default_pod_sizing_is_unchanged():
+    for kind in ("pytorchjob", "trainjob"):
+        for gpus in (1, 8):
+            res, pod = _sized_pod(kind, gpus)
+            assert res["requests"]["cpu"] == str(10 * gpus) and res["requests"]["memory"] == f"{48 * gpus}Gi"
+            assert res["limits"]["cpu"] == str(12 * gpus) and res["limits"]["memory"] == f"{64 * gpus}Gi"
+            if pod:
+                assert next(v for v in pod["volumes"] if v["name"] == "dshm")["emptyDir"]["sizeLimit"] == \
+                    f"{8 * gpus}Gi"
+                assert pod["initContainers"][0]["resources"] == {"requests": {"cpu": "4", "memory": "8Gi"},
+                                                                 "limits": {"cpu": "16", "memory": "16Gi"}}
+    assert M.render(10, 48) == M.render()
+
+
+@pytest.mark.parametrize("field,value", [("cpu_per_gpu", 0), ("cpu_per_gpu", -1.0), ("cpu_per_gpu", float("nan")),
+                                         ("memory_gib_per_gpu", 0), ("memory_gib_per_gpu", float("inf")),
+                                         ("memory_gib_per_gpu", "48")])
+def test_bad_pod_sizing_is_refused(field, value):
+    with pytest.raises(ValueError, match=rf"^{field} must be a finite number of \w+ per GPU greater than 0, got "):
+        M.JobSpec("sized", **{field: value})
+
+
+def test_render_cli_sizes_pods(tmp_path):
+    p = run_cli("k8s", "render", str(tmp_path), "--cpu-per-gpu", "0.5", "--memory-gib-per-gpu", "1.5", timeout=120)
+    assert p.returncode == 0, p.stderr
+    job = yaml.safe_load((tmp_path / "variants" / "dcv2-r50-1gpu.yaml").read_text())
+    res = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["resources"]
+    assert (res["requests"]["cpu"], res["requests"]["memory"]) == ("500m", "1536Mi")
+    bad = run_cli("k8s", "render", str(tmp_path / "bad"), "--memory-gib-per-gpu", "-2", timeout=120)
+    assert bad.returncode == 2 and "memory_gib_per_gpu must be a finite number" in bad.stderr, bad.stderr
+
+
 def test_run_local_env_contract():
     """The environment the operator gives a Worker-only job's pods (pkg/controller.v1/pytorch/envvar.go):
     PYTHONUNBUFFERED, PET_NPROC_PER_NODE, PET_NNODES; MASTER_ADDR/RANK/WORLD_SIZE only when there is a Master.

@@ -63,6 +63,12 @@ def test_compiled_spec_carries_secret_volumes_selectors_retries():
                  "eval_timeout_seconds"):
         assert name in params, name
     assert params["namespace"]["defaultValue"] == ""  # the step pod's own namespace
+    # the jobs' pods per GPU (dcv2_k8s.k8s.manifests.JobSpec), passed to pretraining and both linear evals
+    sizing = ("cpu_per_gpu", "memory_gib_per_gpu", "scratch_gib")
+    assert tuple(params[p]["defaultValue"] for p in sizing) == (10.0, 48.0, 200.0)
+    assert all(params[p]["parameterType"] == "NUMBER_DOUBLE" for p in sizing)
+    sized = {n for n, t in _tasks(spec).items() if set(sizing) <= set(t.get("inputs", {}).get("parameters", {}))}
+    assert sized == {"pretrain", "linear-eval", "linear-eval-2"}, sized
     pretrain = next(v for k, v in platform.items() if "pretrain" in k)
     assert pretrain["secretAsEnv"][0]["secretName"] == "dcv2-s3"
     assert any(m["mountPath"] == "/dev/shm" and m["medium"] == "Memory" for m in pretrain["emptyDirMounts"])
@@ -155,6 +161,7 @@ class FakeApi:
             self.status = status
 
     def __init__(self, clock):
+        self.down = 0  # polls of the job that find the API server gone (a connection refused each)
         self.jobs, self.logs, self.script, self.clock = {}, {}, [], clock
         self.pod_uid, self.restarts, self.own_pod_conditions, self.log_calls = "uid-1", 0, [], []
         self.lead_gone, self.other_pods, self.pod_logs = False, [], {}  # pods beyond rank 0's, their logs
@@ -162,14 +169,26 @@ class FakeApi:
     COORDS = {"PyTorchJob": ("kubeflow.org", "v1", "pytorchjobs"),
               "TrainJob": ("trainer.kubeflow.org", "v1alpha1", "trainjobs")}
 
-    def create_namespaced_custom_object(self, group, version, ns, plural, body):
+    @staticmethod
+    def bounded(timeout) -> None:
+        """Every call the launcher makes carries a finite timeout: a half-open connection cannot hang a step."""
+        assert timeout is not None and 0 < timeout <= 60, timeout
+
+    def create_namespaced_custom_object(self, group, version, ns, plural, body, _request_timeout=None):
+        self.bounded(_request_timeout)
         assert (group, version, plural) == self.COORDS[body["kind"]]
         name = body["metadata"]["name"]
         if name in self.jobs:
             raise self.ApiException(409)
         self.jobs[name] = {**body, "status": {"conditions": []}}
 
-    def get_namespaced_custom_object(self, group, version, ns, plural, name):
+    def get_namespaced_custom_object(self, group, version, ns, plural, name, _request_timeout=None):
+        self.bounded(_request_timeout)
+        if self.down:
+            import urllib3
+
+            self.down -= 1
+            raise urllib3.exceptions.MaxRetryError(None, "/apis", "Connection refused")
         if name not in self.jobs:
             raise self.ApiException(404)
         if self.script:  # advance the job one state per poll
@@ -182,11 +201,13 @@ class FakeApi:
                 self.logs.setdefault(name, []).append((self.clock.now, line))
         return self.jobs[name]
 
-    def delete_namespaced_custom_object(self, group, version, ns, plural, name):
+    def delete_namespaced_custom_object(self, group, version, ns, plural, name, _request_timeout=None):
+        self.bounded(_request_timeout)
         if self.jobs.pop(name, None) is None:
             raise self.ApiException(404)
 
-    def list_namespaced_pod(self, ns, label_selector):
+    def list_namespaced_pod(self, ns, label_selector, _request_timeout=None):
+        self.bounded(_request_timeout)
         sel = dict(kv.split("=") for kv in label_selector.split(","))
         if "jobset.sigs.k8s.io/jobset-name" in sel:  # a TrainJob's JobSet: node 1 listed before node 0
             name = sel["jobset.sigs.k8s.io/jobset-name"]
@@ -213,7 +234,9 @@ class FakeApi:
         return SimpleNamespace(items=[SimpleNamespace(metadata=SimpleNamespace(name=f"{name}-worker-0",
                                                                                uid=self.pod_uid), status=status)])
 
-    def read_namespaced_pod_log(self, pod, ns, container, tail_lines=None, since_seconds=None, timestamps=False):
+    def read_namespaced_pod_log(self, pod, ns, container, tail_lines=None, since_seconds=None, timestamps=False,
+                                _request_timeout=None):
+        self.bounded(_request_timeout)
         assert container in ("pytorch", "node")
         self.log_calls.append({"tail_lines": tail_lines, "since_seconds": since_seconds})
         if pod in self.pod_logs:
@@ -227,7 +250,8 @@ class FakeApi:
             lambda t, l: l)
         return "\n".join(fmt(t, l) for t, l in lines)
 
-    def read_namespaced_pod(self, name, ns):
+    def read_namespaced_pod(self, name, ns, _request_timeout=None):
+        self.bounded(_request_timeout)
         assert name == "step-pod"
         return SimpleNamespace(status=SimpleNamespace(conditions=[SimpleNamespace(type=t, status="True")
                                                                   for t in self.own_pod_conditions]))
@@ -272,6 +296,39 @@ def test_launch_waits_streams_logs_and_reattaches():
     assert printed.count(f"{pod} epoch 0 step 5/15 loss 8.0") == 1 and f"{pod} training finished" in printed
     # a retried step creates the same name again: it attaches instead of starting a second job
     assert lx.launch(_job()) == name and len(api.jobs) == 1 and any("attaching" in p for p in printed)
+
+
+def test_wait_rides_out_an_api_server_outage_and_gives_up_after_its_budget():
+    """An API server that restarts (or is unreachable) while a step watches its job: the watcher polls again with
+    backoff (1, 2, 4 ... 30 s), says so, creates nothing, and carries on when the server answers; past
+    ``api_outage_seconds`` it gives up with one line saying a retry of the step re-attaches. A refusal (403) is not
+    an outage: it fails at once. (The real API server's restart: tests/test_kube_e2e.py.)"""
+    printed = []
+    api, lx = _launcher(printed)
+    api.script = [("Created", ""), ("Running", "step 1"), ("Succeeded", "done")]
+    name = lx.launch(_job())
+    api.down = 4  # four polls refused: 1 + 2 + 4 + 8 s of backoff
+    assert lx.wait(name, timeout_seconds=3600) == "Succeeded"
+    retries = [p for p in printed if "the API server did not answer" in p]
+    assert len(retries) == 4 and "watching again in 1 s" in retries[0] and "in 8 s" in retries[3], retries
+    assert any("answers again after" in p for p in printed) and len(api.jobs) == 1
+
+    printed.clear()
+    api, lx = _launcher(printed)
+    lx.api_outage_seconds = 100
+    api.script = [("Created", "")] * 1000
+    name = lx.launch(_job())
+    api.down = 10 ** 6
+    with pytest.raises(L.JobFailed) as err:
+        lx.wait(name, timeout_seconds=3600)
+    assert "has not answered for" in str(err.value) and "re-attaches" in str(err.value), str(err.value)
+    assert len(api.jobs) == 1
+
+    api, lx = _launcher([])
+    name = lx.launch(_job())
+    api.get_namespaced_custom_object = lambda *a, **k: (_ for _ in ()).throw(api.ApiException(403))
+    with pytest.raises(api.ApiException):
+        lx.wait(name, timeout_seconds=3600)
 
 
 def test_logs_are_read_incrementally_each_line_once():
@@ -416,6 +473,28 @@ def test_pretrain_step_job_carries_the_step_timeout_as_its_deadline(monkeypatch)
     assert ckpt == "s3://out/pretrain" and job["spec"]["runPolicy"]["activeDeadlineSeconds"] == 3600
     tpl = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
     assert tpl["imagePullSecrets"] == [{"name": "regcred"}] and tpl["containers"][0]["image"] == "img:1"
+
+
+def test_steps_size_their_jobs_pods(monkeypatch):
+    """``cpu_per_gpu`` / ``memory_gib_per_gpu`` / ``scratch_gib`` reach the JobSpec of pretraining and of linear
+    eval; left out, the jobs keep the default sizing (10 cores, 48 GiB per GPU, 200 GiB of node-local disk)."""
+    specs = []
+    monkeypatch.setattr(pipeline_steps, "_run_job", lambda launcher, ns, spec, timeout: specs.append(spec))
+    monkeypatch.setattr("dcv2_k8s.storage.read_bytes", lambda uri: b'{"top1": 1.0}')
+    data = {"train": {"uri": "s3://d/train"}, "val": {"uri": "s3://d/val"}}
+    sizing = {"cpu_per_gpu": 0.5, "memory_gib_per_gpu": 1.5, "scratch_gib": 3}
+    pipeline_steps.pretrain_step("pytorchjob", "run-1", "pretrain/x", [], "s3://out", data, 1, 2, "img:1", "", 60.0,
+                                 **sizing)
+    assert pipeline_steps.linear_eval_step("pytorchjob", "run-1", "s3://w", "eval/x", [], "s3://out", data, 2,
+                                           "img:1", "", 60.0, "trained", **sizing) == {"top1": 1.0}
+    pipeline_steps.pretrain_step("pytorchjob", "run-1", "pretrain/x", [], "s3://out", data, 1, 2, "img:1", "", 60.0)
+    pipeline_steps.linear_eval_step("pytorchjob", "run-1", "", "eval/x", [], "s3://out", data, 2, "img:1", "", 60.0,
+                                    "baseline")
+    assert [(s.cpu_per_gpu, s.memory_gib_per_gpu, s.scratch_gib) for s in specs] == \
+        [(0.5, 1.5, 3)] * 2 + [(10, 48, 200)] * 2
+    res = pytorchjob(specs[1])["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    assert res["resources"]["requests"]["cpu"] == "1" and res["resources"]["limits"]["memory"] == "4Gi"
+    assert res["resources"]["requests"]["ephemeral-storage"] == "3Gi"
 
 
 @pytest.mark.parametrize("state,deleted", [

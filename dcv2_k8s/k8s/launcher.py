@@ -35,6 +35,8 @@ from dcv2_k8s.k8s.kinds import PYTORCHJOB, JobKind
 
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 FIRST_READ_TAIL = 200
+REQUEST_TIMEOUT = 30.0      # seconds, every API call (connect and read): a half-open connection cannot hang a step
+API_OUTAGE_SECONDS = 600.0  # how long ``wait`` rides out an API server that does not answer (a restart, an upgrade)
 
 
 class JobFailed(RuntimeError):
@@ -88,14 +90,33 @@ def _status_code(err: Exception) -> int | None:
     return getattr(err, "status", None)
 
 
+def _transient(err: Exception) -> bool:
+    """An API server that is restarting, overloaded or unreachable (worth watching again), not a refusal."""
+    code = _status_code(err)
+    if code is not None and code != 0:
+        return code in (429, 500, 502, 503, 504)
+    import urllib3
+
+    return isinstance(err, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError, OSError))
+
+
+def _short(err: Exception) -> str:
+    """One line of an API error: its status, or its exception type and first line."""
+    code = _status_code(err)
+    if code:
+        return f"HTTP {code}"
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}".rstrip(": ")
+
+
 class JobLauncher:
     """Creates, re-attaches to, watches and deletes one kind of job (a ``dcv2_k8s.k8s.kinds`` table)."""
 
     def __init__(self, custom_api, core_api, namespace: str = "", poll_seconds: float = 15.0,
                  log: Callable[[str], None] = print, clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], None] = time.sleep, own_pod: str | None = None,
-                 kind: JobKind = PYTORCHJOB):
+                 kind: JobKind = PYTORCHJOB, api_outage_seconds: float = API_OUTAGE_SECONDS):
         self.kind = kind
+        self.api_outage_seconds = api_outage_seconds
         self.custom, self.core, self.namespace = custom_api, core_api, namespace or current_namespace()
         self.poll, self.log, self.clock, self.sleep = poll_seconds, log, clock, sleep
         # the step's own pod (HOSTNAME is the pod name in a pod), to tell an eviction from a terminated run
@@ -119,7 +140,7 @@ class JobLauncher:
         """Create ``job`` or attach to the job of the same name created by an earlier try."""
         name = job["metadata"]["name"]
         try:
-            self.custom.create_namespaced_custom_object(*self._coords(), job)
+            self.custom.create_namespaced_custom_object(*self._coords(), job, _request_timeout=REQUEST_TIMEOUT)
             self.log(f"created {self.kind.kind} {self.namespace}/{name}")
         except Exception as e:  # kubernetes.client.ApiException
             if _status_code(e) != 409:
@@ -128,7 +149,7 @@ class JobLauncher:
         return name
 
     def conditions(self, name: str) -> list[dict]:
-        obj = self.custom.get_namespaced_custom_object(*self._coords(), name)
+        obj = self.custom.get_namespaced_custom_object(*self._coords(), name, _request_timeout=REQUEST_TIMEOUT)
         return obj.get("status", {}).get("conditions", []) or []
 
     def state(self, name: str) -> str:
@@ -146,12 +167,13 @@ class JobLauncher:
 
     def _pods(self, selector: str) -> list:
         """The pods in this namespace matching a label selector (a V1PodList or its dict form)."""
-        pods = self.core.list_namespaced_pod(self.namespace, label_selector=selector)
+        pods = self.core.list_namespaced_pod(self.namespace, label_selector=selector, _request_timeout=REQUEST_TIMEOUT)
         return pods.items if hasattr(pods, "items") else pods.get("items", [])
 
     def _read_log(self, pod: str, **kw) -> str:
         try:
-            return self.core.read_namespaced_pod_log(pod, self.namespace, container=self.kind.container, **kw) or ""
+            return self.core.read_namespaced_pod_log(pod, self.namespace, container=self.kind.container,
+                                                     _request_timeout=REQUEST_TIMEOUT, **kw) or ""
         except Exception as e:
             if _status_code(e) in (400, 404):  # container not started yet, or the pod is gone
                 return ""
@@ -219,7 +241,7 @@ class JobLauncher:
         if not self.own_pod:
             return False
         try:
-            pod = self.core.read_namespaced_pod(self.own_pod, self.namespace)
+            pod = self.core.read_namespaced_pod(self.own_pod, self.namespace, _request_timeout=REQUEST_TIMEOUT)
         except Exception:
             return False
         conds = (pod.status.conditions or []) if pod.status else []
@@ -257,17 +279,36 @@ class JobLauncher:
     def _wait(self, name: str, timeout_seconds: float) -> str:
         deadline = self.clock() + timeout_seconds
         last = None
+        outage = None  # when the API server stopped answering (None: it answers)
+        delay = 1.0
         while True:
             try:
                 state = self.state(name)
+                self.stream_logs(name)
             except Exception as e:
                 if _status_code(e) == 404:
                     raise JobFailed(f"{self.kind.kind} {name} was deleted while waiting for it") from None
-                raise
+                if not _transient(e):
+                    raise
+                # the API server restarts or is unreachable: the job runs on without it; watch again with backoff,
+                # never a second job (this loop only reads), and give up after api_outage_seconds
+                now = self.clock()
+                outage = now if outage is None else outage
+                if now - outage > self.api_outage_seconds or now > deadline:
+                    raise JobFailed(f"{self.kind.kind} {self.namespace}/{name}: the API server has not answered for "
+                                    f"{now - outage:.0f} s ({_short(e)}); the job may still be running: a retry of "
+                                    "this step re-attaches to it") from None
+                self.log(f"{self.kind.kind} {name}: the API server did not answer ({_short(e)}); watching again in "
+                         f"{delay:.0f} s ({self.api_outage_seconds - (now - outage):.0f} s of retries left)")
+                self.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            if outage is not None:
+                self.log(f"{self.kind.kind} {name}: the API server answers again after {self.clock() - outage:.0f} s")
+                outage, delay = None, 1.0
             if state != last:
                 self.log(f"{self.kind.kind} {name}: {state}")
                 last = state
-            self.stream_logs(name)
             if state == self.kind.succeeded:
                 return state
             if state == self.kind.failed:
@@ -287,7 +328,7 @@ class JobLauncher:
 
     def delete(self, name: str) -> bool:
         try:
-            self.custom.delete_namespaced_custom_object(*self._coords(), name)
+            self.custom.delete_namespaced_custom_object(*self._coords(), name, _request_timeout=REQUEST_TIMEOUT)
             self.log(f"deleted {self.kind.kind} {self.namespace}/{name}")
             return True
         except Exception as e:

@@ -7,13 +7,14 @@ parameters applied (the pipeline's launcher uses this template too).
 
 from __future__ import annotations
 
+import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
 
-from dcv2_k8s.exitcodes import ERROR, USAGE
+from dcv2_k8s.exitcodes import ERROR, FENCED, USAGE
 from dcv2_k8s.k8s.kinds import KINDS, PYTORCHJOB, TRAINJOB, JobKind
 
 IMAGE = "registry.example.com/dcv2/dcv2-k8s:0.1.0"  # replace with the image you pushed
@@ -51,8 +52,19 @@ class JobSpec:
     val_labels: str = ""                  # a flat validation set: its labels (dcv2 stage --labels)
     active_deadline_seconds: int = 0      # runPolicy.activeDeadlineSeconds (0: none); the pipeline sets its timeout
     image_pull_secrets: list[str] = field(default_factory=list)
+    # what the trainer container requests per GPU (its limits keep CPU_LIMIT/CPU_REQUEST and MEM_LIMIT/MEM_REQUEST)
+    cpu_per_gpu: float = CPU_REQUEST_PER_GPU          # cores
+    memory_gib_per_gpu: float = MEM_REQUEST_PER_GPU   # GiB
+    # node-local disk the pod requests (ephemeral-storage: the staged data in /data, /tmp, logs); the volumes' size
+    # limits stay as they are, so a small request only changes where the scheduler may put the pod
+    scratch_gib: float = STORAGE_REQUEST
 
     def __post_init__(self):
+        for fld, what in (("cpu_per_gpu", "cores per GPU"), ("memory_gib_per_gpu", "GiB per GPU"),
+                          ("scratch_gib", "GiB per node")):
+            v = getattr(self, fld)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{fld} must be a finite number of {what} greater than 0, got {v!r}")
         longest = PYTORCHJOB.pod(self.name, max(0, self.nodes - 1))
         if len(longest) > 63:
             raise ValueError(f"PyTorchJob name {self.name!r} is too long: its pod and Service {longest!r} must be a "
@@ -65,12 +77,52 @@ def _restricted_security_context() -> dict:
             "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def _resources(gpus: int) -> dict:
-    return {"requests": {"cpu": str(CPU_REQUEST_PER_GPU * gpus), "memory": f"{MEM_REQUEST_PER_GPU * gpus}Gi",
-                         "ephemeral-storage": f"{STORAGE_REQUEST}Gi", "nvidia.com/gpu": str(gpus)},
-            "limits": {"cpu": str(CPU_LIMIT_PER_GPU * gpus), "memory": f"{MEM_LIMIT_PER_GPU * gpus}Gi",
+def _millicores(cores: float) -> int:
+    return max(1, round(cores * 1000))
+
+
+def _mebibytes(gib: float) -> int:
+    return max(1, round(gib * 1024))
+
+
+def _cpu_quantity(millicores: int) -> str:
+    """Whole cores as "10", anything else in millicores ("500m")."""
+    return str(millicores // 1000) if millicores % 1000 == 0 else f"{millicores}m"
+
+
+def _memory_quantity(mebibytes: int) -> str:
+    """Whole GiB as "48Gi", anything else in MiB ("1536Mi")."""
+    return f"{mebibytes // 1024}Gi" if mebibytes % 1024 == 0 else f"{mebibytes}Mi"
+
+
+def _sizing(gpus: int, cpu_per_gpu: float, memory_gib_per_gpu: float) -> tuple[int, int, int, int]:
+    """The trainer container's CPU request and limit (millicores) and memory request and limit (MiB): the requests
+    per GPU times ``gpus``, the limits today's ratios of them (12/10 of the CPU, 64/48 of the memory)."""
+    cpu_req, mem_req = _millicores(cpu_per_gpu * gpus), _mebibytes(memory_gib_per_gpu * gpus)
+    return (cpu_req, max(cpu_req, round(cpu_req * CPU_LIMIT_PER_GPU / CPU_REQUEST_PER_GPU)),
+            mem_req, max(mem_req, round(mem_req * MEM_LIMIT_PER_GPU / MEM_REQUEST_PER_GPU)))
+
+
+def _resources(gpus: int, cpu_per_gpu: float = CPU_REQUEST_PER_GPU,
+               memory_gib_per_gpu: float = MEM_REQUEST_PER_GPU, scratch_gib: float = STORAGE_REQUEST) -> dict:
+    cpu_req, cpu_lim, mem_req, mem_lim = _sizing(gpus, cpu_per_gpu, memory_gib_per_gpu)
+    return {"requests": {"cpu": _cpu_quantity(cpu_req), "memory": _memory_quantity(mem_req),
+                         "ephemeral-storage": _memory_quantity(_mebibytes(min(scratch_gib, DATA_SIZE_LIMIT
+                                                                                 + TMP_SIZE_LIMIT + 10))),
+                         "nvidia.com/gpu": str(gpus)},
+            "limits": {"cpu": _cpu_quantity(cpu_lim), "memory": _memory_quantity(mem_lim),
                        "ephemeral-storage": f"{DATA_SIZE_LIMIT + TMP_SIZE_LIMIT + 10}Gi",
                        "nvidia.com/gpu": str(gpus)}}
+
+
+def _shm_size(spec: JobSpec) -> str:
+    """The /dev/shm tmpfs: SHM_PER_GPU per GPU. Its pages count against the container's memory limit (medium
+    Memory): a tmpfs as large as the limit would let the kernel OOM-kill the trainer once /dev/shm fills. On a pod
+    sized small (``memory_gib_per_gpu`` under 12 GiB: 8 GiB is more than half of its 64/48 limit) it is capped at
+    half the memory limit, so a full tmpfs leaves the trainer the other half. The defaults (48 GiB per GPU, limit
+    64) keep 8 GiB per GPU."""
+    *_, mem_lim = _sizing(spec.gpus_per_node, spec.cpu_per_gpu, spec.memory_gib_per_gpu)
+    return _memory_quantity(min(SHM_PER_GPU * spec.gpus_per_node * 1024, mem_lim // 2))
 
 
 def dcv2_args(spec: JobSpec, stages_itself: bool = False) -> list[str]:
@@ -88,13 +140,23 @@ def dcv2_args(spec: JobSpec, stages_itself: bool = False) -> list[str]:
             "config.DATA.NUM_DATALOADER_WORKERS=10"]
 
 
+def _stage_resources(spec: JobSpec) -> dict:
+    """An init container's request counts on its own when the pod is scheduled (the pod asks for the larger of it
+    and the sum of its containers'), so staging asks for 4 cores and 8 GiB, or the trainer's requests when those
+    are smaller (a pod sized with small ``cpu_per_gpu`` / ``memory_gib_per_gpu`` fits where its trainer does)."""
+    cpu_req, _, mem_req, _ = _sizing(spec.gpus_per_node, spec.cpu_per_gpu, spec.memory_gib_per_gpu)
+    return {"requests": {"cpu": _cpu_quantity(min(4000, cpu_req)),
+                         "memory": _memory_quantity(min(8 * 1024, mem_req))},
+            "limits": {"cpu": "16", "memory": "16Gi"}}
+
+
 def _stage_container(spec: JobSpec, name: str, uri: str, dest: str, labels: str = "") -> dict:
     # outside a terminal dcv2 stage logs one progress line every 30 s: kubectl logs -c stage-data shows it
     args = ["stage", uri, dest, "--workers", "32", "--log-every", "30"] + (["--labels", labels] if labels else [])
     return {"name": name, "image": spec.image, "command": ["dcv2"], "args": args,
             "envFrom": [{"secretRef": {"name": SECRET}}], "env": [{"name": "HOME", "value": "/tmp"}],
             "volumeMounts": [{"name": "data", "mountPath": "/data"}, {"name": "tmp", "mountPath": "/tmp"}],
-            "resources": {"requests": {"cpu": "4", "memory": "8Gi"}, "limits": {"cpu": "16", "memory": "16Gi"}},
+            "resources": _stage_resources(spec),
             "securityContext": _restricted_security_context()}
 
 
@@ -139,10 +201,11 @@ def pod_template(spec: JobSpec) -> dict:
                 "ports": [{"name": "pytorchjob-port", "containerPort": RDZV_PORT, "protocol": "TCP"},
                           {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
                 "envFrom": [{"secretRef": {"name": SECRET}}], "env": env,
-                "resources": _resources(spec.gpus_per_node), "volumeMounts": mounts,
+                "resources": _resources(spec.gpus_per_node, spec.cpu_per_gpu, spec.memory_gib_per_gpu,
+                                        spec.scratch_gib),
+                "volumeMounts": mounts,
                 "securityContext": _restricted_security_context()}],
-            "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory",
-                                                      "sizeLimit": f"{SHM_PER_GPU * spec.gpus_per_node}Gi"}},
+            "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": _shm_size(spec)}},
                         {"name": "data", "emptyDir": {"sizeLimit": f"{DATA_SIZE_LIMIT}Gi"}},
                         {"name": "tmp", "emptyDir": {"sizeLimit": f"{TMP_SIZE_LIMIT}Gi"}}]}}
 
@@ -211,7 +274,9 @@ def trainjob(spec: JobSpec) -> dict:
            "spec": {"runtimeRef": {"apiGroup": TRAINJOB.group, "kind": "TrainingRuntime", "name": RUNTIME},
                     "trainer": {"image": spec.image, "command": ["dcv2"], "args": dcv2_args(spec, stages_itself=True),
                                 "numNodes": spec.nodes, "numProcPerNode": spec.gpus_per_node,
-                                "resourcesPerNode": _resources(spec.gpus_per_node), "env": env}}}
+                                "resourcesPerNode": _resources(spec.gpus_per_node, spec.cpu_per_gpu,
+                                                               spec.memory_gib_per_gpu, spec.scratch_gib),
+                                "env": env}}}
     if spec.active_deadline_seconds:
         job["spec"]["activeDeadlineSeconds"] = int(spec.active_deadline_seconds)
     return job
@@ -222,12 +287,14 @@ def job_manifest(kind: JobKind, spec: JobSpec) -> dict:
     return {PYTORCHJOB: pytorchjob, TRAINJOB: trainjob}[kind](spec)
 
 
-def training_runtime(image: str = IMAGE) -> dict:
+def training_runtime(image: str = IMAGE, memory_gib_per_gpu: float = MEM_REQUEST_PER_GPU) -> dict:
     """Our TrainingRuntime for clusters without ``torch-distributed``, or where it does not fit: the S3 Secret,
     /dev/shm, node-local /data and /tmp, the restricted security context, the metrics port, GPU node selection, and
-    the exit-code contract as a Job ``podFailurePolicy`` (dcv2_k8s/exitcodes.py: 1 and 2 fail the job at once, a
-    pod evicted or preempted is not counted; 143/200 are retried within ``backoffLimit``)."""
-    spec = JobSpec(RUNTIME, nodes=1, gpus_per_node=1, image=image)
+    the exit-code contract as a Job ``podFailurePolicy`` (dcv2_k8s/exitcodes.py: 1, 2 and 3 fail the job at once, a
+    pod evicted or preempted is not counted; 143/200 are retried within ``backoffLimit``). Its /dev/shm is sized
+    for one GPU at ``memory_gib_per_gpu`` (capped below half that pod's memory limit, see ``_shm_size``); the
+    TrainJob's ``resourcesPerNode`` sizes the container."""
+    spec = JobSpec(RUNTIME, nodes=1, gpus_per_node=1, image=image, memory_gib_per_gpu=memory_gib_per_gpu)
     pod = pod_template(spec)
     c = pod["spec"]["containers"][0]
     container = {"name": TRAINJOB.container, "image": image, "imagePullPolicy": "IfNotPresent",
@@ -239,7 +306,7 @@ def training_runtime(image: str = IMAGE) -> dict:
     job_spec = {"backoffLimit": RESTART_INCIDENTS,
                 "podFailurePolicy": {"rules": [
                     {"action": "FailJob", "onExitCodes": {"containerName": TRAINJOB.container, "operator": "In",
-                                                          "values": [ERROR, USAGE]}},
+                                                          "values": [ERROR, USAGE, FENCED]}},
                     {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]},
                 "template": {"metadata": pod["metadata"], "spec": pod_spec}}
     # a TrainingRuntime is in the TrainJob's API group and version
@@ -289,15 +356,21 @@ def _dump(docs: list[dict], note: str = "") -> str:
     return HEADER + (f"# {note}\n" if note else "") + body
 
 
-def render() -> dict[str, str]:
-    """File name (relative to manifests/) -> content."""
+def render(cpu_per_gpu: float = CPU_REQUEST_PER_GPU, memory_gib_per_gpu: float = MEM_REQUEST_PER_GPU,
+           scratch_gib: float = STORAGE_REQUEST) -> dict[str, str]:
+    """File name (relative to manifests/) -> content; every job's pods sized at ``cpu_per_gpu`` cores and
+    ``memory_gib_per_gpu`` GiB per GPU and ``scratch_gib`` GiB of node-local disk (the defaults render the committed
+    manifests/)."""
+    jobs = [replace(j, cpu_per_gpu=cpu_per_gpu, memory_gib_per_gpu=memory_gib_per_gpu, scratch_gib=scratch_gib)
+            for j in JOBS]
     files = {f"{'pytorchjob-r50.yaml' if j.name == 'dcv2-r50' else 'variants/' + j.name + '.yaml'}":
-             _dump([pytorchjob(j)], j.description) for j in JOBS}
-    for j in JOBS:
+             _dump([pytorchjob(j)], j.description) for j in jobs}
+    for j in jobs:
         rel = "trainjob-r50.yaml" if j.name == "dcv2-r50" else f"trainjob/{j.name}.yaml"
         files[rel] = _dump([trainjob(j)], f"Kubeflow Trainer v2 (TrainJob): {j.description}; needs "
                            "trainjob/runtime-dcv2-torch.yaml")
-    files["trainjob/runtime-dcv2-torch.yaml"] = _dump([training_runtime()], "Kubeflow Trainer v2 TrainingRuntime "
+    files["trainjob/runtime-dcv2-torch.yaml"] = _dump([training_runtime(memory_gib_per_gpu=memory_gib_per_gpu)],
+                                                      "Kubeflow Trainer v2 TrainingRuntime "
                                                       "for the dcv2 TrainJobs (apply it in their namespace)")
     files["secret-s3.example.yaml"] = _dump([secret_example()], "Placeholders only: fill in, apply, never commit "
                                             "real keys. Keys are read as environment variables (envFrom).")
@@ -310,10 +383,11 @@ def render() -> dict[str, str]:
     return files
 
 
-def write(out_dir: str) -> list[str]:
+def write(out_dir: str, cpu_per_gpu: float = CPU_REQUEST_PER_GPU,
+          memory_gib_per_gpu: float = MEM_REQUEST_PER_GPU, scratch_gib: float = STORAGE_REQUEST) -> list[str]:
     out = Path(out_dir)
     written = []
-    for rel, text in render().items():
+    for rel, text in render(cpu_per_gpu, memory_gib_per_gpu, scratch_gib).items():
         path = out / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

@@ -3,7 +3,7 @@ Security admission on, webhooks resolved through EndpointSlices), kube-controlle
 namespace and service-account controllers, ...) and the Kubeflow training operator v1.9 with its validating
 webhook, all built by ``make controlplane`` from the Go module proxy (binaries in ``CONTROLPLANE_DIR``).
 
-Test infrastructure only. There is no kubelet or container runtime here: ``nodeagent.py`` stands in for them.
+Test infrastructure only. The node (kubelet, containerd, CNI, CoreDNS, kube-scheduler) is ``node.py``.
 Every process is started by this module and stopped by PID (SIGTERM, then SIGKILL) in ``stop()``.
 """
 
@@ -109,6 +109,7 @@ class ControlPlane:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
+        self._argv: dict[str, tuple] = {}
         self.api_port = free_port()
         self.kubeconfig = self.dir / "admin.kubeconfig"
         self.webhook_port = free_port()
@@ -127,12 +128,10 @@ class ControlPlane:
                     ips=("127.0.0.1", "10.0.0.1"))
         adm_key = _key()
         adm = _cert("admin", adm_key, ca, ca_key, org="system:masters", client=True)
-        kl_key = _key()  # the node agent's serving certificate (the API server reads logs from it)
-        kl = _cert("dcv2-node", kl_key, ca, ca_key, dns=("localhost",), ips=("127.0.0.1",))
         sa_key = _key()
         files = {"ca.crt": _pem_cert(ca), "ca.key": _pem_key(ca_key), "apiserver.crt": _pem_cert(srv),
                  "apiserver.key": _pem_key(srv_key), "admin.crt": _pem_cert(adm), "admin.key": _pem_key(adm_key),
-                 "kubelet.crt": _pem_cert(kl), "kubelet.key": _pem_key(kl_key), "sa.key": _pem_key(sa_key),
+                 "sa.key": _pem_key(sa_key),
                  "sa.pub": sa_key.public_key().public_bytes(serialization.Encoding.PEM,
                                                             serialization.PublicFormat.SubjectPublicKeyInfo)}
         for name, data in files.items():
@@ -154,9 +153,37 @@ class ControlPlane:
     def _spawn(self, name: str, args: list[str], env: dict | None = None) -> None:
         log = self.dir / f"{name}.log"
         self.logs[name] = log
-        self.procs[name] = subprocess.Popen([str(BIN / "bin" / name.split(":")[0]), *args], stdout=log.open("w"),
+        self._argv[name] = (args, env)
+        self.procs[name] = subprocess.Popen([str(BIN / "bin" / name.split(":")[0]), *args], stdout=log.open("a"),
                                             stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                                             cwd=self.dir, start_new_session=True)
+
+    def _stop_one(self, name: str) -> None:
+        p = self.procs[name]
+        if p.poll() is not None:
+            return
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=10)
+
+    def restart(self, name: str, down_seconds: float = 0.0) -> None:
+        """Stop component ``name`` by its PID (SIGTERM, as a node's process manager would), leave it down for
+        ``down_seconds`` (etcd keeps the cluster's state), start it again with the same arguments and wait until it
+        serves."""
+        self._stop_one(name)
+        time.sleep(down_seconds)
+        self._spawn(name, *self._argv[name])
+        if name == "kube-apiserver":
+            self._wait("kube-apiserver", lambda: self.get_raw("/readyz") == "ok", 180)
+        elif name == "training-operator.v1":
+            self._wait("operator webhook server", lambda: socket.create_connection(
+                (self.host_ip, self.webhook_port), timeout=2).close() is None, 120)
 
     def log_tail(self, name: str, lines: int = 30) -> str:
         try:
@@ -221,8 +248,8 @@ class ControlPlane:
         self._spawn("kube-controller-manager", [
             f"--kubeconfig={self.kubeconfig}", "--leader-elect=false", "--bind-address=127.0.0.1",
             "--secure-port=0", "--use-service-account-credentials=false", f"--root-ca-file={d / 'ca.crt'}",
-            # no kubelet heartbeats to judge nodes by, no cloud, no persistent volumes
-            "--controllers=*,-nodelifecycle,-persistentvolume-binder,-attachdetach,-persistentvolume-expander,"
+            # no cloud, no persistent volumes; the node lifecycle controller lifts the kubelet's not-ready taint
+            "--controllers=*,-persistentvolume-binder,-attachdetach,-persistentvolume-expander,"
             "-service-lb-controller,-node-route-controller,-cloud-node-lifecycle-controller",
             "--concurrent-gc-syncs=5", "--v=1"])
         self.install_operator()
@@ -331,17 +358,7 @@ class ControlPlane:
     # -------------------------------------------------------------------------------------------- teardown
     def stop(self) -> None:
         for name in reversed(list(self.procs)):
-            p = self.procs[name]
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    continue
-                try:
-                    p.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait(timeout=10)
+            self._stop_one(name)
 
     def dump(self) -> str:
         """The tail of every component's log (for a failing test's message)."""

@@ -1,0 +1,3 @@
+module dcv2k8s/pause
+
+go 1.26
