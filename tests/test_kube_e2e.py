@@ -531,11 +531,17 @@ def test_control_plane_and_node_restarts_mid_run_lose_nothing(cluster, bucket, f
               300, cluster)
     before = {p.metadata.name: (p.metadata.uid, [c.container_id for c in p.status.container_statuses])
               for p in _pods(cluster, ns, name)}
+    t0 = time.monotonic()
     cluster.restart("training-operator.v1")
     cluster.node.restart("kubelet")
     cluster.node.restart("containerd")
+    t1 = time.monotonic()
     cluster.restart("kube-apiserver", down_seconds=60)
+    t2 = time.monotonic()
     watcher.join(timeout=600)
+    print(f"\nrestarts: operator + kubelet + containerd in {t1 - t0:.1f} s, API server away {t2 - t1:.1f} s; "
+          f"job done {time.monotonic() - t2:.1f} s after the API server was back; watcher: "
+          + "; ".join(ln for ln in lines if "API server" in ln))
     assert outcome and outcome[0] == "Succeeded", (outcome, "\n".join(lines[-40:]))
     assert any("the API server did not answer" in ln for ln in lines), lines[-40:]
     assert any("the API server answers again" in ln for ln in lines), lines[-40:]

@@ -105,7 +105,9 @@ def _short(err: Exception) -> str:
     code = _status_code(err)
     if code:
         return f"HTTP {code}"
-    return f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}".rstrip(": ")
+    text = str(getattr(err, "reason", None) or err)  # urllib3's MaxRetryError: the reason, not the whole URL
+    text = text.rsplit("] ", 1)[-1] if "] " in text else (text.splitlines() or [""])[0]
+    return f"{type(err).__name__}: {text[:120]}".rstrip(": ")
 
 
 class JobLauncher:
