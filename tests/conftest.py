@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -34,6 +35,21 @@ def child_env(extra: dict | None = None) -> dict:
     return env
 
 
+@contextlib.contextmanager
+def environ(values: dict):
+    """``values`` set in this process's environment for the block, and what was there before put back."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @pytest.fixture(scope="module")
 def s3():
     """A real HTTP S3 endpoint on 127.0.0.1 (moto's server) with buckets ``data`` and ``ckpt``, its variables set
@@ -41,15 +57,9 @@ def s3():
     from dcv2_k8s.s3server import EmbeddedS3
 
     server = EmbeddedS3().start(["data", "ckpt"])
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    yield server
+    with environ(server.env()):
+        yield server
     server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

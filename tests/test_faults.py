@@ -30,7 +30,7 @@ from dcv2_k8s.k8s.local import descendants, kill_tree
 from dcv2_k8s.s3server import EmbeddedS3
 from dcv2_k8s.storage import S3Storage
 from dcv2_k8s.weights import read_file
-from tests.conftest import ROOT, child_env, run_cli, run_local_args, tiny_train_tokens
+from tests.conftest import ROOT, child_env, environ, run_cli, run_local_args, tiny_train_tokens
 
 pytestmark = pytest.mark.slow
 
@@ -282,9 +282,7 @@ def s3_outage():
 
 def _committed_all_load(uri: str, env: dict) -> tuple[int, int]:
     """(committed checkpoints, how many of them fail to load completely)."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with environ(env):
         mgr, store = CheckpointManager(uri), S3Storage(uri)
         committed = mgr.committed()
         bad = 0
@@ -297,12 +295,6 @@ def _committed_all_load(uri: str, env: dict) -> tuple[int, int]:
             except Exception:
                 bad += 1
         return len(committed), bad
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def s3_run_tokens(synth_data, uri: str, retry_seconds: int, *extra: str) -> list[str]:

@@ -24,7 +24,7 @@ from dcv2_k8s.k8s.launcher import JobLauncher
 from dcv2_k8s.k8s.local import replica_envs
 from dcv2_k8s.k8s.validate import validate_pytorchjob
 from dcv2_k8s.weights import read_file
-from tests.conftest import ROOT, tiny_train_tokens
+from tests.conftest import ROOT, environ, tiny_train_tokens
 from tests.kube.controlplane import BIN, ControlPlane, missing_binaries
 from tests.kube.node import GATEWAY, GPU, IMAGE, PodHistory, RealNode
 from tests.kube.node import missing as node_missing
@@ -67,26 +67,18 @@ def cluster(tmp_path_factory):
 def bucket(cluster, synth_data):
     """The embedded S3 on the pod bridge's address (pods reach it there; its variables are set in this process, to
     read checkpoints) with the synthetic training set under s3://data/train, what the init container stages."""
-    import os
-
     import boto3
 
     from dcv2_k8s.s3server import EmbeddedS3
 
     s3 = EmbeddedS3(host=GATEWAY).start(["data", "ckpt"])
-    saved = {k: os.environ.get(k) for k in s3.env()}
-    os.environ.update(s3.env())
     c = boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
                      region_name="us-east-1")
     for p in sorted((synth_data / "train").rglob("*.jpg")):
         c.upload_file(str(p), "data", f"train/{p.relative_to(synth_data / 'train')}")
-    yield s3
+    with environ(s3.env()):
+        yield s3
     s3.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def _namespace(cluster, name: str, bucket) -> str:

@@ -26,7 +26,7 @@ import torch
 
 from dcv2_k8s import exitcodes
 from dcv2_k8s.storage import StorageError
-from tests.conftest import run_cli
+from tests.conftest import environ, run_cli
 from tests.faultproxy import FaultProxy
 
 pytestmark = pytest.mark.slow
@@ -49,19 +49,12 @@ def store():
 
     server = EmbeddedS3().start(["data", "ckpt"])
     proxy = FaultProxy(server.port, seed=7).start()
-    env = dict(server.env(), AWS_ENDPOINT_URL_S3=proxy.endpoint)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     direct = boto3.client("s3", endpoint_url=server.endpoint, aws_access_key_id="testing",
                           aws_secret_access_key="testing", region_name="us-east-1")
-    yield server, proxy, direct
+    with environ(dict(server.env(), AWS_ENDPOINT_URL_S3=proxy.endpoint)):
+        yield server, proxy, direct
     proxy.stop()
     server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture

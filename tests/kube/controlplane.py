@@ -55,6 +55,24 @@ def host_ip() -> str:
     raise RuntimeError("no non-loopback IPv4 address on this machine: the operator's webhook needs one")
 
 
+def wait_until(what: str, check, timeout: float, procs: dict, log_tail, context: str = "") -> None:
+    """Poll ``check`` until it is true; fail at once, with its log's tail, if one of ``procs`` (name -> Popen)
+    exits meanwhile, and with ``context`` appended after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        for name, p in procs.items():
+            if p.poll() is not None:
+                raise RuntimeError(f"{name} exited with {p.returncode} while waiting for {what}:\n{log_tail(name)}")
+        try:
+            if check():
+                return
+        except Exception as e:  # not up yet
+            last = e
+        time.sleep(0.3)
+    raise TimeoutError(f"{what} not ready within {timeout:.0f} s (last error: {last})" + context)
+
+
 # ---------------------------------------------------------------------------------------------------------- certs
 def _key():
     from cryptography.hazmat.primitives.asymmetric import rsa
@@ -192,20 +210,7 @@ class ControlPlane:
             return ""
 
     def _wait(self, what: str, check, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            for name, p in self.procs.items():
-                if p.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {p.returncode} while waiting for {what}:\n"
-                                       f"{self.log_tail(name)}")
-            try:
-                if check():
-                    return
-            except Exception as e:  # not up yet
-                last = e
-            time.sleep(0.3)
-        raise TimeoutError(f"{what} not ready within {timeout:.0f} s (last error: {last})")
+        wait_until(what, check, timeout, self.procs, self.log_tail)
 
     def _ssl(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=str(self.dir / "ca.crt"))

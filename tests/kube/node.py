@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.kube.controlplane import BIN, _cert, _key, _pem_cert, _pem_key, free_port
+from tests.kube.controlplane import BIN, _cert, _key, _pem_cert, _pem_key, free_port, wait_until
 
 GPU = "nvidia.com/gpu"
 NODE_NAME = "dcv2-gpu-node-0"
@@ -129,21 +129,7 @@ class RealNode:
                 f"http://127.0.0.1:{self.healthz_port}/healthz", timeout=2).read() == b"ok", 120)
 
     def _wait(self, what: str, check, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            for name, p in self.procs.items():
-                if p.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {p.returncode} while waiting for {what}:\n"
-                                       f"{self.log_tail(name)}")
-            try:
-                if check():
-                    return
-            except Exception as e:  # not up yet
-                last = e
-            time.sleep(0.5)
-        raise TimeoutError(f"{what} not ready within {timeout:.0f} s (last error: {last})\n"
-                           + "\n".join(self.lines[-40:]))
+        wait_until(what, check, timeout, self.procs, self.log_tail, "\n" + "\n".join(self.lines[-40:]))
 
     def ctr(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
         return _run("ctr", "--address", str(self.sock), "--namespace", "k8s.io", *args, check=check,
