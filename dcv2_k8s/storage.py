@@ -346,8 +346,8 @@ class S3Storage:
             raise explain_s3_error(path, e) from e
 
     def _download(self, path: str, fn, *args, **kwargs):
-        """A transfer-manager download, again (with backoff, up to DCV2_S3_MAX_ATTEMPTS times) when its bodies were
-        cut off more often than its own retries allow."""
+        """A read, again (with backoff, up to DCV2_S3_MAX_ATTEMPTS times) when its body was cut off mid-way (a
+        transfer-manager download: more often than its own retries allow); other errors as one line."""
         for attempt in range(max_attempts()):
             try:
                 return fn(*args, **kwargs)
@@ -426,19 +426,16 @@ class S3Storage:
         mid-way: up to DCV2_S3_MAX_ATTEMPTS times); None when absent."""
         from botocore.exceptions import ClientError
 
-        for attempt in range(max_attempts()):
+        def fetch() -> tuple[bytes, str] | None:
             try:
                 resp = self.client.get_object(Bucket=self.bucket, Key=self._key(path))
-                return resp["Body"].read(), resp["ETag"]
             except ClientError as e:
                 if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
                     return None
-                raise explain_s3_error(path, e) from e
-            except Exception as e:
-                if not cut_short(e) or attempt == max_attempts() - 1:
-                    raise explain_s3_error(path, e) from e
-                time.sleep(backoff(attempt))
-        raise AssertionError("unreachable")
+                raise
+            return resp["Body"].read(), resp["ETag"]
+
+        return self._download(path, fetch)
 
     def put_if(self, path: str, data: bytes, match: str | None) -> str | None:
         """Compare-and-swap of a small object with S3 conditional writes: one PutObject with ``If-Match: match``

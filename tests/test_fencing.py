@@ -178,6 +178,14 @@ def check_never_latest(seen: list, owner: str, resumed: str) -> None:
         assert manifest["writer"] == owner or pointer["name"] == resumed, (pointer, manifest)
 
 
+def stop_all(writers, poller) -> list:
+    """Kill the writers still running (a failed test leaves none behind); what the poller saw."""
+    for w in writers:
+        if w is not None and w.proc.poll() is None:
+            w.proc.kill()
+    return poller.close() if poller else []
+
+
 def zombie_run(root: str, order: str, env: dict | None = None) -> None:
     """A commits, B takes over; ``order``: the zombie A commits faster than B (it races ahead in steps) or
     slower."""
@@ -193,10 +201,7 @@ def zombie_run(root: str, order: str, env: dict | None = None) -> None:
         assert rc_b == 0, err_b
         rc_a, err_a = a.finish(30)
     finally:
-        for w in (a, b):
-            if w.proc.poll() is None:
-                w.proc.kill()
-        seen = poller.close() if poller else []
+        seen = stop_all((a, b), poller)
     check_fenced(rc_a, err_a)
     resumed = b.value("resumed B")
     check_never_latest(seen, "B", b.value("resumed B", str).split()[-2])
@@ -241,10 +246,7 @@ def test_killed_owner_then_a_third_writer(tmp_path, s3, where):
         assert rc_c == 0, err_c
         rc_a, err_a = a.finish(30)
     finally:
-        for w in (a, b, c):
-            if w is not None and w.proc.poll() is None:
-                w.proc.kill()
-        seen = poller.close() if poller else []
+        seen = stop_all((a, b, c), poller)
     check_fenced(rc_a, err_a)
     resumed = c.value("resumed C")
     assert resumed >= 2  # C resumed from A's or B's newest commit, never from scratch
