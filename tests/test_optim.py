@@ -58,6 +58,45 @@ def test_larc_bitwise_equals_apex_reference(clip):
     assert opt.param_groups[0]["weight_decay"] == 1e-4  # restored after the inner step
 
 
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("wd", [0.0, 0.3])  # 0.3: wd * p rounded alone vs fused into the sum differ in SIMD lanes
+def test_larc_bitwise_groups_without_grads_and_wd(clip, wd):
+    """Two groups (wd and wd=0, i.e. VISSL's no-decay BN/bias group), a parameter without a gradient (left alone,
+    as apex and SGD skip it), zero-norm parameter and gradient: all bitwise equal to the per-tensor reference."""
+    params, grads = _tensors(1)
+    ours = [p.clone().requires_grad_() for p in params]
+    ref = [p.clone().requires_grad_() for p in params]
+    split, no_grad = 4, 5  # group 0: tensors 0-3 (with weight decay wd), group 1: 4-6 (none); tensor 5 no grad
+    opt = LARC(torch.optim.SGD([{"params": ours[:split], "weight_decay": wd}, {"params": ours[split:]}], lr=0.7,
+                               momentum=0.9, weight_decay=0.0, foreach=True), 0.001, clip, 1e-8)
+    bufs = [[None] * split, [None] * (len(ref) - split - 1)]
+    for step in range(3):
+        for i, (o, r, g) in enumerate(zip(ours, ref, grads)):
+            o.grad = None if i == no_grad else g.clone() * (step + 1)
+            r.grad = None if i == no_grad else g.clone() * (step + 1)
+        opt.step()
+        apex_larc_reference(ref[:split], 0.7, wd, 0.9, bufs[0], clip=clip)
+        apex_larc_reference([r for i, r in enumerate(ref) if i >= split and i != no_grad], 0.7, 0.0, 0.9, bufs[1],
+                            clip=clip)
+    for o, r in zip(ours, ref):
+        assert torch.equal(o.detach(), r.detach())
+    assert torch.equal(ours[no_grad].detach(), params[no_grad])
+    assert [g["weight_decay"] for g in opt.param_groups] == [wd, 0.0]
+
+
+def test_larc_adapted_gradient_bitwise_and_in_place():
+    """The rewritten gradient itself (what apex leaves in ``p.grad``), in the gradient's own storage."""
+    torch.manual_seed(2)
+    p = torch.randn(1000, 3, requires_grad=True)
+    g = torch.randn(1000, 3) * 0.01
+    p.grad = g.clone()
+    storage = p.grad.data_ptr()
+    LARC(torch.optim.SGD([p], lr=0.1, weight_decay=0.3), 0.001, False).adapt_gradients()
+    pn, gn = torch.norm(p.detach()), torch.norm(g)
+    expect = (g + 0.3 * p.detach()) * (0.001 * pn / (gn + pn * 0.3 + 1e-8))
+    assert torch.equal(p.grad, expect) and p.grad.data_ptr() == storage
+
+
 def test_zero_norm_parameter_gets_plain_step_without_decay():
     p = torch.zeros(4, requires_grad=True)
     p.grad = torch.ones(4)

@@ -71,11 +71,13 @@ class LARC:
             if self.clip:
                 local = torch.clamp(local / group["lr"], max=1.0)
             ok = (p_norm != 0) & (g_norm != 0)
-            scale = torch.where(ok, local, torch.ones_like(local))
+            scale = torch.where(ok, local, 1.0)
             if wd != 0:
-                # apex: g += wd * p, the product rounded before the sum (a fused multiply-add would differ)
-                decayed = torch._foreach_mul(params, wd)
-                torch._foreach_addcmul_(grads, decayed, list(ok.to(local.dtype).unbind()))  # x 1 or x 0: exact
+                # apex: g += wd * p, the product rounded before the sum. In place, no temporary: addcmul computes
+                # g + (wd * p) * ok with ok a 0-dim 0/1 tensor per parameter, so wd * p is rounded on its own, the
+                # x 1 / x 0 is exact and the sum is rounded once, fused multiply-add or not: bitwise apex's.
+                # (``g.add_(p, alpha=wd)`` is one fused multiply-add on CPU SIMD: not bitwise equal; tests check.)
+                torch._foreach_addcmul_(grads, params, list(ok.to(local.dtype).unbind()), value=wd)
             torch._foreach_mul_(grads, list(scale.unbind()))
 
     @torch.no_grad()
