@@ -56,36 +56,78 @@ def _spawn(resolved, command: str, nproc: int, max_restarts: int = 0) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _machine_problems(cfg) -> tuple[list[str], int]:
+    """What the config asks of this machine and the launch that it cannot give: CUDA, devices per process, nodes
+    without a launcher. Returns the problems and the world size the suggested fixes lead to."""
+    import torch
+
+    from dcv2_k8s import distributed as D
+
+    problems = []
+    dist_cfg, device = cfg.DISTRIBUTED, cfg.MACHINE.DEVICE
+    cuda = torch.cuda.is_available()
+    wants_gpu = device in ("gpu", "cuda")
+    if wants_gpu and not cuda:
+        fix = "config.MACHINE.DEVICE=cpu" + (" config.DISTRIBUTED.BACKEND=gloo" if dist_cfg.BACKEND == "nccl" else "")
+        problems.append(f"config.MACHINE.DEVICE={device} but this machine has no CUDA device; set {fix}")
+    elif dist_cfg.BACKEND == "nccl" and not cuda and device == "auto":
+        problems.append("config.DISTRIBUTED.BACKEND=nccl runs on CUDA devices only and this machine has none; set "
+                        "config.DISTRIBUTED.BACKEND=gloo")
+    world = dist_cfg.world_size
+    if not D.launched() and not D.operator_env():
+        if dist_cfg.NUM_NODES > 1:
+            problems.append(f"config.DISTRIBUTED.NUM_NODES={dist_cfg.NUM_NODES} needs a launcher on every node "
+                            "(torchrun or a PyTorchJob); on one machine set config.DISTRIBUTED.NUM_NODES=1")
+            world = dist_cfg.NUM_PROC_PER_NODE
+        if cuda and (wants_gpu or device == "auto") and dist_cfg.BACKEND in ("nccl", "auto"):
+            gpus = torch.cuda.device_count()
+            if dist_cfg.NUM_PROC_PER_NODE > gpus:  # nccl refuses two ranks on one device
+                problems.append(f"config.DISTRIBUTED.NUM_PROC_PER_NODE={dist_cfg.NUM_PROC_PER_NODE} but this machine "
+                                f"has {count(gpus, 'CUDA device')} (nccl runs one process per device); set "
+                                f"config.DISTRIBUTED.NUM_PROC_PER_NODE={gpus}")
+                world = world // dist_cfg.NUM_PROC_PER_NODE * gpus
+    return problems, world
+
+
 def preflight(cfg) -> None:
-    """What the run needs from this machine, checked before any process starts (one line on failure): the
+    """What the run needs from this machine, checked before any process starts: the device and the launch, the
     training data's location (and, when local, whether its size fits the config), then the checkpoint store
-    (reachable, credentials)."""
+    (reachable, credentials). Every problem found is reported at once, one line each, each naming its cause and
+    the keys that fix it."""
     from dcv2_k8s.config import ConfigError
     from dcv2_k8s.config.derive import check_dataset
     from dcv2_k8s.data.dataset import DatasetRoot, check_split_dir, scan_image_folder
-    from dcv2_k8s.storage import open_storage
+    from dcv2_k8s.storage import StorageError, open_storage
 
+    problems, world = _machine_problems(cfg)
     paths = cfg.DATA.TRAIN.DATA_PATHS
+    data_ok = bool(paths)
     if not paths:
-        raise ConfigError(["config.DATA.TRAIN.DATA_PATHS is empty; set config.DATA.TRAIN.DATA_PATHS=[/path/to/train] "
-                           "(an ImageFolder directory, or s3://bucket/prefix)"])
-    if "://" not in paths[0] and not os.path.isdir(paths[0]):
+        problems.append("config.DATA.TRAIN.DATA_PATHS is empty; set config.DATA.TRAIN.DATA_PATHS=[/path/to/train] "
+                        "(an ImageFolder directory, or s3://bucket/prefix)")
+    elif "://" not in paths[0] and not os.path.isdir(paths[0]):
         what = "is not a directory" if os.path.exists(paths[0]) else "does not exist"
-        raise ConfigError([f"config.DATA.TRAIN.DATA_PATHS: {paths[0]} {what} (expected an ImageFolder tree "
-                           "CLASS/IMAGE, or s3://bucket/prefix)"])
-    for key, split in (("DATA.TRAIN.DATA_PATHS", paths), ("DATA.TEST.DATA_PATHS", cfg.DATA.TEST.DATA_PATHS)):
+        problems.append(f"config.DATA.TRAIN.DATA_PATHS: {paths[0]} {what} (expected an ImageFolder tree "
+                        "CLASS/IMAGE, or s3://bucket/prefix)")
+        data_ok = False
+    for key, split in (("DATA.TRAIN.DATA_PATHS", paths if data_ok else []),
+                       ("DATA.TEST.DATA_PATHS", cfg.DATA.TEST.DATA_PATHS)):
         try:  # one split each (the k-NN monitor's queries too), not a dataset root
             if split and "://" not in split[0]:
                 check_split_dir(split[0], "train" if key.startswith("DATA.TRAIN") else "val")
         except DatasetRoot as e:
-            raise ConfigError([f"config.{key}: {e}"]) from None
-    if "://" not in paths[0]:  # local data: its size is known now (s3:// data is checked once staged, in the run)
+            problems.append(f"config.{key}: {e}")
+            data_ok = data_ok and key != "DATA.TRAIN.DATA_PATHS"
+    if data_ok and "://" not in paths[0]:  # local data: its size is known now (s3:// data is checked once staged)
         _, samples = scan_image_folder(paths[0])
         limit = cfg.DATA.TRAIN.DATA_LIMIT
-        problems = check_dataset(cfg, min(len(samples), limit) if limit > 0 else len(samples))
-        if problems:
-            raise ConfigError(problems)
-    open_storage(cfg.CHECKPOINT.DIR).check()
+        problems += check_dataset(cfg, min(len(samples), limit) if limit > 0 else len(samples), world)
+    try:
+        open_storage(cfg.CHECKPOINT.DIR).check()
+    except StorageError as e:
+        problems.append(str(e))
+    if problems:
+        raise ConfigError(problems)
 
 
 # ------------------------------------------------------------------------------------------- commands
@@ -104,10 +146,7 @@ def cmd_train(args) -> int:
     if D.operator_env():  # a pod: this process stays the container's main process, torchrun runs the ranks
         return _spawn(resolved, "train", dist_cfg.NUM_PROC_PER_NODE, dist_cfg.MAX_RESTARTS)
     if not D.launched():
-        if dist_cfg.NUM_NODES > 1:
-            return _fail(f"config.DISTRIBUTED.NUM_NODES={dist_cfg.NUM_NODES} needs a launcher on every node "
-                         "(torchrun or a PyTorchJob); on one machine set config.DISTRIBUTED.NUM_NODES=1")
-        if dist_cfg.NUM_PROC_PER_NODE > 1:
+        if dist_cfg.NUM_PROC_PER_NODE > 1:  # (NUM_NODES > 1 without a launcher is refused by preflight)
             return _spawn(resolved, "train", dist_cfg.NUM_PROC_PER_NODE, dist_cfg.MAX_RESTARTS)
     from dcv2_k8s.engine import Preempted, TrainingError, train
 
@@ -270,10 +309,170 @@ def cmd_clusters(args) -> int:
     for h in stats["heads"]:
         print(f"head {h['head']}: {count(h['clusters'], 'cluster')}, {h['empty']} empty, largest "
               f"{count(h['largest'], 'image')}, "
-              f"size entropy {h['size_entropy']:.3f}")
+              f"size entropy {h['size_entropy']:.3f}" +
+              (f", NMI {h['nmi']:.3f}, ARI {h['ari']:.3f} against the class folders" if "nmi" in h else ""))
     print(f"{count(stats['images'], 'image')} assigned; wrote assignments.csv, cluster_sizes.json, "
           f"contact_sheet_head*.png to {args.out}")
     return 0
+
+
+def cmd_extract(args) -> int:
+    from dcv2_k8s import distributed as D
+    from dcv2_k8s.config import ConfigError
+    from dcv2_k8s.eval.extract import load_network, open_split, run_extract
+    from dcv2_k8s.storage import StorageError, open_storage
+    from dcv2_k8s.weights import WeightsError
+
+    if not os.path.isdir(args.data_dir):
+        return _fail(f"{args.data_dir}: no such directory (expected an ImageFolder split DIR/CLASS/IMAGE, or a "
+                     "directory of images)")
+    if args.nproc < 1:
+        return _fail(f"--nproc {args.nproc}: give 1 or more processes")
+    if args.device == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            return _fail("--device gpu (config.MACHINE.DEVICE=gpu): no CUDA device is visible; use cpu or auto")
+    main_rank = D.env_info().is_main
+    try:
+        open_split(args.data_dir)  # before the weights are read: a dataset root, a directory without images
+        if main_rank:  # the writer (and the command that starts the ranks): before any work
+            if "://" not in args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+                return _fail(f"{args.out}: exists and is not a directory (OUT is where the .npy files go)")
+            open_storage(args.out).check()  # s3://: reachable, credentials; local: can be made and written
+        net = load_network(args.checkpoint or "", args.tokens, args.head)
+    except ConfigError as e:
+        return _fail(e.lines)
+    except (WeightsError, StorageError, FileNotFoundError) as e:
+        return _fail(str(e))
+    if main_rank:
+        for note in net.notes:
+            if "config.OPTIMIZER." not in note:  # how training would derive its schedule: not used here
+                print(f"dcv2: note: {note}", file=sys.stderr)
+    if D.operator_env() or (not D.launched() and args.nproc > 1):  # N ranks of this command on this node (torchrun)
+        argv = ["--size", str(args.size), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
+                "--device", args.device, *(["--checkpoint", args.checkpoint] if args.checkpoint else []),
+                *(["--head"] if args.head else []), *(["--split", args.split] if args.split else []),
+                args.data_dir, args.out, *args.tokens]
+        code = D.spawn_local(args.nproc, ["extract", *argv])
+        if code == 0:
+            print(f"dcv2: wrote features.npy, labels.npy, {'head.npy, ' if args.head else ''}paths.txt, meta.json "
+                  f"to {args.out}", file=sys.stderr)
+        return code
+    try:
+        meta = run_extract(net, args.data_dir, args.out, args.size, args.batch_size, args.workers, args.device,
+                           args.split)
+    except StorageError as e:
+        if e.transient:
+            print(f"dcv2: error: {e} (retryable: run it again)", file=sys.stderr)
+            return exitcodes.RETRYABLE
+        if getattr(e, "code", exitcodes.USAGE) != exitcodes.USAGE:  # OutputError: an OSError of the filesystem
+            print(f"dcv2: error: {e}", file=sys.stderr)
+            return e.code
+        return _fail(str(e))
+    except FileNotFoundError as e:
+        return _fail(str(e))
+    if meta is not None:
+        print(json.dumps({k: meta[k] for k in ("split", "count", "feature_dim", "labelled", "num_classes", "weights",
+                                               "layout", "resolution", "world_size", "seconds")}
+                         | {"head_dim": meta["head"]["dim"] if meta["head"] else None, "out": args.out}))
+        if not D.launcher_reports():  # a rank this command spawned: its parent says it once
+            print(f"dcv2: wrote {', '.join(meta['files'])} to {args.out}", file=sys.stderr)
+    return 0
+
+
+ENGINES = ("train", "extract_features")
+
+
+def engine_main(argv: list[str]) -> int:
+    """VISSL's ``tools/run_distributed_engines.py TOKENS...``: ``engine_name=train`` (VISSL's default) is
+    ``dcv2 train TOKENS...``; ``engine_name=extract_features`` extracts the trunk's features (the head's too with
+    ``config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_TRUNK_AND_HEAD=true``) of ``DATA.TRAIN.DATA_PATHS`` and
+    ``DATA.TEST.DATA_PATHS`` with the weights of ``MODEL.WEIGHTS_INIT.PARAMS_FILE`` into
+    ``EXTRACT_FEATURES.OUTPUT_DIR/{train,test}/`` (``CHECKPOINT.DIR`` when empty): ``dcv2 extract`` per split.
+    ``engine_name`` is a top-level key, as in VISSL: on the command line, or in the ``config=`` file beside
+    ``config:``."""
+    from dcv2_k8s.config import ConfigError
+
+    engine = None
+    tokens = []
+    for tok in argv:
+        if tok.startswith(("engine_name=", "+engine_name=")):
+            engine = tok.split("=", 1)[1]
+        else:
+            tokens.append(tok)
+    if engine is None:  # a VISSL file names its engine beside `config:` (feature_extraction/*.yaml)
+        base = next((t.split("=", 1)[1] for t in tokens if t.startswith("config=")), None)
+        if base is not None:
+            from dcv2_k8s.config.loader import _read_yaml, find_config_file
+
+            try:
+                engine = _read_yaml(find_config_file(base))[1].get("engine_name")
+            except ConfigError:
+                pass  # dcv2 train reports it
+    engine = engine or "train"
+    if engine == "train":
+        return main(["train", *tokens])
+    if engine != "extract_features":
+        return _fail(f"engine_name={engine}: dcv2 runs the engines {' and '.join(ENGINES)}")
+    return _vissl_extract(tokens)
+
+
+def _vissl_extract(tokens: list[str]) -> int:
+    """VISSL's extract_features engine: ``dcv2 extract`` for each split the config names."""
+    from dcv2_k8s import distributed as D
+    from dcv2_k8s.config import ConfigError, resolve
+    from dcv2_k8s.storage import StorageError, open_storage
+
+    head = _eval_trunk_and_head(tokens)
+    try:
+        cfg = resolve(tokens, *D.launcher_world(), for_training=False).cfg
+        splits = [(name, paths[0]) for name, paths in (("train", cfg.DATA.TRAIN.DATA_PATHS),
+                                                       ("test", cfg.DATA.TEST.DATA_PATHS)) if paths]
+        if not splits:
+            raise ConfigError(["engine_name=extract_features: no split to extract; set "
+                               "config.DATA.TRAIN.DATA_PATHS=[DIR] and/or config.DATA.TEST.DATA_PATHS=[DIR]"])
+        store = open_storage(cfg.EXTRACT_FEATURES.OUTPUT_DIR or cfg.CHECKPOINT.DIR)
+    except ConfigError as e:
+        return _fail(e.lines)
+    except StorageError as e:
+        return _fail(str(e))
+    weights = cfg.MODEL.WEIGHTS_INIT.PARAMS_FILE
+    for name, data_dir in splits:
+        batch = (cfg.DATA.TRAIN if name == "train" else cfg.DATA.TEST).BATCHSIZE_PER_REPLICA
+        code = main(["extract", "--split", name, "--nproc", str(cfg.DISTRIBUTED.NUM_PROC_PER_NODE),
+                     "--device", {"cuda": "gpu"}.get(cfg.MACHINE.DEVICE.lower(), cfg.MACHINE.DEVICE.lower()),
+                     "--batch-size", str(batch),
+                     "--workers", str(cfg.DATA.NUM_DATALOADER_WORKERS),
+                     *(["--checkpoint", weights] if weights else []), *(["--head"] if head else []),
+                     data_dir, store.join(name), *tokens])
+        if code != exitcodes.OK:
+            return code
+    return exitcodes.OK
+
+
+def _eval_trunk_and_head(tokens: list[str]) -> bool:
+    """VISSL's ``config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_TRUNK_AND_HEAD``: the command line's (the last one), else
+    the ``config=`` files' (dropped by the config loader, so read here, as ``engine_name`` is)."""
+    from dcv2_k8s.config import ConfigError
+    from dcv2_k8s.config.loader import _read_yaml, find_config_file
+
+    key = "config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_TRUNK_AND_HEAD"
+    value = None
+    for t in tokens:
+        if t.split("=", 1)[0].lstrip("+") == key:
+            value = t.split("=", 1)[1]
+    if value is None:
+        for base in (t.split("=", 1)[1] for t in tokens if t.startswith("config=")):
+            try:
+                node = _read_yaml(find_config_file(base))[0]
+            except ConfigError:
+                continue  # resolve() reports it
+            for part in ("MODEL", "FEATURE_EVAL_SETTINGS", "EVAL_TRUNK_AND_HEAD"):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is not None:
+                value = node
+    return str(value).strip().lower() in ("true", "1", "yes")
 
 
 def cmd_config_show(args) -> int:
@@ -361,7 +560,12 @@ def cmd_knn(args) -> int:
     res = knn_eval(trunk, args.train, args.val, size, torch.device("cpu"), args.k, args.temperature,
                    mean=mean, std=std, num_workers=args.workers, progress=sys.stderr.isatty(),
                    pre=r.cfg.DATA.TRAIN.preprocess)
-    res["weights"] = args.checkpoint or "random-init"
+    from dcv2_k8s.eval import what_was_scored
+
+    res.update(what_was_scored(r.cfg, size, args.checkpoint))
+    if not args.checkpoint and not args.tokens:
+        print(f"dcv2: note: scored a randomly initialised {res['architecture']} at {size} px with the defaults' view; "
+              "give a run's tokens (or --checkpoint RUN) to score the network that run trains", file=sys.stderr)
     print(json.dumps(res))
     if args.json:
         with open(args.json, "w") as f:
@@ -443,6 +647,22 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
+
+
+class _IntermixedParser(_Parser):
+    """A subcommand whose options may come after its positionals and between them (``DATA_DIR OUT --head
+    config.A=B``): argparse's intermixed parsing, for one subparser (it refuses a parser that has subparsers)."""
+
+    _inner = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inner:  # parse_known_intermixed_args parses in two passes through this method
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -537,6 +757,31 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("out", help="output directory for assignments.csv, cluster_sizes.json and the contact sheets")
     cl.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
     cl.set_defaults(fn=cmd_clusters)
+
+    xf = sub.add_parser("extract", help="frozen features of a split to .npy: features, labels, paths, meta.json",
+                        description="Trunk features (res5avg, VISSL's extract_features engine) and optionally the "
+                                    "head's embeddings of every image of DATA_DIR, in its sorted order; see "
+                                    "docs/evaluation.md.")
+    xf.__class__ = _IntermixedParser  # options anywhere: dcv2 extract DATA_DIR OUT --checkpoint W config.A=B
+    xf.add_argument("data_dir", help="an ImageFolder split (DATA_DIR/CLASS/IMAGE; labels = class index), or a "
+                                     "directory of images (labels -1)")
+    xf.add_argument("out", help="output directory, local or s3://")
+    xf.add_argument("tokens", nargs="*", help="config tokens: the architecture for torchvision/swav/VISSL files and "
+                                              "random init; with one of our checkpoints, applied on its config")
+    xf.add_argument("--checkpoint", help="our checkpoint (dir, run dir, state.pt; local or s3://) or a torchvision, "
+                                         "swav or VISSL weights file; omit for random initialisation")
+    xf.add_argument("--head", action="store_true",
+                    help="also write head.npy: the projection head's L2-normalised embeddings")
+    xf.add_argument("--size", type=int, default=0, help="center-crop size (default: the weights' large crop size)")
+    xf.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    xf.add_argument("--workers", type=int, default=2, help="data-loading worker processes per rank")
+    xf.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                    help="auto: this rank's GPU when there is one")
+    xf.add_argument("--nproc", type=int, default=1,
+                    help="processes on this node (torchrun), each extracting one shard; under torchrun or a "
+                         "PyTorchJob the launcher's ranks are used")
+    xf.add_argument("--split", default="", help="the split's name in meta.json (default: DATA_DIR's last part)")
+    xf.set_defaults(fn=cmd_extract)
 
     k = sub.add_parser("knn", help="weighted k-NN accuracy of frozen trunk features")
     k.add_argument("--train", required=True, help="ImageFolder used as the k-NN memory")

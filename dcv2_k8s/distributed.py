@@ -76,8 +76,29 @@ def pick_device(machine_device: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group(info: DistInfo, backend: str, device: torch.device, timeout_s: float) -> None:
-    """Join the process group with a bounded timeout (init and every collective)."""
+_groups_formed = 0  # group_store calls in this process: each process group gets keys of its own
+
+
+def group_store(info: DistInfo, timeout_s: float):
+    """The launcher's env:// store, with keys of its own per launcher attempt and per process group of this
+    process. After torchrun restarts the workers (--max-restarts), a store that outlived the failed attempt would
+    otherwise hand the new processes the dead ones' addresses (seen with gloo: "connectFullMesh failed ...
+    Connection refused"); the same happens to a second group formed in one process after the first was destroyed
+    (``dcv2 extract`` of two splits under one torchrun: torch numbers groups from 0 again), hence ``/group_K`` for
+    every group after the first. Every rank must call this the same number of times."""
+    global _groups_formed
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, _, _ = next(dist.rendezvous("env://", rank=info.rank, world_size=info.world_size, timeout=timeout))
+    prefix = f"dcv2/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    if _groups_formed:
+        prefix += f"/group_{_groups_formed}"
+    _groups_formed += 1
+    return dist.PrefixStore(prefix, store)
+
+
+def init_process_group(info: DistInfo, backend: str, device: torch.device, timeout_s: float, store=None) -> None:
+    """Join the process group with a bounded timeout (init and every collective); ``store``: one from
+    :func:`group_store` (default: a new one)."""
     if not info.distributed or dist.is_initialized():
         return
     if backend == "auto":
@@ -85,14 +106,10 @@ def init_process_group(info: DistInfo, backend: str, device: torch.device, timeo
     if backend == "nccl":
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         torch.cuda.set_device(device)
-    timeout = datetime.timedelta(seconds=timeout_s)
-    # the env:// store, with keys of its own per launcher attempt: after torchrun restarts the workers
-    # (--max-restarts), a store that outlived the failed attempt would otherwise hand the new processes the dead
-    # ones' addresses (seen with gloo: "connectFullMesh failed ... Connection refused")
-    store, _, _ = next(dist.rendezvous("env://", rank=info.rank, world_size=info.world_size, timeout=timeout))
-    store = dist.PrefixStore(f"dcv2/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    if store is None:
+        store = group_store(info, timeout_s)
     dist.init_process_group(backend=backend, store=store, rank=info.rank, world_size=info.world_size,
-                            timeout=timeout)
+                            timeout=datetime.timedelta(seconds=timeout_s))
 
 
 class StopAgreement:

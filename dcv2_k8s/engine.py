@@ -145,6 +145,7 @@ class TrainingRun:
                                       commit_timeout=cfg.DISTRIBUTED.TIMEOUT_SECONDS,
                                       retry_seconds=ck.UPLOAD_RETRY_SECONDS)
         self.reporter = RunReporter(resolved, info, self.ckpt.store, self.total_steps, self.steps_per_epoch)
+        self.reporter.tensorboard.watch(self.model)  # HOOKS.TENSORBOARD_SETUP.LOG_PARAMS histograms
         self.monitor = RunMonitor(cfg, info, self.device, self.model, self.dataset, self.schedule, self.total_steps)
         self.stop = D.StopAgreement(info, cfg.DISTRIBUTED.TIMEOUT_SECONDS)
         # fencing: rank 0 takes the checkpoint directory over (a newer generation) before anything is resumed, so
@@ -214,7 +215,7 @@ class TrainingRun:
         self.monitor.start()
         if s.global_step == 0 and self.monitor.knn_every > 0:
             check = self.monitor.knn(s.epoch)  # the network at initialisation: the floor the training must beat
-            self.reporter.knn(check)
+            self.reporter.knn(check, initial=True)
             s.knn_top1_init = check.scores["top1"]
         last = {}
         while s.epoch < self.epochs:
@@ -333,7 +334,8 @@ class TrainingRun:
         s = self.state
         final = s.epoch == self.epochs
         if self.monitor.knn_due(s.epoch, final):
-            self.reporter.knn(self.monitor.knn(s.epoch))
+            # from half the epochs on, a run that does not beat its starting network says so
+            self.reporter.knn(self.monitor.knn(s.epoch), top1_init=s.knn_top1_init, late=2 * s.epoch >= self.epochs)
         if self.monitor.diagnosis_due(s.epoch, final):
             found = self.monitor.diagnose(s.epoch, s.global_step, s.knn_top1_init, self.method.bank)
             if found is not None:

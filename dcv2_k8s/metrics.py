@@ -126,6 +126,8 @@ class PrometheusMetrics:
                                ["layer", "window"])
         self.collapse = g("dcv2_collapse_warnings", "Collapse warnings raised by the last diagnostics (0 = healthy)")
         self.knn_init = g("dcv2_knn_top1_init_ratio", "k-NN top-1 of the network at initialisation")
+        self.knn_gain = g("dcv2_knn_top1_gain_over_init_ratio", "k-NN top-1 of the last check minus that of the network "
+                          "at initialisation (<= 0: training adds nothing to the starting network)")
         self.gpu_alloc = g("dcv2_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated")
         self.gpu_reserved = g("dcv2_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved")
         for counter in (self.samples, self.steps, self.ckpt_failures, self.bad_images):
@@ -218,6 +220,14 @@ class PrometheusMetrics:
         if self.enabled:
             self._l(self.knn_top1).set(top1 / 100)
             self._l(self.knn_top5).set(top5 / 100)
+
+    def knn_at_init(self, top1: float) -> None:
+        if self.enabled:
+            self._l(self.knn_init).set(top1 / 100)
+
+    def knn_over_init(self, points: float) -> None:
+        if self.enabled:
+            self._l(self.knn_gain).set(points / 100)
 
     def diagnostics(self, diag: dict) -> None:
         """One epoch's collapse diagnostics (``RunMonitor.diagnose``)."""

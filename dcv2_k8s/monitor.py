@@ -82,6 +82,11 @@ class RunMonitor:
                               cfg.DATA.TRAIN.multicrop.large_size, self.device, cfg.MONITOR.KNN_K,
                               cfg.MONITOR.KNN_TEMPERATURE, self.info.rank, self.info.world_size, num_workers=0,
                               mean=mean, std=std, pre=cfg.DATA.TRAIN.preprocess)
+        from dcv2_k8s.eval import what_was_scored
+
+        scores.update(what_was_scored(cfg, cfg.DATA.TRAIN.multicrop.large_size,
+                                      f"this run after {epoch} epochs" if epoch else
+                                      cfg.MODEL.WEIGHTS_INIT.PARAMS_FILE or "this run's own random initialisation"))
         self._knn_last = KnnCheck(epoch, scores, time.time() - t0)
         return self._knn_last
 

@@ -1,8 +1,9 @@
 """The run's one reporter: the loop's records to the log, Prometheus, events and TrainJob status.
 
-The four sinks: log lines (every rank); Prometheus (``metrics.py``, local rank 0 of each node); the event log
+The five sinks: log lines (every rank); Prometheus (``metrics.py``, local rank 0 of each node); the event log
 ``CHECKPOINT.DIR/metrics.jsonl`` (``events.py``, rank 0); Kubeflow Trainer v2's TrainJob status
-(``trainer_status.py``, rank 0, when its variables are set). Every record holds host values: the loop makes its
+(``trainer_status.py``, rank 0, when its variables are set); TensorBoard event files (``tensorboard.py``, rank 0,
+with ``HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD``). Every record holds host values: the loop makes its
 one host synchronisation per log window before it hands the window over, and nothing here waits on the device.
 """
 
@@ -16,9 +17,12 @@ from dcv2_k8s.config import Resolved
 from dcv2_k8s.events import EventLog
 from dcv2_k8s.metrics import PrometheusMetrics
 from dcv2_k8s.monitor import Diagnosis, KnnCheck
+from dcv2_k8s.tensorboard import TensorBoardLog
 from dcv2_k8s.trainer_status import TrainerStatusReporter
 
 log = logging.getLogger("dcv2")
+# k-NN top-1 points a run must gain over its starting network, from half its epochs on, not to be warned
+KNN_GAIN_FLOOR = 2.0
 
 
 class RunReporter:
@@ -30,9 +34,11 @@ class RunReporter:
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.events = EventLog(cfg.CHECKPOINT.DIR, store, info.is_main)
         self.prometheus = PrometheusMetrics.of_run(resolved, info)
+        self.tensorboard = TensorBoardLog(cfg, store, info.is_main)  # HOOKS.TENSORBOARD_SETUP (rank 0)
         # Kubeflow Trainer v2: progress, ETA and metrics in the TrainJob's status (when its variables are set)
         self.status = TrainerStatusReporter.from_env() if info.is_main else None
         self._bad_reported = 0
+        self._warned_no_gain = False
         self._ckpt_reported = None
 
     # ------------------------------------------------------------------------------------------- start
@@ -44,6 +50,7 @@ class RunReporter:
                                      resumed=resumed_from is not None,
                                      checkpoint=resumed_from["name"] if resumed_from else None,
                                      from_step=global_step, from_epoch=epoch, steps_per_epoch=self.steps_per_epoch)
+        self.tensorboard.start(global_step, self.steps_per_epoch)
         if resumed_from is None:
             log.info("%s: starting a new run (%s)", "no checkpoint in " + self.ckpt_dir if auto_resume else
                      "config.CHECKPOINT.AUTO_RESUME=false", tags["run_id"])
@@ -68,6 +75,7 @@ class RunReporter:
                  rec["step"], self.steps_per_epoch, loss, rec["lr"], rec["images_per_s"],
                  100 * rec["data_wait_ratio"], 100 * rec["ignored_ratio"])
         self.events.emit("step", **rec)
+        self.tensorboard.window(rec)
         if self.status is not None:
             self.status.update(100.0 * global_step / max(1, self.total_steps),
                                (self.total_steps - global_step) * seconds_per_step, loss=loss, epoch=rec["epoch"],
@@ -94,12 +102,37 @@ class RunReporter:
         log.info("epoch %d k-means: %.2f s for %d heads", epoch, seconds, len(num_clusters))
         self.prometheus.kmeans(seconds, heads, num_clusters)
         self.events.emit("kmeans", epoch=epoch, seconds=seconds, heads=heads)
+        self.tensorboard.kmeans(epoch, seconds, heads)
 
-    def knn(self, check: KnnCheck) -> None:
+    def knn(self, check: KnnCheck, initial: bool = False, top1_init: float = -1.0, late: bool = False) -> None:
+        """A k-NN check: of the network at initialisation (``initial``, the floor), or after an epoch, with its gain
+        over that floor when it was measured (``top1_init`` >= 0). A ``late`` check (from half the epochs on) whose
+        gain is under ``KNN_GAIN_FLOOR`` points warns, once: the training is not beating the network it started
+        from, so the input view alone does what the run is credited with, or the data defeats the method."""
         res = check.scores
-        log.info("epoch %d k-NN: top-1 %.2f%% top-5 %.2f%% (%.1f s)", check.epoch, res["top1"], res["top5"],
-                 check.seconds)
-        self.events.emit("knn", epoch=check.epoch, **res)
+        extra, gain = {}, None
+        if initial:
+            extra["initial"] = True
+            log.info("k-NN of the network at initialisation (the floor training must beat): top-1 %.2f%% top-5 "
+                     "%.2f%% (%.1f s)", res["top1"], res["top5"], check.seconds)
+            self.prometheus.knn_at_init(res["top1"])
+        elif top1_init >= 0:
+            gain = res["top1"] - top1_init
+            extra = {"top1_init": top1_init, "gain": gain}
+            log.info("epoch %d k-NN: top-1 %.2f%% top-5 %.2f%%, %+.1f points over initialisation (%.1f s)",
+                     check.epoch, res["top1"], res["top5"], gain, check.seconds)
+            self.prometheus.knn_over_init(gain)
+        else:
+            log.info("epoch %d k-NN: top-1 %.2f%% top-5 %.2f%% (%.1f s)", check.epoch, res["top1"], res["top5"],
+                     check.seconds)
+        if gain is not None and late and gain < KNN_GAIN_FLOOR and not self._warned_no_gain:
+            self._warned_no_gain = True
+            extra["not_beating_init"] = True
+            log.warning("epoch %d: training is not beating the network it started from: k-NN top-1 %.1f%% against "
+                        "%.1f%% at initialisation (%+.1f points); on this data the input view alone does that much "
+                        "(see 'What training adds' in docs/evaluation.md)", check.epoch, res["top1"], top1_init, gain)
+        self.events.emit("knn", epoch=check.epoch, **res, **extra)
+        self.tensorboard.knn(check.epoch, res, gain)
         self.prometheus.knn(res["top1"], res["top5"])
         if self.status is not None:
             self.status.update(knn_top1=res["top1"])
@@ -121,12 +154,15 @@ class RunReporter:
             log.info("collapse check (epoch %d): %s no longer holds", diag["epoch"], kind)
         self.prometheus.diagnostics(diag)
         self.events.emit("diagnostics", **diag)
+        self.tensorboard.diagnostics(diag)
 
     # ------------------------------------------------------------------------------------- checkpoints
     def checkpoint_saved(self, global_step: int, snapshot_seconds: float) -> None:
         """A checkpoint handed to the (background) upload; the event log is published with it."""
         self.events.emit("checkpoint", global_step=global_step, snapshot_seconds=snapshot_seconds)
         self.events.publish()
+        self.tensorboard.checkpoint_saved(global_step, snapshot_seconds)
+        self.tensorboard.publish()
 
     def checkpoint_done(self, result: dict | None) -> None:
         """The last committed checkpoint's figures (``CheckpointManager.last_result``), once per checkpoint."""
@@ -134,6 +170,7 @@ class RunReporter:
             self._ckpt_reported = result
             self.prometheus.checkpoint(result["seconds"], result["bytes"], result["time"])
             self.events.emit("checkpoint_done", **result)
+            self.tensorboard.checkpoint_done(result)
 
     def checkpoint_failed(self) -> None:
         self.prometheus.checkpoint_failed()
@@ -151,8 +188,10 @@ class RunReporter:
         if self.status is not None:
             self.status.update(100.0, 0.0, epoch=epochs, global_step=global_step)
         self.events.publish(final=True)
+        self.tensorboard.publish(final=True)
 
     def close(self) -> None:
         self.prometheus.close()
+        self.tensorboard.close()
         if self.status is not None:
             self.status.close(flush=True)

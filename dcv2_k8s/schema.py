@@ -360,6 +360,11 @@ class LinearEval:
 
 
 @dataclass(frozen=True)
+class ExtractFeatures:
+    OUTPUT_DIR: str
+
+
+@dataclass(frozen=True)
 class Metrics:
     ENABLED: bool
     PORT: int = checked(lambda v: 1 <= v <= 65535, "config.{key}={value} must be a TCP port between 1 and 65535")
@@ -384,6 +389,23 @@ class Trainer:
 
 
 @dataclass(frozen=True)
+class TensorboardSetup:
+    USE_TENSORBOARD: bool
+    LOG_DIR: str
+    EXPERIMENT_LOG_DIR: str
+    FLUSH_EVERY_N_MIN: float = checked(lambda v: v > 0, "config.{key}={value!r} must be a number of minutes > 0")
+    LOG_PARAMS: bool
+    LOG_PARAMS_GRADIENTS: bool
+    LOG_PARAMS_EVERY_N_ITERS: int = checked(lambda v: v > 0 or v == -1,
+                                            "config.{key}={value!r}: a number of steps > 0, or -1 (every epoch)")
+
+
+@dataclass(frozen=True)
+class Hooks:
+    TENSORBOARD_SETUP: TensorboardSetup
+
+
+@dataclass(frozen=True)
 class Config:
     LOG_FREQUENCY: int
     SEED_VALUE: int
@@ -396,9 +418,11 @@ class Config:
     MACHINE: Machine
     CHECKPOINT: Checkpoint
     LINEAR_EVAL: LinearEval
+    EXTRACT_FEATURES: ExtractFeatures
     METRICS: Metrics
     MONITOR: Monitor
     TRAINER: Trainer
+    HOOKS: Hooks
     extra: Mapping[str, Any] = field(default_factory=dict)  # keys added with +config.KEY=VALUE (not read)
 
 
@@ -457,7 +481,10 @@ class _Builder:
             return v
         if origin in (tuple, Tuple):
             if not isinstance(v, (list, tuple)):
-                return self.fail(key, v, "a list")
+                self.fail(key, v, "a list")
+                if isinstance(v, (str, int, float)) and not isinstance(v, bool):  # how to write one, typed as is
+                    self.errors[-1] += f"; write a list in brackets: config.{key}=[{v}]"
+                return None
             item = args[0]
             if len(args) == 2 and args[1] is Ellipsis:
                 return tuple(self.value(item, x, f"{key}.{i}") for i, x in enumerate(v))

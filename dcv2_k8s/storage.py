@@ -191,10 +191,13 @@ class LocalStorage:
         shutil.rmtree(path, ignore_errors=True)
 
     def check(self) -> None:
-        try:
-            os.makedirs(self.root, exist_ok=True)
-        except OSError as e:
-            raise StorageError(f"{self.root}: cannot create the directory ({e.strerror}); pick a writable path") from None
+        """Whether the directory can be made here, without making it (a refused run leaves nothing behind)."""
+        probe = os.path.abspath(self.root)
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+            why = "is not a directory" if not os.path.isdir(probe) else "is not writable"
+            raise StorageError(f"{self.root}: cannot create the directory ({probe} {why}); pick a writable path")
 
 
 def split_s3(uri: str) -> tuple[str, str]:

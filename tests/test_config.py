@@ -207,7 +207,7 @@ def test_vissl_buggy_group_file_is_an_error(tmp_path):
 def test_unknown_key_suggests():
     lines = errors_of([BASE, "config.OPTIMIZER.num_epoch=3"])
     assert lines == ["config.OPTIMIZER.num_epoch (from the command line) is not a known key; "
-                     "did you mean config.OPTIMIZER.num_epochs?"]
+                     "did you mean config.OPTIMIZER.num_epochs=3?"]
     lines = errors_of([BASE, f"{LOSS}.temprature=0.2"])
     assert any("did you mean config.LOSS.deepclusterv2_loss.temperature" in l for l in lines)
 

@@ -95,7 +95,13 @@ def test_a_collapsing_run_warns_in_log_events_metrics_and_report(synth_data, tmp
     assert log.count("trunk features are collapsing: mean pairwise cosine") == onsets, log[-3000:]
     ends = sum(held[i - 1] and not h for i, h in enumerate(held) if i)
     assert log.count("trunk_cosine no longer holds") == ends
-    assert diags[-1]["knn_top1_init"] == [e for e in events if e["kind"] == "knn"][0]["top1"]  # epoch-0 k-NN
+    knn = [e for e in events if e["kind"] == "knn"]
+    assert diags[-1]["knn_top1_init"] == knn[0]["top1"]  # epoch-0 k-NN
+    # each check names what it scored: the run's network, at its crop size and view, and which weights
+    assert [e["weights"] for e in knn] == ["this run's own random initialisation", "this run after 2 epochs",
+                                           "this run after 4 epochs"]
+    assert {(e["architecture"], e["resolution"]) for e in knn} == {("ResNet-18 x0.25", 32)}
+    assert knn[0]["initial"] and all(e["gain"] == pytest.approx(e["top1"] - knn[0]["top1"]) for e in knn[1:])
     html_path = run_cli("report", str(ckpt))
     assert html_path.returncode == 0, html_path.stderr
     page = (ckpt / "report" / "report.html").read_text()
@@ -183,3 +189,49 @@ def test_monitor_warns_once_per_onset_and_the_reporter_writes_every_check(tmp_pa
     assert [e["epoch"] for e in events if e["kind"] == "diagnostics"] == [1, 2, 3]
     for e, found in zip(events, checks):
         assert e["warnings"] == found.record["warnings"] == [m for _, m in collapse_warnings(e)]
+
+
+def test_a_run_not_beating_its_starting_network_says_so_in_log_events_metrics_and_report(tmp_path, caplog,
+                                                                                          monkeypatch):
+    """The k-NN floor (the network at initialisation) and each later check's gain over it: a late check under
+    ``KNN_GAIN_FLOOR`` points warns once in the log, marks its event, sets the gain gauge and puts a paragraph in
+    the report; an early check (first half of the epochs) does not warn."""
+    from prometheus_client import generate_latest
+
+    from dcv2_k8s.config import resolve
+    from dcv2_k8s.distributed import DistInfo
+    from dcv2_k8s.metrics import PrometheusMetrics
+    from dcv2_k8s.monitor import KnnCheck
+    from dcv2_k8s.report import render
+    from dcv2_k8s.reporter import KNN_GAIN_FLOOR, RunReporter
+    from dcv2_k8s.storage import open_storage
+
+    caplog.set_level(logging.INFO, logger="dcv2")
+    ckpt = tmp_path / "run"
+    monkeypatch.setattr(PrometheusMetrics, "of_run",
+                        classmethod(lambda cls, *a: PrometheusMetrics("r", 0, enabled=True, port=0, addr="127.0.0.1")))
+    reporter = RunReporter(resolve(tiny_train_tokens(tmp_path, ckpt)), DistInfo(), open_storage(str(ckpt)), 40, 10)
+    try:
+        reporter.run_start(None, True, 0, 0)
+        for epoch, top1, kw in ((0, 44.0, {"initial": True}), (1, 43.0, {"top1_init": 44.0, "late": False}),
+                                (2, 44.0 + KNN_GAIN_FLOOR / 2, {"top1_init": 44.0, "late": True}),
+                                (4, 44.5, {"top1_init": 44.0, "late": True})):
+            reporter.knn(KnnCheck(epoch, {"top1": top1, "top5": 90.0}, 0.1), **kw)
+        text = generate_latest(reporter.prometheus.registry).decode()
+    finally:
+        reporter.close()
+    warned = [r.getMessage() for r in caplog.records if "not beating the network it started from" in r.getMessage()]
+    assert len(warned) == 1 and "epoch 2" in warned[0] and "44.0% at initialisation" in warned[0], warned
+    assert "+1.0 points over initialisation" in caplog.text  # every later check says its gain
+    events = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
+    knn = [e for e in events if e["kind"] == "knn"]
+    assert knn[0]["initial"] and [e.get("not_beating_init", False) for e in knn] == [False, False, True, False]
+    assert knn[-1]["gain"] == pytest.approx(0.5)
+    assert 'dcv2_knn_top1_init_ratio{node_rank="0",run="r"} 0.44' in text
+    assert 'dcv2_knn_top1_gain_over_init_ratio{node_rank="0",run="r"} 0.005' in text
+    with open(ckpt / "metrics.jsonl", "a") as f:  # the report wants a training step beside the checks
+        f.write(json.dumps({"kind": "step", "run_id": knn[0]["run_id"], "attempt": knn[0]["attempt"], "epoch": 4, "global_step": 40, "loss": 3.0, "lr": 0.1,
+                            "images_per_s": 10.0, "data_wait_ratio": 0.0, "ignored_ratio": 0.0}) + "\n")
+    page = Path(render(str(ckpt), str(tmp_path / "report"))).read_text()
+    assert "Training is not beating the network it started from" in page
+    assert "k-NN top-1 at initialisation</th><td>44.00 %" in page and "+0.50 points" in page

@@ -214,9 +214,9 @@ def test_documented_block_runs(where, block, scratch):
     if not lines:
         pytest.skip(f"{where}: every command of this block is run by another test")
     script = "\n".join(lines)
-    for old, new in REWRITES:
-        script = script.replace(old, new.format(W=scratch, PORT=port))
-    script = script.replace("{PORT}", str(port))
+    for old, new in REWRITES:  # into a marker first: the scratch directory may itself lie under /tmp/
+        script = script.replace(old, new.format(W="\0W\0", PORT=port))
+    script = script.replace("\0W\0", str(scratch)).replace("{PORT}", str(port))
     # synth writes into a directory of its own when the block generates data (the shared one is read-only here)
     script = script.replace(f"dcv2 data synth {scratch}/data/synth", f"dcv2 data synth {scratch}/data/synth-new")
     env = child_env({"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})

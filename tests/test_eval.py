@@ -159,6 +159,8 @@ def test_linear_eval_and_clusters_on_a_trained_run(synth_data, tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     res = json.loads((tmp_path / "le" / "linear_eval.json").read_text())
     assert res["protocol"] == "bn_linear" and 0 <= res["top1"] <= res["top5"] <= 100 and res["epochs"] == 1
+    assert (res["architecture"], res["resolution"], res["weights"]) == ("ResNet-18 x0.25", 32, str(ckpt))
+    assert res["view"]["center_crop"] == 32 and res["view"]["mean"] == [0.5, 0.5, 0.5]  # the run's own view
     p = run_cli("linear-eval", *le[:-2], "config.MODEL.WEIGHTS_INIT.PARAMS_FILE=/nonexistent", timeout=120)
     assert p.returncode == 2 and "PARAMS_FILE: /nonexistent does not exist" in p.stderr
 
@@ -175,6 +177,27 @@ def test_knn_of_a_checkpoint_with_the_base_config_given_too(tmp_path, synth_data
     assert "not applied; the checkpoint's own config is the base" in p.stderr
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert res["weights"] == str(path) and 0 <= res["top1"] <= 100
+    assert res["resolution"] == 32 and res["architecture"].startswith("ResNet-")
+
+
+def test_a_random_init_knn_names_the_network_resolution_view_and_draw_it_scored(synth_data):
+    """``dcv2 knn`` without weights: its result says which random network it scored (the defaults' ResNet-50, or
+    the network of the tokens given), at which size and view, and which seed, and a note says how to score a run's."""
+    common = ["knn", "--train", str(synth_data / "train"), "--val", str(synth_data / "val"), "--workers", "0"]
+    p = run_cli(*common, "--size", "32", timeout=300)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert (res["architecture"], res["resolution"], res["weights"]) == ("ResNet-50 x1", 32, "random-init (seed 0)")
+    assert res["view"] == {"preprocess": [], "resize": 37, "center_crop": 32, "mean": [0.485, 0.456, 0.406],
+                           "std": [0.229, 0.224, 0.225]}
+    assert "scored a randomly initialised ResNet-50 x1 at 32 px" in p.stderr
+    p = run_cli(*common, "config=pretrain/deepcluster_v2/deepclusterv2_small_scale", "config.SEED_VALUE=3",
+                timeout=300)
+    assert p.returncode == 0 and "scored a randomly" not in p.stderr, p.stderr
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert (res["architecture"], res["resolution"], res["weights"]) == \
+        ("ResNet-18 x0.5 (input norm standardize_polarity)", 32, "random-init (seed 3)")
+    assert res["view"]["preprocess"] == ["ImgPilCropToContent"]
 
 
 def test_export_and_model_card_name_the_input_view_the_weights_expect(tmp_path):

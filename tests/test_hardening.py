@@ -41,7 +41,7 @@ MISTAKES = [
     ("missing data path", ["config.DATA.TRAIN.DATA_PATHS=[/nonexistent/imagenet/train]"], {}, "/nonexistent/imagenet"),
     ("unreachable S3", ["config.CHECKPOINT.DIR=s3://ckpt/run"], NO_S3, "cannot reach the S3 endpoint"),
     ("missing S3 credentials", ["config.CHECKPOINT.DIR=s3://ckpt/run"], NO_CREDS, "no S3 credentials"),
-    ("apex SyncBN requested but apex is absent", ["config.MODEL.SYNC_BN_CONFIG.SYNC_BN_TYPE=apex"], {}, "apex"),
+    ("nccl asked for on the CPU", ["config.DISTRIBUTED.BACKEND=nccl"], {}, "BACKEND=nccl"),
     ("AMP opt level O3", ["config.MODEL.AMP_PARAMS.USE_AMP=true", 'config.MODEL.AMP_PARAMS.AMP_ARGS={"opt_level": "O3"}'],
      {}, "O3"),
     ("unknown augmentation backend", ["config.DATA.TRAIN.AUG_BACKEND=dali"], {}, "AUG_BACKEND"),

@@ -128,7 +128,9 @@ def _head(cfg: dict, derived: dict, feat: int, src: Sources, errors: list, notes
         errors.append("config.MODEL.HEAD.PARAMS must be a list like [[\"mlp\", {\"dims\": [2048, 128]}]]")
         return
     depth, width = get(cfg, "MODEL.TRUNK.RESNETS.DEPTH"), get(cfg, "MODEL.TRUNK.RESNETS.WIDTH_MULTIPLIER")
-    if not given_in("MODEL.HEAD.PARAMS", src.cli_keys):
+    # written on the command line: the whole list, or one stage's value (MODEL.HEAD.PARAMS.1.1.dims=...)
+    if not (given_in("MODEL.HEAD.PARAMS", src.cli_keys)
+            or any(k.startswith("MODEL.HEAD.PARAMS.") for k in src.cli_keys)):
         params = copy.deepcopy(params)
         first, last = params[0][1]["dims"], params[-1][1]["dims"]
         if first[0] != feat:
@@ -147,8 +149,10 @@ def _head(cfg: dict, derived: dict, feat: int, src: Sources, errors: list, notes
         dims = opts["dims"]
         if dims[0] != prev:
             what = (f"the feature size of ResNet-{depth} x{width:g}" if i == 0 else f"the output of PARAMS[{i - 1}]")
+            fixed = ", ".join(str(d) for d in [prev, *dims[1:]])
             errors.append(f"config.MODEL.HEAD.PARAMS[{i}].dims starts at {dims[0]} but {what} is {prev}; "
-                          f"set dims[0]={prev} (or leave MODEL.HEAD.PARAMS to the config file: it follows the trunk)")
+                          f"set config.MODEL.HEAD.PARAMS.{i}.1.dims=[{fixed}] (or leave MODEL.HEAD.PARAMS to the "
+                          "config file: it follows the trunk)")
         if (opts.get("use_relu") or opts.get("use_bn")) and "skip_last_layer_relu_bn" not in opts and len(dims) == 2:
             notes.append(f"config.MODEL.HEAD.PARAMS[{i}] sets use_relu/use_bn but skip_last_layer_relu_bn "
                          "defaults to true, so its only layer gets no ReLU/BN (as in VISSL); set "
@@ -156,7 +160,8 @@ def _head(cfg: dict, derived: dict, feat: int, src: Sources, errors: list, notes
         prev = dims[-1]
     if prev != emb:
         errors.append(f"config.{LOSS}.memory_params.embedding_dim={emb} but the head outputs {prev}; "
-                      f"make the last MODEL.HEAD.PARAMS dims end at {emb} (or set embedding_dim={prev})")
+                      f"set config.{LOSS}.memory_params.embedding_dim={prev} (or end the last "
+                      f"MODEL.HEAD.PARAMS dims at {emb})")
 
 
 def _check_memory_bank(cfg: dict, mc: MultiCrop, errors: list) -> None:
@@ -172,7 +177,7 @@ def _check_memory_bank(cfg: dict, mc: MultiCrop, errors: list) -> None:
 
 # ----------------------------------------------------------------------------- distributed, machine
 def _check_distributed(cfg: dict, derived: dict, world_size: int | None, local_world_size: int | None,
-                       for_training: bool, errors: list) -> int:
+                       for_training: bool, errors: list, notes: list) -> int:
     """The world size, checked against the launcher's; fills ``DISTRIBUTED.NUM_NODES`` and ``NUM_PROC_PER_NODE``."""
     from dcv2_k8s.runtime import apex_available
 
@@ -204,9 +209,21 @@ def _check_distributed(cfg: dict, derived: dict, world_size: int | None, local_w
         if sbn_type not in ("pytorch", "apex"):
             errors.append("config.MODEL.SYNC_BN_CONFIG.SYNC_BN_TYPE must be pytorch or apex")
         elif sbn_type == "apex" and for_training and not apex_available():
-            errors.append("config.MODEL.SYNC_BN_CONFIG.SYNC_BN_TYPE=apex but apex is not installed; set "
-                          "config.MODEL.SYNC_BN_CONFIG.SYNC_BN_TYPE=pytorch (torch's SyncBatchNorm, same groups)")
+            # VISSL's own files ask for apex, which current images lack: run torch's SyncBatchNorm over the
+            # same groups, and record it (the resolved config says what ran)
+            derived["MODEL.SYNC_BN_CONFIG.SYNC_BN_TYPE"] = "pytorch"
+            notes.append("config.MODEL.SYNC_BN_CONFIG.SYNC_BN_TYPE=apex: apex is not installed here, so torch's "
+                         "SyncBatchNorm runs over the same groups; set config.MODEL.SYNC_BN_CONFIG.SYNC_BN_TYPE="
+                         "pytorch to silence this")
     amp = get(cfg, "MODEL.AMP_PARAMS")
+    if amp["USE_AMP"] and amp.get("AMP_TYPE") == "apex":
+        derived["MODEL.AMP_PARAMS.AMP_TYPE"] = "pytorch"
+        notes.append("config.MODEL.AMP_PARAMS.AMP_TYPE=apex runs as torch's native mixed precision (opt_level "
+                     "O1/O2: autocast + GradScaler); set config.MODEL.AMP_PARAMS.AMP_TYPE=pytorch to silence this")
+    backend, device = get(cfg, "DISTRIBUTED.BACKEND"), get(cfg, "MACHINE.DEVICE")
+    if backend == "nccl" and device == "cpu":
+        errors.append("config.DISTRIBUTED.BACKEND=nccl runs on CUDA devices only but config.MACHINE.DEVICE=cpu; "
+                      "set config.DISTRIBUTED.BACKEND=gloo")
     level = str((amp.get("AMP_ARGS") or {}).get("opt_level", "O1"))
     if amp["USE_AMP"] and level not in ("O0", "O1", "O2"):
         errors.append(f"config.MODEL.AMP_PARAMS.AMP_ARGS.opt_level={level}: only O0, O1 and O2 are supported (O1/O2 "
@@ -289,7 +306,7 @@ def derive_and_validate(cfg: dict, src: Sources, errors: list, notes: list, worl
         if feat is not None:
             _head(cfg, derived, feat, src, errors, notes)
         _check_memory_bank(cfg, mc, errors)
-    world = _check_distributed(cfg, derived, world_size, local_world_size, for_training, errors)
+    world = _check_distributed(cfg, derived, world_size, local_world_size, for_training, errors, notes)
     if for_training and not get(cfg, "DATA.TRAIN.DROP_LAST"):
         errors.append("config.DATA.TRAIN.DROP_LAST must be true for DeepClusterV2 (every rank's memory bank "
                       "must have the same size)")
@@ -305,19 +322,25 @@ def derive_and_validate(cfg: dict, src: Sources, errors: list, notes: list, worl
     return derived
 
 
-def check_dataset(cfg: Config, num_samples: int) -> list[str]:
+def check_dataset(cfg: Config, num_samples: int, world: int | None = None) -> list[str]:
     """What the dataset's size means for the run (checked once the data is on this node): at least one batch
-    per rank, and no more clusters than each rank's memory bank holds."""
-    world = cfg.DISTRIBUTED.world_size
+    per rank, and no more clusters than each rank's memory bank holds. ``world`` overrides the config's world size
+    (preflight passes the one its other suggestions lead to). Every line's suggestion is a token that works when
+    typed, and the clusters are checked against the batch size that the first line suggests."""
+    world = world or cfg.DISTRIBUTED.world_size
     bs = cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA
-    # DistributedSampler pads to a multiple of the world size; drop_last keeps whole batches
-    per_rank = (-(-num_samples // world) // bs) * bs
-    if per_rank == 0:
-        return [f"the dataset has {num_samples} images, fewer than one batch per rank ({bs} x {world} ranks); lower "
-                "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA"]
-    kmax = max(cfg.LOSS.deepclusterv2_loss.num_clusters)
-    if kmax > per_rank:
-        return [f"config.{LOSS}.num_clusters has {kmax} clusters but each rank's memory bank holds {per_rank} "
-                f"embeddings ({num_samples} images / {world} ranks, whole batches of {bs}); lower num_clusters to "
-                f"<= {per_rank}"]
-    return []
+    share = -(-num_samples // world)  # DistributedSampler pads to a multiple of the world size
+    problems = []
+    if share < bs:
+        problems.append(f"the dataset has {num_samples} images: {share} per rank over {world} ranks, fewer than one "
+                        f"batch of {bs} (config.DATA.TRAIN.BATCHSIZE_PER_REPLICA); set "
+                        f"config.DATA.TRAIN.BATCHSIZE_PER_REPLICA={share} or use fewer processes")
+        bs = share
+    per_rank = (share // bs) * bs  # drop_last keeps whole batches
+    heads = list(cfg.LOSS.deepclusterv2_loss.num_clusters)
+    if max(heads) > per_rank:
+        fixed = ", ".join(str(min(k, per_rank)) for k in heads)
+        problems.append(f"config.{LOSS}.num_clusters={heads}: {max(heads)} clusters but each rank's memory bank "
+                        f"holds {per_rank} embeddings ({num_samples} images / {world} ranks, whole batches of {bs}); "
+                        f"set config.{LOSS}.num_clusters=[{fixed}]")
+    return problems

@@ -39,6 +39,7 @@ VISSL_IGNORED = {
     "DATA.TRAIN.COPY_TO_LOCAL_DISK", "DATA.TRAIN.COPY_DESTINATION_DIR", "MODEL.TEMP_FROZEN_PARAMS_ITER_MAP",
     "DISTRIBUTED.RUN_ID", "DISTRIBUTED.NCCL_DEBUG", "DISTRIBUTED.DISTR_ON", "CHECKPOINT.OVERWRITE_EXISTING",
     "LOSS.deepclusterv2_loss.memory_params.crops_for_assign", "MODEL.FEATURE_EVAL_SETTINGS",
+    "EXTRACT_FEATURES.CHUNK_THRESHOLD",
 }
 # VISSL's loss section repeats four values whose source of truth is elsewhere. They are accepted, checked
 # against that source (a disagreeing command-line value is an error, a file's placeholder a note), and dropped.
@@ -127,16 +128,32 @@ def find_group_file(group: str, name: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------- validation
+def _prefixes(valid) -> set[str]:
+    out = set()
+    for k in valid:
+        parts = k.split(".")
+        out.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    return out
+
+
+def _ignored_section(key: str, valid_prefixes: set[str]) -> str | None:
+    """The VISSL-only section ``key`` belongs to (what is dropped and reported), or None. In an ignored section
+    that also holds keys we read (``HOOKS``: ``HOOKS.TENSORBOARD_SETUP``), the dropped section is the key's
+    sibling (``HOOKS.PERF_STATS``); an unknown key inside a section we read is not ignored (a misspelling)."""
+    top = next((ig for ig in VISSL_IGNORED if key == ig or key.startswith(ig + ".")), None)
+    if top in valid_prefixes:
+        top = ".".join(key.split(".")[:top.count(".") + 2])
+        if top in valid_prefixes:
+            return None
+    return top
+
+
 def _check_keys(user: dict, defaults: dict, source: str, errors: list[str], ignored: list[str],
                 added: set[str], repeated: dict[str, tuple[Any, bool]]) -> None:
     """Unknown keys get the closest valid key suggested; known VISSL-only keys are dropped; VISSL's repeated
     values are moved to ``repeated`` (key -> (value, from the command line))."""
     valid = dicts.flatten(defaults)
-    valid_prefixes = set()
-    for k in valid:
-        parts = k.split(".")
-        for i in range(1, len(parts)):
-            valid_prefixes.add(".".join(parts[:i]))
+    valid_prefixes = _prefixes(valid)
     for key in list(dicts.flatten(user)):
         if key in valid or key in added or any(key.startswith(f + ".") for f in FREE_FORM):
             continue
@@ -144,8 +161,8 @@ def _check_keys(user: dict, defaults: dict, source: str, errors: list[str], igno
             repeated[key] = (dicts.get(user, key), source == "the command line")
             dicts.delete(user, key)
             continue
-        if any(key == ig or key.startswith(ig + ".") for ig in VISSL_IGNORED):
-            top = next(ig for ig in VISSL_IGNORED if key == ig or key.startswith(ig + "."))
+        top = _ignored_section(key, valid_prefixes)
+        if top:
             if top not in ignored:
                 ignored.append(top)
             dicts.delete(user, top)
@@ -162,13 +179,45 @@ def _check_keys(user: dict, defaults: dict, source: str, errors: list[str], igno
             if mistake not in errors:
                 errors.append(mistake)
             continue
-        close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+        close = [v for v in valid if v.lower() == key.lower()]  # NUM_EPOCHS for num_epochs
+        close = close or [c for c in difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)  # a leaf alike too
+                          if difflib.SequenceMatcher(None, c.split(".")[-1], key.split(".")[-1]).ratio() >= 0.6]
         if not close:  # compare the last component too: a misspelt leaf under the right section
             leaf = key.split(".")[-1]
             same_leaf = [v for v in valid if difflib.SequenceMatcher(None, v.split(".")[-1], leaf).ratio() > 0.8]
             close = difflib.get_close_matches(key, same_leaf, n=1, cutoff=0.3)
-        hint = f"; did you mean config.{close[0]}?" if close else ""
+        given = f"={token_value(dicts.get(user, key))}" if source == "the command line" else ""
+        hint = f"; did you mean config.{close[0]}{given}?" if close else ""
         errors.append(f"config.{key} (from {source}) is not a known key{hint}")
+
+
+def token_value(value: Any) -> str:
+    """``value`` written the way a ``config.KEY=VALUE`` token parses back to it (YAML flow style)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return text[:-4].strip() if text.endswith("\n...") else text
+
+
+def _through_list(cfg: dict, key: str) -> tuple[str | None, str | None]:
+    """For a key that walks into a list by name: the section-list's key, and the existing key it most likely
+    meant (``MODEL.HEAD.PARAMS.0.dims`` -> ``MODEL.HEAD.PARAMS.0.1.dims``: a head stage is ``[name, options]``)."""
+    parts = key.split(".")
+    cur: Any = cfg
+    for i, part in enumerate(parts):
+        if isinstance(cur, list):
+            if not part.isdigit():
+                return ".".join(parts[:i]), None
+            if int(part) >= len(cur):
+                return ".".join(parts[:i]), None
+            cur = cur[int(part)]
+            if (isinstance(cur, list) and len(cur) == 2 and isinstance(cur[1], dict) and i + 1 < len(parts)
+                    and not parts[i + 1].isdigit()):
+                meant = ".".join(parts[:i + 1] + ["1"] + parts[i + 1:])
+                return ".".join(parts[:i]), meant if dicts.has(cfg, meant) else None
+        elif isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        else:
+            return None, None
+    return None, None
 
 
 # ------------------------------------------------------------------------------------------- tokens
@@ -262,8 +311,14 @@ def resolve(tokens: Iterable[str], world_size: int | None = None, local_world_si
         if add and exists:
             errors.append(f"+config.{key}: the key exists already; drop the '+' to override it")
             continue
+        in_list, meant = _through_list(cfg, key) if not exists else (None, None)
+        if in_list:
+            fix = (f"set config.{meant}={token_value(value)}" if meant else
+                   f"index its items by number, e.g. config.{in_list}.0")
+            errors.append(f"{'+' if add else ''}config.{key}: config.{in_list} is a list; {fix}")
+            continue
         if not add and not exists:
-            if any(key == ig or key.startswith(ig + ".") for ig in VISSL_IGNORED):
+            if _ignored_section(key, _prefixes(dicts.flatten(defaults))):
                 if key not in ignored:
                     ignored.append(key)
                 continue
@@ -272,7 +327,7 @@ def resolve(tokens: Iterable[str], world_size: int | None = None, local_world_si
             before = len(errors)
             _check_keys(probe, defaults, "the command line", errors, ignored, added, repeated)
             if len(errors) == before:
-                errors.append(f"config.{key}: no such key; use +config.{key}=... to add a new one")
+                errors.append(f"config.{key}: no such key; use +config.{key}={token_value(value)} to add a new one")
             continue
         if add:
             added.add(key)

@@ -3,7 +3,8 @@
 The model of the checkpoint (trunk + head, eval mode, ``DCv2Model.embed``) embeds a resized center crop of every image; the cluster
 of head h is the centroid with the largest cosine similarity, as in the last E-step of k-means (and as swav
 issue #51 describes for new images). Writes ``assignments.csv`` (index, path, head, cluster, score),
-``cluster_sizes.json`` (sizes, empty clusters, size entropy per head) and ``contact_sheet_head{h}.png`` with the
+``cluster_sizes.json`` (sizes, empty clusters, size entropy per head, and, when the split has two or more class
+folders, the NMI and ARI of the assignments against the folder labels) and ``contact_sheet_head{h}.png`` with the
 most typical images of the largest clusters, for a person to look at.
 """
 
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader
 from dcv2_k8s.data.dataset import IndexedImageFolder
 from dcv2_k8s.data.transforms import eval_transform
 from dcv2_k8s.dcv2.stats import size_entropy
+from dcv2_k8s.eval.partitions import ari, nmi
 
 
 @torch.no_grad()
@@ -78,6 +80,9 @@ def extract_clusters(model, centroids: list[torch.Tensor], data_dir: str, out_di
             stats["heads"].append({"head": h, "clusters": c.shape[0], "empty": int((sizes == 0).sum()),
                                    "size_entropy": size_entropy(sizes), "largest": int(sizes.max()),
                                    "sizes": sizes.tolist()})
+            if len(ds.classes) >= 2:  # agreement with the class folders (labels are not used anywhere else)
+                assigned = clusters.cpu().numpy()
+                stats["heads"][-1].update(nmi=nmi(ds.targets, assigned), ari=ari(ds.targets, assigned))
             contact_sheet(ds, clusters, scores, out / f"contact_sheet_head{h}.png")
     (out / "cluster_sizes.json").write_text(json.dumps(stats, indent=1))
     return stats

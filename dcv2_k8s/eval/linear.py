@@ -202,8 +202,12 @@ class LinearEval:
                      top5, loss.item())
             self.metrics.linear_eval(top1, top5)
         best = max(history, key=lambda h: h["top1"])
+        from dcv2_k8s.eval import what_was_scored
+
         result = {"protocol": self.cfg.LINEAR_EVAL.HEAD, "feature_cache": self.cfg.LINEAR_EVAL.FEATURE_CACHE,
-                  "weights": self.weights, "epochs": self.epochs, "num_classes": self.num_classes,
+                  **what_was_scored(self.cfg, self.size, self.cfg.MODEL.WEIGHTS_INIT.PARAMS_FILE,
+                                    getattr(self.trunk, "input_norm", None), self.pre),
+                  "epochs": self.epochs, "num_classes": self.num_classes,
                   "top1": best["top1"], "top5": best["top5"], "best_epoch": best["epoch"],
                   "final_top1": history[-1]["top1"], "final_top5": history[-1]["top5"],
                   "seconds": time.time() - t0, "history": history}
