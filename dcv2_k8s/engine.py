@@ -104,7 +104,12 @@ def build_data(cfg, info: D.DistInfo, device: torch.device):
 def build_training_model(cfg, info: D.DistInfo, device: torch.device):
     """(model, wrapped): the network with its prototypes on ``device``, BN synchronised in its groups, the trunk
     compiled when asked, and the DDP wrapper (the model itself on one process)."""
-    model = build_model(cfg).to(device)
+    # drawn from SEED_VALUE alone, as `dcv2 knn` draws a random network of the same tokens: the k-NN floor this run
+    # reports (its network at initialisation) is the score `dcv2 knn` gives the same tokens without weights
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.SEED_VALUE)
+        model = build_model(cfg)
+    model = model.to(device)
     sbn = cfg.MODEL.SYNC_BN_CONFIG
     if info.distributed and sbn.CONVERT_BN_TO_SYNC_BN:
         model = convert_sync_bn(model, sbn.SYNC_BN_TYPE, D.bn_group(sbn.GROUP_SIZE, info), device)
@@ -209,14 +214,16 @@ class TrainingRun:
 
             init = cfg.MODEL.WEIGHTS_INIT.PARAMS_FILE
             log.info("initial weights from %s (%s layout)", init, load_weights(self.model, init))
+        if s.global_step == 0 and self.monitor.knn_every > 0:
+            # the network at initialisation, the floor the training must beat: scored before the memory bank's
+            # pass in train mode moves its BN statistics, so it is the network `dcv2 knn` scores for these tokens
+            check = self.monitor.knn(s.epoch)
+            self.reporter.knn(check, initial=True)
+            s.knn_top1_init = check.scores["top1"]
         if not bank_restored:
             self.fill_memory_bank()
             self.method.bank.ptr = s.step_in_epoch * self.batch
         self.monitor.start()
-        if s.global_step == 0 and self.monitor.knn_every > 0:
-            check = self.monitor.knn(s.epoch)  # the network at initialisation: the floor the training must beat
-            self.reporter.knn(check, initial=True)
-            s.knn_top1_init = check.scores["top1"]
         last = {}
         while s.epoch < self.epochs:
             if s.step_in_epoch == 0:

@@ -86,7 +86,7 @@ class RunMonitor:
 
         scores.update(what_was_scored(cfg, cfg.DATA.TRAIN.multicrop.large_size,
                                       f"this run after {epoch} epochs" if epoch else
-                                      cfg.MODEL.WEIGHTS_INIT.PARAMS_FILE or "this run's own random initialisation"))
+                                      cfg.MODEL.WEIGHTS_INIT.PARAMS_FILE or None))
         self._knn_last = KnnCheck(epoch, scores, time.time() - t0)
         return self._knn_last
 

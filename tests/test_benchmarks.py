@@ -91,3 +91,32 @@ def test_glyph_probe_labels_are_the_generators_and_the_preset_sees_the_glyph_not
     assert set(net["top1"]) == {"class", "x_half", "y_half", "border", "size", "polarity", "contrast", "stroke"}
     assert net["top1"]["class"] > res["majority"]["class"] + 40, res
     assert net["top1"]["polarity"] < res["majority"]["polarity"] + 15, res
+
+
+def test_random_init_baselines_benchmark_runs_small(tmp_path):
+    res = _run("knn_baselines.py", tmp_path / "kb", "--small", "--seeds", "0", "--work", str(tmp_path / "w"))
+    nets = {n["name"]: n for n in res["networks"]}
+    assert nets["no tokens (dcv2 knn's default)"]["architecture"] == "ResNet-50 x1"
+    assert nets["the demo run's tokens"]["architecture"] == "ResNet-18 x0.5"
+    assert all(len(n["top1"]) == 1 and 0 <= n["top1"][0] <= 100 for n in nets.values())
+
+
+def test_held_out_digits_are_real_handwriting_in_three_variants(tmp_path):
+    """The held-out data of the small-scale benchmark: scikit-learn's UCI digits (not generated here), every image
+    once, ten class folders per split, and the variants differ as documented (placement, clutter)."""
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(BENCH))
+    import heldout_digits
+
+    counts = {k: heldout_digits.write(str(tmp_path / k), k, 32, train_per_class=150) for k in heldout_digits.KINDS}
+    assert all(c == {"train": 1500, "val": 297} for c in counts.values()), counts
+    for kind in heldout_digits.KINDS:
+        assert sorted(p.name for p in (tmp_path / kind / "val").iterdir()) == [str(c) for c in range(10)]
+    first = {k: np.asarray(Image.open(sorted((tmp_path / k / "train" / "3").iterdir())[0]), np.float32)
+             for k in heldout_digits.KINDS}
+    # centred digits have paper along every border; cluttered pages have more ink than placed ones
+    assert first["digits"][0].std() < 10 and first["digits"][:, 0].std() < 10
+    ink = {k: (v.mean(axis=2) < v.mean() - 40).mean() for k, v in first.items()}
+    assert ink["digits_cluttered"] > ink["digits_placed"], ink

@@ -98,10 +98,16 @@ def test_a_collapsing_run_warns_in_log_events_metrics_and_report(synth_data, tmp
     knn = [e for e in events if e["kind"] == "knn"]
     assert diags[-1]["knn_top1_init"] == knn[0]["top1"]  # epoch-0 k-NN
     # each check names what it scored: the run's network, at its crop size and view, and which weights
-    assert [e["weights"] for e in knn] == ["this run's own random initialisation", "this run after 2 epochs",
-                                           "this run after 4 epochs"]
+    assert [e["weights"] for e in knn] == ["random-init (seed 0)", "this run after 2 epochs", "this run after 4 epochs"]
     assert {(e["architecture"], e["resolution"]) for e in knn} == {("ResNet-18 x0.25", 32)}
     assert knn[0]["initial"] and all(e["gain"] == pytest.approx(e["top1"] - knn[0]["top1"]) for e in knn[1:])
+    # the run's floor is the network `dcv2 knn` scores for the same tokens without weights (the same draw)
+    same = run_cli("knn", "--train", str(synth_data / "train"), "--val", str(synth_data / "val"), "--workers", "0",
+                   *tiny_train_tokens(synth_data, ckpt, "config.DISTRIBUTED.NUM_PROC_PER_NODE=1"), timeout=300)
+    assert same.returncode == 0, same.stderr
+    floor = json.loads(same.stdout.strip().splitlines()[-1])
+    assert floor["weights"] == "random-init (seed 0)"
+    assert abs(floor["top1"] - knn[0]["top1"]) <= 100 / floor["n_test"] + 1e-6, (floor, knn[0])  # one image at most
     html_path = run_cli("report", str(ckpt))
     assert html_path.returncode == 0, html_path.stderr
     page = (ckpt / "report" / "report.html").read_text()
