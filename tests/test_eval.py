@@ -160,7 +160,8 @@ def test_linear_eval_and_clusters_on_a_trained_run(synth_data, tmp_path):
     res = json.loads((tmp_path / "le" / "linear_eval.json").read_text())
     assert res["protocol"] == "bn_linear" and 0 <= res["top1"] <= res["top5"] <= 100 and res["epochs"] == 1
     assert (res["architecture"], res["resolution"], res["weights"]) == ("ResNet-18 x0.25", 32, str(ckpt))
-    assert res["view"]["center_crop"] == 32 and res["view"]["mean"] == [0.5, 0.5, 0.5]  # the run's own view
+    # the view this evaluation applied: the crop it was given, the linear preset's normalisation
+    assert res["view"]["center_crop"] == 32 and res["view"]["mean"] == [0.485, 0.456, 0.406]
     p = run_cli("linear-eval", *le[:-2], "config.MODEL.WEIGHTS_INIT.PARAMS_FILE=/nonexistent", timeout=120)
     assert p.returncode == 2 and "PARAMS_FILE: /nonexistent does not exist" in p.stderr
 
