@@ -80,8 +80,9 @@ def knn_floor(events: list[dict]) -> float | None:
     for e in events:
         if e.get("kind") == "knn" and e.get("initial"):
             return e["top1"]
-        if e.get("kind") in ("knn", "diagnostics") and e.get("knn_top1_init", e.get("top1_init", -1)) >= 0:
-            return e.get("knn_top1_init", e.get("top1_init"))
+        floor = e.get("knn_top1_init", e.get("top1_init", -1)) if e.get("kind") in ("knn", "diagnostics") else -1
+        if floor >= 0:
+            return floor
     return None
 
 

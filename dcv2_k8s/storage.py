@@ -187,6 +187,13 @@ class LocalStorage:
             return []
         return sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
 
+    def delete(self, path: str) -> None:
+        """Remove the file ``path``; nothing when it is not there."""
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
     def delete_tree(self, path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -499,6 +506,10 @@ class S3Storage:
         except Exception as e:
             raise explain_s3_error(path, e) from e
         return sorted(out)
+
+    def delete(self, path: str) -> None:
+        """Remove the object ``path``; nothing when it is not there (S3's DeleteObject)."""
+        self._call(path, self.client.delete_object, Bucket=self.bucket, Key=self._key(path))
 
     def delete_tree(self, path: str) -> None:
         keys = [self._key(path).rstrip("/") + "/" + o["Key"] for o in self.list_objects(path)]

@@ -355,19 +355,6 @@ def _put_npy(store, path: str, arr: np.ndarray) -> None:
             os.unlink(tmp)
 
 
-def _remove(store, path: str) -> None:
-    """Delete the file ``path`` of ``store`` when it is there."""
-    from dcv2_k8s.storage import LocalStorage
-
-    if isinstance(store, LocalStorage):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-    else:
-        store._call(path, store.client.delete_object, Bucket=store.bucket, Key=store._key(path))
-
-
 def write_outputs(out: str, arrays: dict[str, np.ndarray], paths: list[str], meta: dict) -> None:
     """Each array as ``NAME.npy``, ``paths.txt``, then ``meta.json`` (last: its presence means the rest is there),
     into ``out`` (local or ``s3://``), each written atomically. An earlier run's ``meta.json`` goes first, and its
@@ -379,9 +366,9 @@ def write_outputs(out: str, arrays: dict[str, np.ndarray], paths: list[str], met
 
     store = open_storage(out)
     try:
-        _remove(store, store.join("meta.json"))
+        store.delete(store.join("meta.json"))
         if "head" not in arrays:
-            _remove(store, store.join("head.npy"))
+            store.delete(store.join("head.npy"))
         for name, arr in arrays.items():
             _put_npy(store, store.join(f"{name}.npy"), arr)
         store.put_bytes(store.join("paths.txt"), "".join(p + "\n" for p in paths).encode())
