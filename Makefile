@@ -32,8 +32,14 @@ KUBE_LDFLAGS := -s -w -X k8s.io/component-base/version.gitVersion=v1.36.3 \
 # (controlplane/go.mod), CoreDNS pinned by its own module controlplane/coredns/go.mod (keep COREDNS_VERSION equal).
 COREDNS_VERSION := v1.15.0
 NODE_STAMP := $(CP_DIR)/.built-node-v1.36.3-coredns-$(COREDNS_VERSION)
+# Kubeflow Trainer v2's controller manager and JobSet at the version Trainer's go.mod requires, from one wrapper module
+# (controlplane/trainer/go.mod: the module proxy answers no version listing for JobSet, so no `go install @version`);
+# their CRDs and webhook configurations (kustomized by the kubectl built above) next to them in $(CP_DIR)/trainer.
+TRAINER_VERSION := v2.3.0
+JOBSET_VERSION := v0.12.0
+TRAINER_STAMP := $(CP_DIR)/.built-trainer-$(TRAINER_VERSION)-jobset-$(JOBSET_VERSION)
 
-.PHONY: demo test test-fast install clean controlplane node image docs
+.PHONY: demo test test-fast install clean controlplane node trainer image docs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -91,6 +97,24 @@ $(NODE_STAMP): controlplane/go.mod controlplane/go.sum controlplane/coredns/go.m
 
 node: $(NODE_STAMP)
 
+$(TRAINER_STAMP): controlplane/trainer/go.mod controlplane/trainer/go.sum $(NODE_STAMP)
+	@echo "building Kubeflow Trainer $(TRAINER_VERSION) and JobSet $(JOBSET_VERSION) into $(CP_DIR); once, a few minutes"
+	grep -q 'github.com/kubeflow/trainer/v2 $(TRAINER_VERSION)$$' controlplane/trainer/go.mod
+	grep -q 'sigs.k8s.io/jobset $(JOBSET_VERSION)$$' controlplane/trainer/go.mod
+	mkdir -p $(CP_DIR)/bin $(CP_DIR)/trainer
+	cd controlplane/trainer && GOTOOLCHAIN=local GOFLAGS=-buildvcs=false $(GO) build -p 2 -trimpath -ldflags "-s -w" \
+	  -o ../../$(CP_DIR)/bin/ github.com/kubeflow/trainer/v2/cmd/trainer-controller-manager sigs.k8s.io/jobset
+	cd controlplane/trainer && t=$$(GOTOOLCHAIN=local $(GO) list -m -f '{{.Dir}}' github.com/kubeflow/trainer/v2) \
+	  && j=$$(GOTOOLCHAIN=local $(GO) list -m -f '{{.Dir}}' sigs.k8s.io/jobset) && out=../../$(CP_DIR)/trainer \
+	  && cp $$t/manifests/base/crds/trainer.kubeflow.org_*.yaml $$j/config/components/crd/bases/jobset.x-k8s.io_jobsets.yaml $$out/ \
+	  && ../../$(CP_DIR)/bin/kubectl kustomize $$t/manifests/base/webhook > $$out/trainer-webhooks.yaml \
+	  && ../../$(CP_DIR)/bin/kubectl kustomize $$j/config/components/webhook > $$out/jobset-webhooks.yaml \
+	  && chmod u+w $$out/*.yaml
+	du -sh $(CP_DIR)/bin/trainer-controller-manager $(CP_DIR)/bin/jobset
+	touch $@
+
+trainer: $(TRAINER_STAMP)
+
 # The images of the end-to-end tests' node (tests/node/image.sh): dcv2-k8s:test (docker/Dockerfile on a local
 # debootstrap bookworm + torch base) and the pause image, built by a dockerd of its own and imported into the node's
 # containerd store (/var/lib/dcv2-k8s-test); needs root. Cold a while; a second run only checks (seconds).
@@ -102,7 +126,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m dcv2_k8s demo --out $(DEMO_OUT)
 
-test: $(STAMP) $(COMPAT)/.installed $(TRAINER_CRDS)/.installed $(GRAFANA_SCHEMA) $(CP_STAMP) $(NODE_STAMP) image
+test: $(STAMP) $(COMPAT)/.installed $(TRAINER_CRDS)/.installed $(GRAFANA_SCHEMA) $(CP_STAMP) $(NODE_STAMP) $(TRAINER_STAMP) image
 	$(PY) -m pytest -q -ra --durations=15
 
 test-fast: $(STAMP) $(COMPAT)/.installed $(TRAINER_CRDS)/.installed $(GRAFANA_SCHEMA)
