@@ -3,8 +3,9 @@ runs here as a shell script, with only the rewrites listed in REWRITES (named in
 test that runs it.
 
 A block is one of:
-- cluster commands (``kubectl``, ``helm``, ``docker``): not run here; the files they name must exist (the objects
-  they apply are applied server-side on the control plane of tests/test_kube_e2e.py);
+- cluster commands (``kubectl``, ``helm``, ``docker``): the files they name must exist; the objects they apply are
+  applied server-side on the cluster of tests/test_kube_e2e.py, and the blocks that apply and watch a PyTorchJob
+  (docs/kubernetes.md) and a TrainJob (docs/trainer-v2.md) are typed there as they are, with the real kubectl;
 - ``make`` targets: run by the test or CI step named in MAKE_TARGETS;
 - anything else: run with bash in a scratch directory, in doc order, ``set -e``: a command that fails fails the test.
   A ``dcv2 train`` line that is one of VISSL's page commands (tests/test_seed_commands.py resolves and trains each)

@@ -1,13 +1,15 @@
 """End to end against a real Kubernetes cluster on this machine: kube-apiserver v1.36 (RBAC, Pod Security
-admission), kube-controller-manager, kube-scheduler, etcd and the Kubeflow training operator v1.9.4 with its
-validating webhook (tests/kube/controlplane.py), and a real node (tests/kube/node.py): kubelet, containerd + runc,
-the CNI bridge and CoreDNS. Pods run our real image (``make image``: docker/Dockerfile on the test base image), so
-the image's user, entrypoint and packages, securityContext enforcement, volumes, pod DNS and the kubelet's own
-signal handling are the real ones.
+admission), kube-controller-manager, kube-scheduler, etcd, the Kubeflow training operator v1.9.4 with its
+validating webhook, and Kubeflow Trainer v2.3.0 with JobSet v0.12.0, each with its webhooks
+(tests/kube/controlplane.py), and a real node (tests/kube/node.py): kubelet, containerd + runc, the CNI bridge and
+CoreDNS. Pods run our real image (``make image``: docker/Dockerfile on the test base image), so the image's user,
+entrypoint and packages, securityContext enforcement, volumes, pod DNS and the kubelet's own signal handling are the
+real ones. Jobs are driven with what users type: the real ``kubectl`` with the docs' own command lines, the Kubeflow
+SDKs (``kubeflow`` TrainerClient, ``kubeflow-training`` TrainingClient) and the pipeline's step functions.
 
 All on CPU with tiny settings: ResNet-18 at 1/4 width, 1 process per pod, the synthetic dataset staged from the
-embedded S3 (listening on the pod bridge) by the pod's own init container, checkpoints to that S3.
-"""
+embedded S3 (listening on the pod bridge) by the pod's own init container (a PyTorchJob) or by dcv2 itself (a
+TrainJob), checkpoints to that S3."""
 
 from __future__ import annotations
 
@@ -32,7 +34,6 @@ from tests.kube.node import missing as node_missing
 pytestmark = pytest.mark.slow
 
 MAN = ROOT / "manifests"
-TRAINER_CRDS = ROOT / ".venv" / "compat" / "trainer-v2.3.0"
 LAUNCHER_SA = "dcv2-launcher"
 TOTAL = 14  # 2 epochs x 7 steps (240 images, 2 pods x batch 16)
 
@@ -52,6 +53,7 @@ def cluster(tmp_path_factory):
         node = RealNode(cp, d / "node")
         cp.node = node
         node.start()
+        cp.install_trainer(pod_address=GATEWAY)  # its status server is reached by the pods on the node's bridge
         yield cp
     finally:
         try:
@@ -99,6 +101,18 @@ TINY_RESOURCES = {"stage-data": {"requests": {"cpu": "100m", "memory": "256Mi"},
                               "limits": {"cpu": "2", "memory": "6Gi", GPU: "1"}}}
 
 
+def _tiny_tokens(name: str, ckpt: str, data: Path | str, *extra: str) -> list[str]:
+    """The tokens appended to a manifest's own ``dcv2 train`` arguments for a tiny CPU run (later tokens win)."""
+    tokens = tiny_train_tokens(Path("/data"), Path("unused"), "config.METRICS.ENABLED=false",
+                               "config.MACHINE.DEVICE=cpu", "config.MODEL.TRUNK.RESNETS.DEPTH=18",
+                               "config.OPTIMIZER.num_epochs=2", "config.TRAINER.DETERMINISTIC=true",
+                               "config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=3",
+                               "config.DISTRIBUTED.TIMEOUT_SECONDS=30", f"config.RUN_NAME={name}", *extra)[1:]
+    swap = {"config.CHECKPOINT.DIR=": f"config.CHECKPOINT.DIR={ckpt}",
+            "config.DATA.TRAIN.DATA_PATHS=": f"config.DATA.TRAIN.DATA_PATHS=[{data}/train]"}
+    return [next((v for k, v in swap.items() if t.startswith(k)), t) for t in tokens]
+
+
 def tiny_job(name: str, ckpt: str, *extra: str) -> dict:
     """manifests/pytorchjob-r50.yaml as users apply it, with tiny overrides appended to its own arguments (one CPU
     process per pod, ResNet-18 at 1/4 width), resources this node has, the image ``make image`` built and
@@ -114,13 +128,7 @@ def tiny_job(name: str, ckpt: str, *extra: str) -> dict:
     assert stage["args"][:3] == ["stage", "s3://datasets/imagenet/train", "/data/train"]
     stage["args"] = ["stage", "s3://data/train", "/data/train", "--workers", "4"]
     c = pod["containers"][0]
-    tokens = tiny_train_tokens(Path("/data"), Path("unused"), "config.METRICS.ENABLED=false",
-                               "config.MACHINE.DEVICE=cpu", "config.MODEL.TRUNK.RESNETS.DEPTH=18",
-                               "config.OPTIMIZER.num_epochs=2", "config.TRAINER.DETERMINISTIC=true",
-                               "config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=3",
-                               "config.DISTRIBUTED.TIMEOUT_SECONDS=30", f"config.RUN_NAME={name}", *extra)[1:]
-    tokens = [f"config.CHECKPOINT.DIR={ckpt}" if t.startswith("config.CHECKPOINT.DIR=") else t for t in tokens]
-    c["args"] = c["args"] + tokens
+    c["args"] = c["args"] + _tiny_tokens(name, ckpt, Path("/data"), *extra)
     for e in c["env"]:
         if e["name"] == "OMP_NUM_THREADS":
             e["value"] = "1"
@@ -153,6 +161,14 @@ def _wait_for(what: str, check, timeout: float, cluster, poll: float = 0.5):
         time.sleep(poll)
     raise AssertionError(f"{what}: not within {timeout:.0f} s\nnode:\n" + "\n".join(cluster.node.lines[-40:])
                          + "\n" + cluster.dump())
+
+
+def _assert_same_weights(got_uri: str, want_uri: str) -> None:
+    """The last checkpoints of two runs hold bitwise equal weights."""
+    import torch
+
+    got, want = read_file(got_uri)["model"], read_file(want_uri)["model"]
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got), (got_uri, want_uri)
 
 
 def _launcher(cluster, ns: str, lines: list) -> JobLauncher:
@@ -197,14 +213,20 @@ def _pod_templates(doc: dict) -> list[dict]:
 def test_every_manifest_applies_server_side(cluster, bucket):
     """Every object in manifests/ goes through a server-side apply (dry-run=server, so admission runs in full):
     the real CRD schemas (PyTorchJob from the operator's module, Trainer v2.3.0's), defaulting, the operator's
-    validating webhook, RBAC kinds. Every pod template is also admitted as a Pod under Pod Security
-    "restricted". What is rejected fails the test with the API server's own message. The Prometheus Operator's
-    kinds (PodMonitor, PrometheusRule) have no CRD here and are listed as not applied."""
-    crds = sorted(TRAINER_CRDS.glob("trainer.kubeflow.org_*.yaml"))
-    assert crds, f"no Trainer CRDs in {TRAINER_CRDS}: `make test` installs them"
-    for crd in crds:
-        cluster.apply(yaml.safe_load(crd.read_text()))
+    validating webhook, Trainer's mutating and validating webhooks (the runtime applied first: Trainer refuses a
+    TrainJob whose runtime does not exist yet), RBAC kinds. Every pod template is also admitted as a Pod under Pod
+    Security "restricted". What is rejected fails the test with the API server's own message. The Prometheus
+    Operator's kinds (PodMonitor, PrometheusRule) have no CRD here and are listed as not applied."""
     ns = _namespace(cluster, "manifests", bucket)
+    # Trainer's TrainJob webhook looks the runtime up: a TrainJob is refused until its runtime exists
+    tj = yaml.safe_load((MAN / "trainjob-r50.yaml").read_text())
+    with pytest.raises(Exception) as err:
+        cluster.apply(tj, ns, dry_run=True)
+    assert 'admission webhook "validator.trainjob.trainer.kubeflow.org" denied' in _message(err.value) and \
+        "must be created before the TrainJob is created" in _message(err.value), _message(err.value)
+    for where, doc in _documents():
+        if doc["kind"] == "TrainingRuntime":  # once per namespace, before the TrainJobs (docs/trainer-v2.md)
+            cluster.apply(doc, ns)
     applied, skipped, rejected = [], [], []
     for where, doc in _documents():
         group = doc["apiVersion"].split("/")[0] if "/" in doc["apiVersion"] else ""
@@ -236,6 +258,13 @@ def test_every_manifest_applies_server_side(cluster, bucket):
     with pytest.raises(Exception) as err:
         cluster.apply(bad, ns, dry_run=True)
     assert "admission webhook" in _message(err.value) and "pytorch" in _message(err.value), _message(err.value)
+    # Trainer's webhook too: the trainer env may not set what its torch plugin sets (TorchRunReservedEnvNames)
+    bad = copy.deepcopy(tj)
+    bad["spec"]["trainer"]["env"].append({"name": "PET_NNODES", "value": "4"})
+    with pytest.raises(Exception) as err:
+        cluster.apply(bad, ns, dry_run=True)
+    assert 'admission webhook "validator.trainjob.trainer.kubeflow.org" denied' in _message(err.value) and \
+        "PET_NNODES" in _message(err.value), _message(err.value)
     # and a pod that breaks "restricted" is refused by Pod Security admission with its reasons
     t = copy.deepcopy(_pod_templates(yaml.safe_load((MAN / "pytorchjob-r50.yaml").read_text()))[0])
     t["spec"]["containers"][0]["securityContext"].pop("allowPrivilegeEscalation")
@@ -305,22 +334,29 @@ def test_restricted_security_context_is_enforced_by_the_runtime(cluster, finishe
 
 # ------------------------------------------------------------------------------------------------- a whole run
 @pytest.fixture(scope="module")
-def finished(cluster, bucket):
-    """pytorchjob-r50.yaml (tiny overrides) created by the pipeline's launcher as dcv2-launcher and waited for."""
+def finished(cluster, bucket, tmp_path_factory):
+    """pytorchjob-r50.yaml (a tiny copy at its path in a user's checkout) applied with the docs' own ``kubectl
+    apply`` line by the real kubectl, then attached to by the pipeline's launcher as dcv2-launcher (a retried step)
+    and waited for."""
     ns = _namespace(cluster, "train", bucket)
     history = PodHistory(cluster.api_client(), ns)  # every pod state of the namespace, deleted pods' included
+    job = tiny_job("dcv2-r50", "s3://ckpt/dcv2-e2e")
+    user = _user_checkout(cluster, tmp_path_factory.mktemp("user-pytorchjob"), ns,
+                          {"manifests/pytorchjob-r50.yaml": job})
+    docs = _doc_commands("kubernetes.md", "kubectl apply -f manifests/pytorchjob-r50.yaml")
+    assert docs[0] == "kubectl apply -f manifests/pytorchjob-r50.yaml", docs
+    t0 = time.time()
+    applied = _sh(user, docs[0])
     lines: list[str] = []
     launcher = _launcher(cluster, ns, lines)
-    job = tiny_job("dcv2-e2e", "s3://ckpt/dcv2-e2e")
-    t0 = time.time()
-    name = launcher.launch(job)
-    assert launcher.launch(job) == name  # a retried step: 409 on create, attaches
+    name = launcher.launch(job)  # a retried step: 409 on create, attaches
     try:
         state = launcher.wait(name, timeout_seconds=480)
     except Exception as e:
         raise AssertionError(f"{e}\nnode:\n" + "\n".join(cluster.node.lines[-40:]) + cluster.dump()) from e
     yield {"ns": ns, "name": name, "job": job, "state": state, "lines": lines, "seconds": time.time() - t0,
-           "launcher": launcher, "pods": _pods(cluster, ns, name), "history": history}
+           "launcher": launcher, "pods": _pods(cluster, ns, name), "history": history, "user": user, "docs": docs,
+           "applied": applied}
     history.stop()
 
 
@@ -333,7 +369,7 @@ def test_pytorchjob_r50_runs_to_succeeded_through_the_operator(cluster, finished
     assert finished["state"] == "Succeeded"
     lines = "\n".join(finished["lines"])
     assert "exists already (a retried step): attaching to it" in lines
-    assert "[dcv2-e2e-worker-0]" in lines, lines[-3000:]
+    assert "[dcv2-r50-worker-0]" in lines, lines[-3000:]
     pods = finished["pods"]
     # rank 0 (the one that says how many processes joined) is on worker 0: each pod has its own host name, and
     # the c10d rendezvous orders nodes by it
@@ -342,9 +378,9 @@ def test_pytorchjob_r50_runs_to_succeeded_through_the_operator(cluster, finished
     core = client.CoreV1Api(cluster.api_client())
     logs = {p.metadata.name: core.read_namespaced_pod_log(p.metadata.name, finished["ns"], container="pytorch")
             for p in pods}
-    assert sorted(logs) == ["dcv2-e2e-worker-0", "dcv2-e2e-worker-1"]
-    assert "2 processes x batch 16" in logs["dcv2-e2e-worker-0"], logs["dcv2-e2e-worker-0"][-2000:]
-    assert "2 processes x batch 16" not in logs["dcv2-e2e-worker-1"]
+    assert sorted(logs) == ["dcv2-r50-worker-0", "dcv2-r50-worker-1"]
+    assert "2 processes x batch 16" in logs["dcv2-r50-worker-0"], logs["dcv2-r50-worker-0"][-2000:]
+    assert "2 processes x batch 16" not in logs["dcv2-r50-worker-1"]
     for p in pods:
         assert p.status.phase == "Succeeded", p.status
         assert [c.name for c in p.spec.init_containers] == ["stage-data"]  # ours only: no init-pytorch
@@ -353,6 +389,36 @@ def test_pytorchjob_r50_runs_to_succeeded_through_the_operator(cluster, finished
     assert latest is not None and latest["global_step"] == TOTAL, latest
     # the job stays after success (the launcher deletes only on failure or termination): its status is readable
     assert finished["launcher"].state(finished["name"]) == "Succeeded"
+
+
+def test_the_docs_kubectl_commands_and_the_training_sdk_on_the_pytorchjob(cluster, finished):
+    """The docs' "Apply and watch" block typed as it is, with the real kubectl v1.36 in a user's checkout (the file a
+    tiny copy): ``apply`` created the job (above), ``get pytorchjobs -w`` shows it Succeeded, ``logs -f`` of worker 0's
+    ``pytorch`` container is rank 0's log and ``logs ... -c stage-data`` the staging init container's. Then the
+    Kubeflow Training SDK (kubeflow-training 1.9.4, TrainingClient) gets the same job, waits for it and reads its
+    logs by itself."""
+    user, docs = finished["user"], finished["docs"]
+    assert "pytorchjob.kubeflow.org/dcv2-r50 created" in finished["applied"], finished["applied"]
+    assert docs[1] == "kubectl get pytorchjobs -w", docs
+    seen = _watch(user, docs[1], ("Succeeded", "Failed"), 60, cluster)
+    assert re.match(r"dcv2-r50\s+Succeeded\s", seen[-1]), seen
+    assert docs[2].startswith("kubectl logs -f dcv2-r50-worker-0 -c pytorch"), docs
+    rank0 = _sh(user, docs[2])
+    assert "2 processes x batch 16" in rank0 and f"training finished: 2 epochs, {TOTAL} steps" in rank0, rank0[-2000:]
+    assert docs[3] == "kubectl logs dcv2-r50-worker-0 -c stage-data", docs
+    staged = _sh(user, docs[3])
+    assert "240" in staged, staged[-2000:]
+
+    from kubeflow.training import TrainingClient
+
+    tc = TrainingClient(config_file=str(cluster.kubeconfig), namespace=finished["ns"], job_kind="PyTorchJob")
+    job = tc.get_job(finished["name"])
+    assert job.metadata.name == "dcv2-r50" and job.spec.pytorch_replica_specs["Worker"].replicas == 2
+    assert tc.is_job_succeeded(finished["name"])
+    done = tc.wait_for_job_conditions(finished["name"], timeout=60, polling_interval=1)
+    assert done.status.conditions[-1].type == "Succeeded"
+    logs, _ = tc.get_job_logs(finished["name"])
+    assert "2 processes x batch 16" in logs["dcv2-r50-worker-0"], logs.keys()
 
 
 def test_run_local_environment_equals_the_operators(cluster, finished):
@@ -491,10 +557,7 @@ def test_deleted_pod_is_recreated_and_the_run_resumes_bitwise(cluster, bucket, f
     codes = finished["history"].exit_codes(victim.metadata.uid, "pytorch")
     assert codes == [143], codes
     assert mgr.latest()["global_step"] == TOTAL and first["global_step"] < TOTAL
-    got, want = read_file(ckpt)["model"], read_file("s3://ckpt/dcv2-e2e")["model"]
-    import torch
-
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    _assert_same_weights(ckpt, "s3://ckpt/dcv2-e2e")
 
 
 def test_control_plane_and_node_restarts_mid_run_lose_nothing(cluster, bucket, finished):
@@ -544,10 +607,7 @@ def test_control_plane_and_node_restarts_mid_run_lose_nothing(cluster, bucket, f
     assert len(finished["history"].uids(f"{name}-worker-")) == 2
     jobs = cluster.dynamic().resources.get(api_version="kubeflow.org/v1", kind="PyTorchJob").get(namespace=ns)
     assert [j.metadata.name for j in jobs.items].count(name) == 1
-    got, want = read_file(ckpt)["model"], read_file("s3://ckpt/dcv2-e2e")["model"]
-    import torch
-
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    _assert_same_weights(ckpt, "s3://ckpt/dcv2-e2e")
     launcher.delete(name)
 
 
@@ -625,62 +685,76 @@ def test_before_the_fix_onfailure_restarts_a_config_mistake_until_the_backoff_li
     launcher.delete(name)
 
 
-def test_pipeline_steps_drive_a_real_job_as_the_launcher_account(cluster, finished, tmp_path):
-    """The pipeline's own step functions, in a process of their own as in a KFP step pod, authenticated with a real
-    token of the dcv2-launcher service account (TokenRequest): ``pretrain_step`` renders the job, creates it and
-    waits for it to succeed; the exit handler's ``cleanup_step`` keeps the run's jobs on a successful run
-    (COMPLETE) and deletes them on a failed one (FAILED), once."""
-    import subprocess
-    import sys
-
+def _launcher_kubeconfig(cluster, ns: str, path: Path) -> Path:
+    """A kubeconfig with a real token of the dcv2-launcher service account (TokenRequest), as a KFP step pod has."""
     from kubernetes import client
 
-    from dcv2_k8s.k8s.launcher import job_name
-    from tests.conftest import child_env
-
-    ns = finished["ns"]
     token = client.CoreV1Api(cluster.api_client()).create_namespaced_service_account_token(
         LAUNCHER_SA, ns, {"spec": {"expirationSeconds": 3600}}).status.token
-    kubeconfig = tmp_path / "launcher.kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
+    path.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "launcher",
         "clusters": [{"name": "test", "cluster": {"server": cluster.server,
                                                   "certificate-authority": str(cluster.dir / "ca.crt")}}],
         "users": [{"name": "launcher", "user": {"token": token}}],
         "contexts": [{"name": "launcher", "context": {"cluster": "test", "user": "launcher", "namespace": ns}}]}))
-    overrides = [t for t in tiny_train_tokens(Path("/unused"), Path("/unused"), "config.MACHINE.DEVICE=cpu",
-                                              "config.MODEL.TRUNK.RESNETS.DEPTH=18", "config.OPTIMIZER.num_epochs=1",
-                                              "config.DISTRIBUTED.TIMEOUT_SECONDS=30")[1:]
-                 if not t.startswith(("config.DATA.TRAIN.DATA_PATHS=", "config.CHECKPOINT.DIR="))]
-    run_id = "e2e-run-1"
-    code = (
-        "import json, sys\n"
-        "from dcv2_k8s import pipeline_steps as s\n"
-        "a = json.loads(sys.argv[1])\n"
-        "if a['step'] == 'pretrain':\n"
-        "    print('RESULT', s.pretrain_step('pytorchjob', a['run'], 'pretrain/deepcluster_v2/deepclusterv2_demo_cpu',"
-        " a['overrides'], 's3://ckpt/pipeline', {'train': {'uri': 's3://data/train'}}, 2, 1,"
-        " a['image'], a['ns'], 420, cpu_per_gpu=0.25, memory_gib_per_gpu=3,"
-        " scratch_gib=2))\n"
-        "else:\n"
-        "    print('RESULT', json.dumps(s.cleanup_step('pytorchjob', a['run'], a['ns'], a['state'])))\n")
+    return path
 
-    def step(**kw) -> str:
-        import json
 
-        arg = json.dumps({"run": run_id, "ns": ns, "overrides": overrides, "image": IMAGE, **kw})
-        p = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, timeout=540,
-                           env=child_env({"KUBECONFIG": str(kubeconfig)}), cwd=str(ROOT))
-        assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
-        return next(ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")).split(" ", 1)[1]
+STEP_CODE = (
+    "import json, sys\n"
+    "from dcv2_k8s import pipeline_steps as s\n"
+    "a = json.loads(sys.argv[1])\n"
+    "if a['step'] == 'pretrain':\n"
+    "    print('RESULT', s.pretrain_step(a['launcher'], a['run'], 'pretrain/deepcluster_v2/deepclusterv2_demo_cpu',"
+    " a['overrides'], a['out'], {'train': {'uri': 's3://data/train'}}, 2, 1,"
+    " a['image'], a['ns'], 420, cpu_per_gpu=0.25, memory_gib_per_gpu=3,"
+    " scratch_gib=2))\n"
+    "else:\n"
+    "    print('RESULT', json.dumps(s.cleanup_step(a['launcher'], a['run'], a['ns'], a['state'])))\n")
 
-    assert step(step="pretrain") == "s3://ckpt/pipeline/pretrain"
+
+def _pipeline_step(kubeconfig: Path, check: bool = True, **kw) -> tuple[int, str]:
+    """One of the pipeline's step functions in a process of its own, as in a KFP step pod: (exit code, output)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import child_env
+
+    p = subprocess.run([sys.executable, "-c", STEP_CODE, json.dumps({"image": IMAGE, **kw})], capture_output=True,
+                       text=True, timeout=540, env=child_env({"KUBECONFIG": str(kubeconfig)}), cwd=str(ROOT))
+    out = p.stdout + p.stderr
+    if check:
+        assert p.returncode == 0, out[-4000:]
+        return p.returncode, next(ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")).split(" ", 1)[1]
+    return p.returncode, out
+
+
+def _step_overrides(*extra: str) -> list[str]:
+    return [t for t in tiny_train_tokens(Path("/unused"), Path("/unused"), "config.MACHINE.DEVICE=cpu",
+                                         "config.MODEL.TRUNK.RESNETS.DEPTH=18", "config.OPTIMIZER.num_epochs=1",
+                                         "config.DISTRIBUTED.TIMEOUT_SECONDS=30", *extra)[1:]
+            if not t.startswith(("config.DATA.TRAIN.DATA_PATHS=", "config.CHECKPOINT.DIR="))]
+
+
+def test_pipeline_steps_drive_a_real_job_as_the_launcher_account(cluster, finished, tmp_path):
+    """The pipeline's own step functions, in a process of their own as in a KFP step pod, authenticated with a real
+    token of the dcv2-launcher service account (TokenRequest): ``pretrain_step`` renders the job, creates it and
+    waits for it to succeed; the exit handler's ``cleanup_step`` keeps the run's jobs on a successful run
+    (COMPLETE) and deletes them on a failed one (FAILED), once."""
+    from dcv2_k8s.k8s.launcher import job_name
+
+    ns = finished["ns"]
+    kubeconfig = _launcher_kubeconfig(cluster, ns, tmp_path / "launcher.kubeconfig")
+    run = {"launcher": "pytorchjob", "run": "e2e-run-1", "ns": ns}
+    _, got = _pipeline_step(kubeconfig, step="pretrain", overrides=_step_overrides(), out="s3://ckpt/pipeline", **run)
+    assert got == "s3://ckpt/pipeline/pretrain"
     assert CheckpointManager("s3://ckpt/pipeline/pretrain").latest() is not None
-    name = job_name(run_id, "pretrain")
-    assert step(step="cleanup", state="COMPLETE") == "[]"
+    name = job_name(run["run"], "pretrain")
+    assert _pipeline_step(kubeconfig, step="cleanup", state="COMPLETE", **run)[1] == "[]"
     assert finished["launcher"].state(name) == "Succeeded"  # kept, with its logs
-    assert step(step="cleanup", state="FAILED") == f'["{name}"]'
-    assert step(step="cleanup", state="FAILED") == "[]"
+    assert _pipeline_step(kubeconfig, step="cleanup", state="FAILED", **run)[1] == f'["{name}"]'
+    assert _pipeline_step(kubeconfig, step="cleanup", state="FAILED", **run)[1] == "[]"
     _wait_for("the garbage collector deletes the job's pods", lambda: not _pods(cluster, ns, name), 60, cluster)
 
 
@@ -713,3 +787,291 @@ def test_before_the_fix_torchrun_as_main_process_turns_a_preemption_into_a_faile
         victim.metadata.uid, "pytorch"), 60, cluster)
     assert stopped[-1] < 128, stopped
     launcher.delete(name)
+
+
+# ------------------------------------------------------------------------------- what users type: kubectl
+KUBECTL = BIN / "bin" / "kubectl"
+
+
+def _user_checkout(cluster, where: Path, ns: str, files: dict[str, dict]) -> dict:
+    """A user's working copy: the manifests at their paths in the repository (tiny copies), ``kubectl`` on PATH and
+    a kubeconfig whose current namespace is ``ns``, set the way users set it (``kubectl config set-context``)."""
+    import os
+    import shutil
+
+    for rel, doc in files.items():
+        (where / rel).parent.mkdir(parents=True, exist_ok=True)
+        (where / rel).write_text(yaml.safe_dump(doc, sort_keys=False))
+    shutil.copy(cluster.kubeconfig, where / "kubeconfig")
+    env = {**os.environ, "KUBECONFIG": str(where / "kubeconfig"), "PATH": f"{KUBECTL.parent}:{os.environ['PATH']}"}
+    user = {"cwd": where, "env": env}
+    _sh(user, f"kubectl config set-context --current --namespace={ns}")
+    return user
+
+
+def _sh(user: dict, line: str, timeout: float = 120) -> str:
+    """One command line as a user types it (no shell: the words as the shell would split them)."""
+    import shlex
+    import subprocess
+
+    p = subprocess.run(shlex.split(line), cwd=user["cwd"], env=user["env"], capture_output=True, text=True,
+                       timeout=timeout)
+    assert p.returncode == 0, f"$ {line}\nexit {p.returncode}\n{p.stdout}{p.stderr}"
+    return p.stdout
+
+
+def _watch(user: dict, line: str, until: tuple[str, ...], timeout: float, cluster) -> list[str]:
+    """A ``kubectl get ... -w`` left running as a user leaves it: its lines until one shows a state of ``until``."""
+    import queue
+    import shlex
+    import subprocess
+    import threading
+
+    p = subprocess.Popen(shlex.split(line), cwd=user["cwd"], env=user["env"], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(ln.rstrip("\n")) for ln in p.stdout], daemon=True).start()
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                seen.append(lines.get(timeout=1))
+            except queue.Empty:
+                assert p.poll() is None, f"$ {line} ended with {p.returncode}: {seen}"
+                continue
+            if any(re.search(rf"\s{u}\s", seen[-1] + " ") for u in until):
+                return seen
+        raise AssertionError(f"$ {line}: none of {until} within {timeout:.0f} s: {seen}\n" + cluster.dump())
+    finally:
+        p.terminate()
+        p.wait(timeout=10)
+
+
+def _doc_commands(doc: str, first: str) -> list[str]:
+    """The commands of the ```bash block of docs/``doc`` that contains ``first``, parsed as
+    tests/test_doc_commands.py parses every block (comments dropped)."""
+    from tests.test_doc_commands import _commands
+
+    text = (ROOT / "docs" / doc).read_text()
+    for block in re.findall(r"^```bash\n(.*?)^```", text, re.S | re.M):
+        if first in block:
+            return _commands(block)
+    raise AssertionError(f"docs/{doc} has no bash block with {first!r}")
+
+
+# ------------------------------------------------------------------ Kubeflow Trainer v2.3 and JobSet, for real
+def tiny_trainjob(name: str, ckpt: str, *extra: str) -> tuple[dict, dict]:
+    """manifests/trainjob/runtime-dcv2-torch.yaml and manifests/trainjob-r50.yaml as users get them, with the tiny
+    overrides of ``tiny_job`` appended to the TrainJob's own arguments (the run stages s3://data/train itself), one
+    CPU process per node, resources this node has and the image ``make image`` imported."""
+    rt = yaml.safe_load((MAN / "trainjob" / "runtime-dcv2-torch.yaml").read_text())
+    for j in rt["spec"]["template"]["spec"]["replicatedJobs"]:
+        for c in j["template"]["spec"]["template"]["spec"]["containers"]:
+            c["image"] = IMAGE
+    tj = yaml.safe_load((MAN / "trainjob-r50.yaml").read_text())
+    tj["metadata"]["name"] = name
+    t = tj["spec"]["trainer"]
+    t["image"], t["numProcPerNode"] = IMAGE, 1
+    t["resourcesPerNode"] = copy.deepcopy(TINY_RESOURCES["pytorch"])
+    assert "config.DATA.TRAIN.STAGE_DIR=/data/train" in t["args"], t["args"]
+    t["args"] = t["args"] + _tiny_tokens(name, ckpt, "s3://data", *extra)
+    for e in t["env"]:
+        if e["name"] == "OMP_NUM_THREADS":
+            e["value"] = "1"
+    t["env"].append({"name": "DCV2_TRAINER_STATUS_INTERVAL", "value": "1"})  # the run lasts seconds
+    return rt, tj
+
+
+def _jobset_pods(cluster, ns: str, name: str):
+    from kubernetes import client
+
+    return client.CoreV1Api(cluster.api_client()).list_namespaced_pod(
+        ns, label_selector=f"jobset.sigs.k8s.io/jobset-name={name}").items
+
+
+def _index(pod) -> str:
+    return (pod.metadata.annotations or {}).get("batch.kubernetes.io/job-completion-index", "")
+
+
+@pytest.fixture(scope="module")
+def trained(cluster, bucket, finished, tmp_path_factory):
+    """The docs' Trainer v2 block typed as it is with the real kubectl, in a user's checkout holding tiny copies of
+    the runtime and trainjob-r50.yaml: the runtime and the TrainJob applied, then ``kubectl get trainjob dcv2-r50
+    -w`` left running until the TrainJob is Complete (or Failed). Runs after the PyTorchJob of the same settings."""
+    ns = _namespace(cluster, "trainer", bucket)
+    history = PodHistory(cluster.api_client(), ns)
+    rt, tj = tiny_trainjob("dcv2-r50", "s3://ckpt/dcv2-r50-trainjob")
+    user = _user_checkout(cluster, tmp_path_factory.mktemp("user-trainjob"), ns,
+                          {"manifests/trainjob/runtime-dcv2-torch.yaml": rt, "manifests/trainjob-r50.yaml": tj})
+    docs = _doc_commands("trainer-v2.md", "kubectl apply -f manifests/trainjob/runtime-dcv2-torch.yaml")
+    assert docs[:3] == ["kubectl apply -f manifests/trainjob/runtime-dcv2-torch.yaml",
+                        "kubectl apply -f manifests/trainjob-r50.yaml", "kubectl get trainjob dcv2-r50 -w"], docs
+    t0 = time.time()
+    applied = [_sh(user, docs[0]), _sh(user, docs[1])]
+    watched = _watch(user, docs[2], ("Complete", "Failed"), 480, cluster)
+    yield {"ns": ns, "user": user, "docs": docs, "applied": applied, "watched": watched, "history": history,
+           "seconds": time.time() - t0, "pods": _jobset_pods(cluster, ns, "dcv2-r50")}
+    history.stop()
+
+
+def test_trainjob_r50_runs_to_complete_on_trainer_and_jobset(cluster, trained):
+    """TrainJob -> JobSet -> indexed Job -> pods, each step the real controller's: Trainer's torch plugin gives the
+    two pods PET_NNODES / PET_NODE_RANK (the Job's completion index through the kubelet's downward API) /
+    PET_MASTER_ADDR (``dcv2-r50-node-0-0.dcv2-r50``, the JobSet's headless Service, answered by CoreDNS), dcv2 stages
+    the data in each pod and torchrun's static rendezvous joins them; the TrainJob ends Complete with the last
+    checkpoint in S3 and weights bitwise equal to the PyTorchJob of the same settings. Then the rest of the docs'
+    block as typed: the pods by their JobSet label, and ``kubectl logs -f`` of node 0's pod (rank 0)."""
+    user, docs, watched = trained["user"], trained["docs"], trained["watched"]
+    assert "trainingruntime.trainer.kubeflow.org/dcv2-torch created" in trained["applied"][0], trained["applied"]
+    assert "trainjob.trainer.kubeflow.org/dcv2-r50 created" in trained["applied"][1], trained["applied"]
+    assert re.match(r"dcv2-r50\s+Complete\s", watched[-1]), (watched, cluster.dump())
+    pods = sorted(trained["pods"], key=_index)
+    assert [_index(p) for p in pods] == ["0", "1"], [p.metadata.name for p in pods]
+    for i, p in enumerate(pods):
+        assert p.metadata.name.startswith(f"dcv2-r50-node-0-{i}-"), p.metadata.name
+        assert (p.spec.hostname, p.spec.subdomain) == (f"dcv2-r50-node-0-{i}", "dcv2-r50")
+        assert p.status.phase == "Succeeded" and [c.name for c in p.spec.containers] == ["node"]
+        env = {e.name: e for e in p.spec.containers[0].env}
+        assert env["PET_NNODES"].value == "2" and env["PET_NPROC_PER_NODE"].value == "1"
+        assert env["PET_MASTER_ADDR"].value == "dcv2-r50-node-0-0.dcv2-r50"
+        assert env["PET_NODE_RANK"].value_from.field_ref.field_path == \
+            "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    latest = CheckpointManager("s3://ckpt/dcv2-r50-trainjob").latest()
+    assert latest is not None and latest["global_step"] == TOTAL, latest
+    _assert_same_weights("s3://ckpt/dcv2-r50-trainjob", "s3://ckpt/dcv2-e2e")
+    # progress through Trainer's own status server (TrainJobStatus): rank 0 posted with the URL, CA and projected
+    # token Trainer injected, the server checked the token against the cluster's issuer and wrote the status
+    import json
+
+    assert docs[3] == "kubectl get trainjob dcv2-r50 -o jsonpath='{.status.trainerStatus}'", docs
+    status = json.loads(_sh(user, docs[3]) or "{}")
+    assert status.get("progressPercentage") == 100, (status, cluster.log_tail("trainer-controller-manager"))
+    got_metrics = {m["name"]: m["value"] for m in status["metrics"]}
+    assert got_metrics["global_step"] == str(TOTAL) and "loss" in got_metrics, status
+    env = {e.name: e.value for e in pods[0].spec.containers[0].env}
+    assert env["KUBEFLOW_TRAINER_SERVER_URL"].startswith(
+        "https://kubeflow-trainer-controller-manager.kubeflow-system.svc:"), env
+    # the docs' next lines, as typed (the pod's hash filled in, as a user copies it from the listing)
+    assert docs[4] == "kubectl get pods -l jobset.sigs.k8s.io/jobset-name=dcv2-r50", docs
+    listing = _sh(user, docs[4])
+    names = re.findall(r"^(dcv2-r50-node-0-\d-\w+)\s", listing, re.M)
+    assert sorted(names) == sorted(p.metadata.name for p in pods), listing
+    assert docs[5] == "kubectl logs -f dcv2-r50-node-0-0-<hash>", docs
+    rank0 = _sh(user, docs[5].replace("dcv2-r50-node-0-0-<hash>", pods[0].metadata.name))
+    other = _sh(user, docs[5].replace("dcv2-r50-node-0-0-<hash>", pods[1].metadata.name))
+    assert "2 processes x batch 16" in rank0 and "2 processes x batch 16" not in other, rank0[-2000:]
+    assert "data: staging s3://data/train to /data/train" in rank0 + other, rank0[-2000:]
+    # the pipeline's launcher finds rank 0's pod the same way
+    from dcv2_k8s.k8s.kinds import TRAINJOB
+
+    lx = JobLauncher(None, __import__("kubernetes").client.CoreV1Api(cluster.api_client()), trained["ns"],
+                     kind=TRAINJOB, own_pod="")
+    assert lx.lead_pod("dcv2-r50").metadata.name == pods[0].metadata.name
+
+
+def test_trainjob_deleted_pod_is_retried_and_the_run_resumes_bitwise(cluster, bucket, trained):
+    """The pipeline's launcher (kind TrainJob, as dcv2-launcher) creates a TrainJob and re-attaches to it; a pod
+    deleted mid-run gets SIGTERM, dcv2 commits a checkpoint and exits 143, which the runtime's podFailurePolicy
+    neither fails nor ignores, so the Job controller counts it against backoffLimit (3) and recreates the pod of
+    that index (rank 0's node, which lost its peer, exits and is recreated the same way). Both resume from the
+    checkpoint and the TrainJob ends Complete with weights bitwise equal to the uninterrupted run's."""
+    from kubernetes import client
+
+    from dcv2_k8s.k8s.kinds import TRAINJOB
+
+    ns, name = trained["ns"], "dcv2-r50-del"
+    ckpt = f"s3://ckpt/{name}"
+    lines: list[str] = []
+    api = cluster.api_client(impersonate=f"system:serviceaccount:{ns}:{LAUNCHER_SA}")
+    launcher = JobLauncher(client.CustomObjectsApi(api), client.CoreV1Api(api), ns, poll_seconds=1.0,
+                           log=lines.append, own_pod="", kind=TRAINJOB)
+    _, job = tiny_trainjob(name, ckpt)
+    assert launcher.launch(job) == launcher.launch(job) == name
+    assert any("exists already (a retried step): attaching to it" in ln for ln in lines), lines
+    mgr = CheckpointManager(ckpt)
+    first = _wait_for("a first committed checkpoint", lambda: mgr.latest(), 300, cluster, poll=0.3)
+    victim = next(p for p in _jobset_pods(cluster, ns, name) if _index(p) == "1")
+    client.CoreV1Api(cluster.api_client()).delete_namespaced_pod(victim.metadata.name, ns)
+    _wait_for("a new pod of index 1 made by the Job controller", lambda: any(
+        _index(p) == "1" and p.metadata.uid != victim.metadata.uid for p in _jobset_pods(cluster, ns, name)),
+        180, cluster)
+    assert launcher.wait(name, timeout_seconds=480) == "Complete", "\n".join(lines[-50:])
+    codes = trained["history"].exit_codes(victim.metadata.uid, "node")
+    assert codes == [143], codes
+    assert mgr.latest()["global_step"] == TOTAL and first["global_step"] < TOTAL
+    _assert_same_weights(ckpt, "s3://ckpt/dcv2-r50-trainjob")
+    assert any(f"[{name}-node-0-0-" in ln for ln in lines), lines[-20:]  # node 0's log streamed by the launcher
+    assert launcher.delete(name) is True
+
+
+def test_trainjob_pipeline_steps_config_mistake_fails_at_once_and_is_cleaned_up(cluster, trained, tmp_path):
+    """The pipeline's steps with ``launcher=trainjob``, each in a process of its own with a real token of
+    dcv2-launcher: ``pretrain_step`` creates the TrainJob on our runtime; a config mistake exits 2 in both pods, the
+    runtime's podFailurePolicy (FailJob on 1, 2, 3) fails the Job at once with no pod recreated, JobSet fails and
+    Trainer marks the TrainJob Failed; the step fails with node 0's last log lines. The step's retry re-attaches to
+    the same TrainJob (no second one) and fails the same way. The exit handler keeps the job on COMPLETE and deletes
+    it on FAILED, once."""
+    from kubernetes import client
+
+    from dcv2_k8s.k8s.launcher import job_name
+
+    ns = trained["ns"]
+    kubeconfig = _launcher_kubeconfig(cluster, ns, tmp_path / "launcher.kubeconfig")
+    run = {"launcher": "trainjob", "run": "e2e-trainjob-1", "ns": ns}
+    name = job_name(run["run"], "pretrain")
+    bad = _step_overrides("config.OPTIMIZER.num_epochs=banana")
+    code, out = _pipeline_step(kubeconfig, check=False, step="pretrain", overrides=bad, out="s3://ckpt/tj-bad", **run)
+    assert code != 0 and "num_epochs" in out and f"TrainJob {ns}/{name}" in out, out[-3000:]
+    pods = _jobset_pods(cluster, ns, name)
+    codes = [c.state.terminated.exit_code for p in pods for c in p.status.container_statuses or []
+             if c.state.terminated]
+    assert codes and set(codes) <= {2}, codes
+    assert len(trained["history"].uids(f"{name}-node-0-")) == 2  # no pod was ever recreated
+    batch = client.BatchV1Api(cluster.api_client())
+    failed = [c for c in batch.read_namespaced_job(f"{name}-node-0", ns).status.conditions if c.type == "Failed"]
+    assert failed and failed[0].reason == "PodFailurePolicy", failed
+    code, again = _pipeline_step(kubeconfig, check=False, step="pretrain", overrides=bad, out="s3://ckpt/tj-bad",
+                                 **run)
+    assert code != 0 and "exists already (a retried step): attaching to it" in again, again[-3000:]
+    tjs = client.CustomObjectsApi(cluster.api_client()).list_namespaced_custom_object(
+        "trainer.kubeflow.org", "v1alpha1", ns, "trainjobs")["items"]
+    assert [t["metadata"]["name"] for t in tjs].count(name) == 1
+    assert _pipeline_step(kubeconfig, step="cleanup", state="COMPLETE", **run)[1] == "[]"
+    assert _pipeline_step(kubeconfig, step="cleanup", state="FAILED", **run)[1] == f'["{name}"]'
+    assert _pipeline_step(kubeconfig, step="cleanup", state="FAILED", **run)[1] == "[]"
+    _wait_for("the garbage collector deletes the JobSet's pods", lambda: not _jobset_pods(cluster, ns, name), 60,
+              cluster)
+
+
+def test_kubeflow_sdk_trainer_client_runs_our_runtime(cluster, trained):
+    """The Kubeflow SDK (``kubeflow`` 0.5.0, TrainerClient) as a notebook user drives it: finds our ``dcv2-torch``
+    runtime (its framework label, the ``node`` step), starts a TrainJob on it with our image and ``dcv2 train``
+    command, waits for Complete, reads node 0's log, lists and deletes it."""
+    from kubeflow.trainer import CustomTrainerContainer, KubernetesBackendConfig, TrainerClient
+    from kubeflow.trainer.options import Name, TrainerArgs, TrainerCommand
+
+    ns = trained["ns"]
+    tc = TrainerClient(KubernetesBackendConfig(namespace=ns, config_file=str(cluster.kubeconfig)))
+    runtime = tc.get_runtime("dcv2-torch")
+    assert runtime.trainer.framework == "torch" and runtime.trainer.num_nodes == 1
+    args = ["train", "config=pretrain/deepcluster_v2/deepclusterv2_2crops_resnet",
+            "config.DATA.TRAIN.STAGE_DIR=/data/train",
+            *_tiny_tokens("dcv2-sdk", "s3://ckpt/dcv2-sdk", "s3://data", "config.OPTIMIZER.num_epochs=1")]
+    # CustomTrainerContainer has no processes-per-node field: Trainer's torch plugin then passes "auto" when the node
+    # asks for GPUs (torchrun: one process per visible GPU) and the node's CPU count when it does not
+    # (pkg/runtime/framework/plugins/torch/torch.go, EnforceMLPolicy); this CPU run asks for 1 CPU, so 1 process
+    name = tc.train(runtime=runtime, trainer=CustomTrainerContainer(
+        image=IMAGE, num_nodes=1, resources_per_node={"cpu": 1, "memory": "4Gi"}, env={"OMP_NUM_THREADS": "1"}),
+        options=[Name("dcv2-sdk"), TrainerCommand(["dcv2"]), TrainerArgs(args)])
+    assert name == "dcv2-sdk"
+    job = tc.wait_for_job_status(name, status={"Complete"}, timeout=300, polling_interval=2)
+    assert job.status == "Complete" and [s.name for s in job.steps] == ["node-0"], job
+    pod = _jobset_pods(cluster, ns, name)[0]
+    assert {e.name: e.value for e in pod.spec.containers[0].env}["PET_NPROC_PER_NODE"] == "1"
+    log = "\n".join(tc.get_job_logs(name))
+    assert "1 process x batch 16" in log and "training finished: 1 epochs, 15 steps" in log, log[-2000:]
+    assert name in [j.name for j in tc.list_jobs()]
+    tc.delete_job(name)
+    _wait_for("the TrainJob deleted", lambda: name not in [j.name for j in tc.list_jobs()], 60, cluster)
+    assert CheckpointManager("s3://ckpt/dcv2-sdk").latest()["global_step"] == 15  # 240 images, 1 process x 16

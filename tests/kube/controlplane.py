@@ -1,7 +1,9 @@
 """A real Kubernetes control plane on 127.0.0.1 for the end-to-end tests: etcd, kube-apiserver (RBAC and Pod
 Security admission on, webhooks resolved through EndpointSlices), kube-controller-manager (garbage collector,
-namespace and service-account controllers, ...) and the Kubeflow training operator v1.9 with its validating
-webhook, all built by ``make controlplane`` from the Go module proxy (binaries in ``CONTROLPLANE_DIR``).
+namespace and service-account controllers, ...), the Kubeflow training operator v1.9 with its validating
+webhook, and Kubeflow Trainer v2.3.0's controller manager with JobSet v0.12.0, each with its mutating and validating
+webhooks, all built by ``make controlplane`` and ``make trainer`` from the Go module proxy (binaries in
+``CONTROLPLANE_DIR``).
 
 Test infrastructure only. The node (kubelet, containerd, CNI, CoreDNS, kube-scheduler) is ``node.py``.
 Every process is started by this module and stopped by PID (SIGTERM, then SIGKILL) in ``stop()``.
@@ -25,12 +27,21 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("CONTROLPLANE_DIR", ROOT / "build" / "controlplane"))
-BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "training-operator.v1")
+BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "training-operator.v1", "trainer-controller-manager",
+            "jobset")
 OPERATOR_NS = "kubeflow"
 WEBHOOK_SERVICE = "training-operator"   # the operator's --webhook-service-name default
 WEBHOOK_CONFIG = "validator.training-operator.kubeflow.org"  # cmd/training-operator.v1/main.go
 WEBHOOK_SECRET = "training-operator-webhook-cert"
 CERT_DIR = Path("/tmp/k8s-webhook-server/serving-certs")  # the operator's pkg/cert/cert.go certDir (fixed)
+# Kubeflow Trainer v2.3.0 and JobSet v0.12.0 (``make trainer``): CRDs and kustomized webhook configurations from their
+# modules in BIN/trainer. Trainer's namespace is its default when no service-account namespace file exists
+# (pkg/config: kubeflow-system); the Service and webhook configuration names are those its manifests install.
+TRAINER_NS = "kubeflow-system"
+TRAINER_SERVICE = "kubeflow-trainer-controller-manager"
+TRAINER_SECRET = "kubeflow-trainer-webhook-cert"  # the status server's CA for the pods comes from it (ca.crt)
+JOBSET_NS = "jobset-system"
+JOBSET_SERVICE = "jobset-webhook-service"
 
 
 def missing_binaries() -> list[str]:
@@ -168,13 +179,15 @@ class ControlPlane:
     def server(self) -> str:
         return f"https://127.0.0.1:{self.api_port}"
 
-    def _spawn(self, name: str, args: list[str], env: dict | None = None) -> None:
+    def _spawn(self, name: str, args: list[str], env: dict | None = None, wrap: tuple = ()) -> None:
+        """Start ``name`` from BIN/bin with ``args``; ``wrap``: a command line that execs it (the binary and its
+        arguments appended)."""
         log = self.dir / f"{name}.log"
         self.logs[name] = log
-        self._argv[name] = (args, env)
-        self.procs[name] = subprocess.Popen([str(BIN / "bin" / name.split(":")[0]), *args], stdout=log.open("a"),
-                                            stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                            cwd=self.dir, start_new_session=True)
+        self._argv[name] = (args, env, wrap)
+        self.procs[name] = subprocess.Popen([*wrap, str(BIN / "bin" / name.split(":")[0]), *args],
+                                            stdout=log.open("a"), stderr=subprocess.STDOUT,
+                                            env={**os.environ, **(env or {})}, cwd=self.dir, start_new_session=True)
 
     def _stop_one(self, name: str) -> None:
         p = self.procs[name]
@@ -244,7 +257,9 @@ class ControlPlane:
             "--authorization-mode=RBAC", "--enable-admission-plugins=PodSecurity,ValidatingAdmissionWebhook,"
             "MutatingAdmissionWebhook,ServiceAccount,NamespaceLifecycle",
             "--service-cluster-ip-range=10.0.0.0/24", "--enable-aggregator-routing=true",
-            "--service-account-issuer=https://kubernetes.default.svc",
+            # the first issuer signs: one that processes on this machine can reach for OIDC discovery (Trainer's
+            # status server verifies the pods' projected tokens through it), the in-cluster name accepted too
+            f"--service-account-issuer={self.server}", "--service-account-issuer=https://kubernetes.default.svc",
             f"--service-account-key-file={d / 'sa.pub'}", f"--service-account-signing-key-file={d / 'sa.key'}",
             f"--kubelet-client-certificate={d / 'admin.crt'}", f"--kubelet-client-key={d / 'admin.key'}",
             f"--kubelet-certificate-authority={d / 'ca.crt'}",
@@ -321,14 +336,7 @@ class ControlPlane:
         self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NS}})
         self.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": WEBHOOK_SECRET,
                                                                         "namespace": OPERATOR_NS}})
-        self.apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": WEBHOOK_SERVICE,
-                                                                         "namespace": OPERATOR_NS},
-                    "spec": {"ports": [{"name": "webhook", "port": 443, "targetPort": self.webhook_port}]}})
-        self.apply({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                    "metadata": {"name": WEBHOOK_SERVICE, "namespace": OPERATOR_NS,
-                                 "labels": {"kubernetes.io/service-name": WEBHOOK_SERVICE}},
-                    "addressType": "IPv4", "ports": [{"name": "webhook", "port": self.webhook_port}],
-                    "endpoints": [{"addresses": [self.host_ip], "conditions": {"ready": True}}]})
+        self._route(OPERATOR_NS, WEBHOOK_SERVICE, {"webhook": self.webhook_port})
         hooks = yaml.safe_load((BIN / "operator" / "webhook.yaml").read_text())
         hooks["metadata"] = {"name": WEBHOOK_CONFIG}
         for h in hooks["webhooks"]:
@@ -359,6 +367,149 @@ class ControlPlane:
             120)
         self._wait("operator webhook server", lambda: socket.create_connection(
             (self.host_ip, self.webhook_port), timeout=2).close() is None, 120)
+
+    def _route(self, namespace: str, service: str, ports: dict[str, int], address: str | None = None,
+               headless: bool = False) -> None:
+        """A selectorless Service (port ``name`` -> ``ports[name]``; the webhook one as port 443) and its
+        EndpointSlice at ``address`` (this machine's by default): the API server calls webhooks at a Service's
+        endpoints (--enable-aggregator-routing). ``headless``: CoreDNS answers the Service's name with that address
+        too, which is how pods reach a process on this machine (no kube-proxy here)."""
+        spec = {"ports": [{"name": n, "port": 443 if n == "webhook" else p, "targetPort": p}
+                          for n, p in ports.items()]}
+        if headless:
+            spec["clusterIP"] = "None"
+        self.apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": service, "namespace": namespace},
+                    "spec": spec})
+        self.apply({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                    "metadata": {"name": service, "namespace": namespace,
+                                 "labels": {"kubernetes.io/service-name": service}},
+                    "addressType": "IPv4", "ports": [{"name": n, "port": p} for n, p in ports.items()],
+                    "endpoints": [{"addresses": [address or self.host_ip], "conditions": {"ready": True}}]})
+
+    # ------------------------------------------------------------------------------------ Trainer and JobSet
+    def _serving_cert(self, cert_dir: Path, namespace: str, service: str) -> bytes:
+        """``tls.crt``/``tls.key`` for ``service``'s webhook server, issued by this cluster's CA, written to
+        ``cert_dir`` (where controller-runtime's webhook server reads them); returns the CA for the caBundle."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        ca = x509.load_pem_x509_certificate((self.dir / "ca.crt").read_bytes())
+        ca_key = serialization.load_pem_private_key((self.dir / "ca.key").read_bytes(), None)
+        key = _key()
+        cert = _cert(f"{service}.{namespace}.svc", key, ca, ca_key,
+                     dns=(service, f"{service}.{namespace}", f"{service}.{namespace}.svc",
+                          f"{service}.{namespace}.svc.cluster.local"))
+        cert_dir.mkdir(parents=True, exist_ok=True)
+        (cert_dir / "tls.crt").write_bytes(_pem_cert(cert))
+        (cert_dir / "tls.key").write_bytes(_pem_key(key))
+        return (self.dir / "ca.crt").read_bytes()
+
+    def _webhooks(self, path: Path, namespace: str, service: str, port: int, ca: bytes, prefix: str = "") -> None:
+        """The webhook configurations of ``path`` (kustomized from the project's module) pointed at ``service``,
+        with this cluster's CA; the Service objects in the file are replaced by ``_route``'s."""
+        bundle = base64.b64encode(ca).decode()
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc or doc["kind"] not in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"):
+                continue
+            doc["metadata"] = {"name": prefix + doc["metadata"]["name"]}
+            for h in doc["webhooks"]:
+                h["clientConfig"]["service"].update({"name": service, "namespace": namespace, "port": 443})
+                h["clientConfig"]["caBundle"] = bundle
+            self.apply(doc)
+
+    def _crds(self, *files: str) -> None:
+        from kubernetes import client
+
+        ext = client.ApiextensionsV1Api(self.api_client())
+        names = []
+        for f in files:
+            crd = yaml.safe_load((BIN / "trainer" / f).read_text())
+            self.apply(crd)
+            names.append(crd["metadata"]["name"])
+
+        def established():
+            return all(any(x.type == "Established" and x.status == "True"
+                           for x in (ext.read_custom_resource_definition(n).status.conditions or []))
+                       for n in names)
+        self._wait(f"CRDs {names}", established, 60)
+
+    def install_trainer(self, pod_address: str | None = None) -> None:
+        """JobSet, then Kubeflow Trainer, as their releases install them: CRDs (JobSet's before Trainer starts: Trainer
+        watches JobSets), namespaces, webhook configurations (failurePolicy Fail) whose calls reach these processes.
+        Each gets a serving certificate from this cluster's CA in a directory of its own (its rotator off: JobSet's
+        ``internalCertManagement.enable``, Trainer's ``certManagement.enable``), leader election off, its metrics
+        server off and its probe and webhook ports free ones. ``pod_address``: an address of this machine the pods
+        reach (the node's bridge), where Trainer's status server is found by its Service's name; without it the
+        Service points at this machine's address for the API server only."""
+        self._crds("jobset.x-k8s.io_jobsets.yaml")
+        for ns in (JOBSET_NS, TRAINER_NS):
+            self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+        # JobSet: apis/config/v1alpha1 Configuration (webhook.certDir, internalCertManagement); flags win over it
+        js_port, js_certs = free_port(), self.dir / "jobset-certs"
+        ca = self._serving_cert(js_certs, JOBSET_NS, JOBSET_SERVICE)
+        self._route(JOBSET_NS, JOBSET_SERVICE, {"webhook": js_port})
+        cfg = self.dir / "jobset-config.yaml"
+        cfg.write_text(yaml.safe_dump({
+            "apiVersion": "config.jobset.x-k8s.io/v1alpha1", "kind": "Configuration",
+            "webhook": {"port": js_port, "certDir": str(js_certs)},
+            "internalCertManagement": {"enable": False}, "leaderElection": {"leaderElect": False}}))
+        self._webhooks(BIN / "trainer" / "jobset-webhooks.yaml", JOBSET_NS, JOBSET_SERVICE, js_port, ca, "jobset-")
+        self._spawn("jobset", [f"--config={cfg}", "--leader-elect=false", "--metrics-bind-address=0",
+                               f"--health-probe-bind-address=127.0.0.1:{free_port()}", "--zap-log-level=info"],
+                    env={"KUBECONFIG": str(self.kubeconfig)})
+        self._wait("JobSet webhook server", lambda: socket.create_connection(
+            (self.host_ip, js_port), timeout=2).close() is None, 120)
+        # Trainer: pkg/config Configuration (unknown fields are fatal), with the TrainJobStatus feature and its
+        # status server. Its webhook server and the status server both read the serving certificate from
+        # /tmp/k8s-webhook-server/serving-certs (controller-runtime's default under os.TempDir(), and pkg/util/cert
+        # certDir, fixed), the directory the training operator uses too; the status server finds the token issuer
+        # from the service-account token file (pkg/statusserver/auth.go getClusterOIDCIssuerURL). Trainer runs in a
+        # mount namespace of its own where its certificates are bound over that directory and its service account's
+        # token and namespace lie at /var/run/secrets/kubernetes.io/serviceaccount, as in its pod: nothing of
+        # that is seen (or left) on this machine.
+        self._crds("trainer.kubeflow.org_trainjobs.yaml", "trainer.kubeflow.org_trainingruntimes.yaml",
+                   "trainer.kubeflow.org_clustertrainingruntimes.yaml")
+        from kubernetes import client
+
+        core = client.CoreV1Api(self.api_client())
+        tr_port, self.trainer_status_port = free_port(), free_port()
+        tr_certs = self.dir / "trainer-webhook-server" / CERT_DIR.name
+        ca = self._serving_cert(tr_certs, TRAINER_NS, TRAINER_SERVICE)
+        self.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": TRAINER_SECRET, "namespace": TRAINER_NS},
+                    "data": {k: base64.b64encode(v).decode() for k, v in (
+                        ("ca.crt", ca), ("tls.crt", (tr_certs / "tls.crt").read_bytes()),
+                        ("tls.key", (tr_certs / "tls.key").read_bytes()))}})
+        self._route(TRAINER_NS, TRAINER_SERVICE, {"webhook": tr_port, "status": self.trainer_status_port},
+                    address=pod_address, headless=pod_address is not None)
+        self.apply({"apiVersion": "v1", "kind": "ServiceAccount",
+                    "metadata": {"name": TRAINER_SERVICE, "namespace": TRAINER_NS}})
+        sa = self.dir / "trainer-sa"
+        sa.mkdir(exist_ok=True)
+        (sa / "namespace").write_text(TRAINER_NS)
+        (sa / "token").write_text(core.create_namespaced_service_account_token(
+            TRAINER_SERVICE, TRAINER_NS, {"spec": {"expirationSeconds": 86400}}).status.token)
+        self.trainer_health = f"127.0.0.1:{free_port()}"
+        cfg = self.dir / "trainer-config.yaml"
+        cfg.write_text(yaml.safe_dump({
+            "apiVersion": "config.trainer.kubeflow.org/v1alpha1", "kind": "Configuration",
+            "webhook": {"port": tr_port}, "metrics": {"bindAddress": "0"},
+            "health": {"healthProbeBindAddress": self.trainer_health},
+            "leaderElection": {"leaderElect": False},
+            "certManagement": {"enable": False, "webhookServiceName": TRAINER_SERVICE,
+                               "webhookSecretName": TRAINER_SECRET},
+            "statusServer": {"port": self.trainer_status_port},
+            "featureGates": {"TrainJobStatus": True}}))
+        self._webhooks(BIN / "trainer" / "trainer-webhooks.yaml", TRAINER_NS, TRAINER_SERVICE, tr_port, ca)
+        CERT_DIR.parent.mkdir(parents=True, exist_ok=True)  # the mount point (the operator's directory)
+        own_mounts = ("set -e; mount --bind \"$1\" \"$3\"; mount -t tmpfs -o size=1m,mode=0755 dcv2-trainer /run; "
+                      "d=/run/secrets/kubernetes.io/serviceaccount; mkdir -p $d; cp \"$2/token\" \"$2/namespace\" $d/; "
+                      "shift 3; exec \"$@\"")
+        self._spawn("trainer-controller-manager", [f"--config={cfg}", "--zap-log-level=info"],
+                    env={"KUBECONFIG": str(self.kubeconfig)},
+                    wrap=("unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", own_mounts,
+                          "sh", str(tr_certs.parent), str(sa), str(CERT_DIR.parent)))
+        self._wait("Trainer ready (webhook server started)", lambda: urllib.request.urlopen(
+            f"http://{self.trainer_health}/readyz", timeout=2).status == 200, 120)
 
     # -------------------------------------------------------------------------------------------- teardown
     def stop(self) -> None:
