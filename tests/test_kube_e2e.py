@@ -1009,7 +1009,7 @@ def test_trainjob_pipeline_steps_config_mistake_fails_at_once_and_is_cleaned_up(
     """The pipeline's steps with ``launcher=trainjob``, each in a process of its own with a real token of
     dcv2-launcher: ``pretrain_step`` creates the TrainJob on our runtime; a config mistake exits 2 in both pods, the
     runtime's podFailurePolicy (FailJob on 1, 2, 3) fails the Job at once with no pod recreated, JobSet fails and
-    Trainer marks the TrainJob Failed; the step fails with node 0's last log lines. The step's retry re-attaches to
+    Trainer marks the TrainJob Failed; the step fails with the failed pod's last log lines. The step's retry re-attaches to
     the same TrainJob (no second one) and fails the same way. The exit handler keeps the job on COMPLETE and deletes
     it on FAILED, once."""
     from kubernetes import client
