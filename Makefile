@@ -33,8 +33,8 @@ KUBE_LDFLAGS := -s -w -X k8s.io/component-base/version.gitVersion=v1.36.3 \
 COREDNS_VERSION := v1.15.0
 NODE_STAMP := $(CP_DIR)/.built-node-v1.36.3-coredns-$(COREDNS_VERSION)
 # Kubeflow Trainer v2's controller manager and JobSet at the version Trainer's go.mod requires, from one wrapper module
-# (controlplane/trainer/go.mod: the module proxy answers no version listing for JobSet, so no `go install @version`);
-# their CRDs and webhook configurations (kustomized by the kubectl built above) next to them in $(CP_DIR)/trainer.
+# (controlplane/trainer/go.mod), so both build against the dependency versions Trainer's go.mod selects; their CRDs
+# and webhook configurations (kustomized by the kubectl built above) next to them in $(CP_DIR)/trainer.
 TRAINER_VERSION := v2.3.0
 JOBSET_VERSION := v0.12.0
 TRAINER_STAMP := $(CP_DIR)/.built-trainer-$(TRAINER_VERSION)-jobset-$(JOBSET_VERSION)

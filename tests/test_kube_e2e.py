@@ -42,7 +42,7 @@ TOTAL = 14  # 2 epochs x 7 steps (240 images, 2 pods x batch 16)
 def cluster(tmp_path_factory):
     if missing_binaries():
         pytest.fail(f"control-plane binaries missing in {BIN / 'bin'}: {missing_binaries()}; "
-                    "`make test` builds them (`make controlplane`)")
+                    "`make test` builds them (`make controlplane trainer`)")
     if node_missing():
         pytest.fail(f"the real node cannot run here: {node_missing()}; `make test` builds and installs them")
     d = tmp_path_factory.mktemp("kube")
@@ -415,7 +415,7 @@ def test_the_docs_kubectl_commands_and_the_training_sdk_on_the_pytorchjob(cluste
     job = tc.get_job(finished["name"])
     assert job.metadata.name == "dcv2-r50" and job.spec.pytorch_replica_specs["Worker"].replicas == 2
     assert tc.is_job_succeeded(finished["name"])
-    done = tc.wait_for_job_conditions(finished["name"], timeout=60, polling_interval=1)
+    done = tc.wait_for_job_conditions(finished["name"], wait_timeout=60, polling_interval=1)
     assert done.status.conditions[-1].type == "Succeeded"
     logs, _ = tc.get_job_logs(finished["name"])
     assert "2 processes x batch 16" in logs["dcv2-r50-worker-0"], logs.keys()
@@ -803,7 +803,9 @@ def _user_checkout(cluster, where: Path, ns: str, files: dict[str, dict]) -> dic
         (where / rel).parent.mkdir(parents=True, exist_ok=True)
         (where / rel).write_text(yaml.safe_dump(doc, sort_keys=False))
     shutil.copy(cluster.kubeconfig, where / "kubeconfig")
-    env = {**os.environ, "KUBECONFIG": str(where / "kubeconfig"), "PATH": f"{KUBECTL.parent}:{os.environ['PATH']}"}
+    # kubectl's discovery and HTTP caches in the checkout too (by default under $HOME/.kube/cache)
+    env = {**os.environ, "KUBECONFIG": str(where / "kubeconfig"), "KUBECACHEDIR": str(where / "kube-cache"),
+           "PATH": f"{KUBECTL.parent}:{os.environ['PATH']}"}
     user = {"cwd": where, "env": env}
     _sh(user, f"kubectl config set-context --current --namespace={ns}")
     return user
@@ -845,7 +847,11 @@ def _watch(user: dict, line: str, until: tuple[str, ...], timeout: float, cluste
         raise AssertionError(f"$ {line}: none of {until} within {timeout:.0f} s: {seen}\n" + cluster.dump())
     finally:
         p.terminate()
-        p.wait(timeout=10)
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout=10)
 
 
 def _doc_commands(doc: str, first: str) -> list[str]:
@@ -961,7 +967,9 @@ def test_trainjob_r50_runs_to_complete_on_trainer_and_jobset(cluster, trained):
     rank0 = _sh(user, docs[5].replace("dcv2-r50-node-0-0-<hash>", pods[0].metadata.name))
     other = _sh(user, docs[5].replace("dcv2-r50-node-0-0-<hash>", pods[1].metadata.name))
     assert "2 processes x batch 16" in rank0 and "2 processes x batch 16" not in other, rank0[-2000:]
-    assert "data: staging s3://data/train to /data/train" in rank0 + other, rank0[-2000:]
+    assert "data: staging s3://data/train to /data/train" in rank0, rank0[-2000:]
+    for log in (rank0, other):  # each node stages its own copy before it starts its ranks: the last progress line
+        assert "stage: 240/240 objects, 240 files" in log, log[-2000:]
     # the pipeline's launcher finds rank 0's pod the same way
     from dcv2_k8s.k8s.kinds import TRAINJOB
 
@@ -974,8 +982,8 @@ def test_trainjob_deleted_pod_is_retried_and_the_run_resumes_bitwise(cluster, bu
     """The pipeline's launcher (kind TrainJob, as dcv2-launcher) creates a TrainJob and re-attaches to it; a pod
     deleted mid-run gets SIGTERM, dcv2 commits a checkpoint and exits 143, which the runtime's podFailurePolicy
     neither fails nor ignores, so the Job controller counts it against backoffLimit (3) and recreates the pod of
-    that index (rank 0's node, which lost its peer, exits and is recreated the same way). Both resume from the
-    checkpoint and the TrainJob ends Complete with weights bitwise equal to the uninterrupted run's."""
+    that index; node 0's pod ends too and is recreated the same way. Rank 0 resumes from the checkpoint and the
+    TrainJob ends Complete with weights bitwise equal to the uninterrupted run's."""
     from kubernetes import client
 
     from dcv2_k8s.k8s.kinds import TRAINJOB
@@ -999,6 +1007,15 @@ def test_trainjob_deleted_pod_is_retried_and_the_run_resumes_bitwise(cluster, bu
     assert launcher.wait(name, timeout_seconds=480) == "Complete", "\n".join(lines[-50:])
     codes = trained["history"].exit_codes(victim.metadata.uid, "node")
     assert codes == [143], codes
+    # the failures were counted against the Job's backoffLimit, and the run went on from its checkpoint
+    job = client.BatchV1Api(cluster.api_client()).read_namespaced_job(f"{name}-node-0", ns)
+    assert 1 <= (job.status.failed or 0) <= 3, job.status
+    core = client.CoreV1Api(cluster.api_client())
+    assert len(trained["history"].uids(f"{name}-node-0-0-")) >= 2  # node 0's pod ended too and was recreated
+    newest = max((p for p in _jobset_pods(cluster, ns, name) if _index(p) == "0"),
+                 key=lambda p: p.metadata.creation_timestamp)
+    rank0 = core.read_namespaced_pod_log(newest.metadata.name, ns)
+    assert "resumed from" in rank0, rank0[-3000:]
     assert mgr.latest()["global_step"] == TOTAL and first["global_step"] < TOTAL
     _assert_same_weights(ckpt, "s3://ckpt/dcv2-r50-trainjob")
     assert any(f"[{name}-node-0-0-" in ln for ln in lines), lines[-20:]  # node 0's log streamed by the launcher
@@ -1022,11 +1039,14 @@ def test_trainjob_pipeline_steps_config_mistake_fails_at_once_and_is_cleaned_up(
     name = job_name(run["run"], "pretrain")
     bad = _step_overrides("config.OPTIMIZER.num_epochs=banana")
     code, out = _pipeline_step(kubeconfig, check=False, step="pretrain", overrides=bad, out="s3://ckpt/tj-bad", **run)
-    assert code != 0 and "num_epochs" in out and f"TrainJob {ns}/{name}" in out, out[-3000:]
+    # the launcher's failure text: the TrainJob's Failed condition, then the failed pod's own last lines
+    failure = out[out.index(f"TrainJob {ns}/{name} failed"):] if f"TrainJob {ns}/{name} failed" in out else ""
+    assert code != 0 and f"last lines of the log of {name}-node-0-" in failure, out[-3000:]
+    assert "num_epochs" in failure.split("last lines of the log of", 1)[1], failure[-3000:]
     pods = _jobset_pods(cluster, ns, name)
     codes = [c.state.terminated.exit_code for p in pods for c in p.status.container_statuses or []
              if c.state.terminated]
-    assert codes and set(codes) <= {2}, codes
+    assert codes and set(codes) <= {2}, codes  # the Job controller may delete the slower pod once the Job fails
     assert len(trained["history"].uids(f"{name}-node-0-")) == 2  # no pod was ever recreated
     batch = client.BatchV1Api(cluster.api_client())
     failed = [c for c in batch.read_namespaced_job(f"{name}-node-0", ns).status.conditions if c.type == "Failed"]
@@ -1034,6 +1054,7 @@ def test_trainjob_pipeline_steps_config_mistake_fails_at_once_and_is_cleaned_up(
     code, again = _pipeline_step(kubeconfig, check=False, step="pretrain", overrides=bad, out="s3://ckpt/tj-bad",
                                  **run)
     assert code != 0 and "exists already (a retried step): attaching to it" in again, again[-3000:]
+    assert f"TrainJob {ns}/{name} failed" in again and "num_epochs" in again, again[-3000:]
     tjs = client.CustomObjectsApi(cluster.api_client()).list_namespaced_custom_object(
         "trainer.kubeflow.org", "v1alpha1", ns, "trainjobs")["items"]
     assert [t["metadata"]["name"] for t in tjs].count(name) == 1
@@ -1059,8 +1080,8 @@ def test_kubeflow_sdk_trainer_client_runs_our_runtime(cluster, trained):
             "config.DATA.TRAIN.STAGE_DIR=/data/train",
             *_tiny_tokens("dcv2-sdk", "s3://ckpt/dcv2-sdk", "s3://data", "config.OPTIMIZER.num_epochs=1")]
     # CustomTrainerContainer has no processes-per-node field: Trainer's torch plugin then passes "auto" when the node
-    # asks for GPUs (torchrun: one process per visible GPU) and the node's CPU count when it does not
-    # (pkg/runtime/framework/plugins/torch/torch.go, EnforceMLPolicy); this CPU run asks for 1 CPU, so 1 process
+    # asks for GPUs (torchrun: one process per visible GPU) and the CPUs it asks for (at least 1) when it asks for
+    # none (pkg/runtime/framework/plugins/torch/torch.go, EnforceMLPolicy); this CPU run asks for 1 CPU: 1 process
     name = tc.train(runtime=runtime, trainer=CustomTrainerContainer(
         image=IMAGE, num_nodes=1, resources_per_node={"cpu": 1, "memory": "4Gi"}, env={"OMP_NUM_THREADS": "1"}),
         options=[Name("dcv2-sdk"), TrainerCommand(["dcv2"]), TrainerArgs(args)])

@@ -35,8 +35,9 @@ WEBHOOK_CONFIG = "validator.training-operator.kubeflow.org"  # cmd/training-oper
 WEBHOOK_SECRET = "training-operator-webhook-cert"
 CERT_DIR = Path("/tmp/k8s-webhook-server/serving-certs")  # the operator's pkg/cert/cert.go certDir (fixed)
 # Kubeflow Trainer v2.3.0 and JobSet v0.12.0 (``make trainer``): CRDs and kustomized webhook configurations from their
-# modules in BIN/trainer. Trainer's namespace is its default when no service-account namespace file exists
-# (pkg/config: kubeflow-system); the Service and webhook configuration names are those its manifests install.
+# modules in BIN/trainer. Trainer's namespace is read from its service-account namespace file (written for it by
+# install_trainer), kubeflow-system by default (pkg/util/cert/cert.go GetOperatorNamespace); the Service and webhook
+# configuration names are those its manifests install.
 TRAINER_NS = "kubeflow-system"
 TRAINER_SERVICE = "kubeflow-trainer-controller-manager"
 TRAINER_SECRET = "kubeflow-trainer-webhook-cert"  # the status server's CA for the pods comes from it (ca.crt)
@@ -237,7 +238,8 @@ class ControlPlane:
     def start(self) -> "ControlPlane":
         missing = missing_binaries()
         if missing:
-            raise RuntimeError(f"control-plane binaries missing in {BIN / 'bin'}: {missing}; run `make controlplane`")
+            raise RuntimeError(f"control-plane binaries missing in {BIN / 'bin'}: {missing}; run `make controlplane "
+                               "trainer`")
         self._write_certs()
         etcd_port, peer_port = free_port(), free_port()
         etcd_url = f"http://127.0.0.1:{etcd_port}"
