@@ -1024,11 +1024,11 @@ def test_trainjob_deleted_pod_is_retried_and_the_run_resumes_bitwise(cluster, bu
 
 def test_trainjob_pipeline_steps_config_mistake_fails_at_once_and_is_cleaned_up(cluster, trained, tmp_path):
     """The pipeline's steps with ``launcher=trainjob``, each in a process of its own with a real token of
-    dcv2-launcher: ``pretrain_step`` creates the TrainJob on our runtime; a config mistake exits 2 in both pods, the
-    runtime's podFailurePolicy (FailJob on 1, 2, 3) fails the Job at once with no pod recreated, JobSet fails and
-    Trainer marks the TrainJob Failed; the step fails with the failed pod's last log lines. The step's retry re-attaches to
-    the same TrainJob (no second one) and fails the same way. The exit handler keeps the job on COMPLETE and deletes
-    it on FAILED, once."""
+    dcv2-launcher: ``pretrain_step`` creates the TrainJob on our runtime; a config mistake exits 2 (the Job controller
+    may delete the slower pod first), the runtime's podFailurePolicy (FailJob on 1, 2, 3) fails the Job at once with
+    no pod recreated, JobSet fails and Trainer marks the TrainJob Failed; the step fails with the failed pod's last
+    log lines. The step's retry re-attaches to the same TrainJob (no second one) and fails the same way. The exit
+    handler keeps the job on COMPLETE and deletes it on FAILED, once."""
     from kubernetes import client
 
     from dcv2_k8s.k8s.launcher import job_name
