@@ -595,7 +595,8 @@ def test_control_plane_and_node_restarts_mid_run_lose_nothing(cluster, bucket, f
     t2 = time.monotonic()
     watcher.join(timeout=600)
     print(f"\nrestarts: operator + kubelet + containerd in {t1 - t0:.1f} s, API server away {t2 - t1:.1f} s; "
-          f"job done {time.monotonic() - t2:.1f} s after the API server was back; watcher: "
+          f"job done {time.monotonic() - t2:.1f} s after the API server was back; kube-scheduler restarts so far: "
+          f"{cluster.node.scheduler_restarts}; watcher: "
           + "; ".join(ln for ln in lines if "API server" in ln))
     assert outcome and outcome[0] == "Succeeded", (outcome, "\n".join(lines[-40:]))
     assert any("the API server did not answer" in ln for ln in lines), lines[-40:]

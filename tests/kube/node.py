@@ -90,6 +90,7 @@ class RealNode:
         self._netns_before: set[str] = set()
         self._chains_before: set[tuple[str, str, str]] = set()
         self._lines: list[str] = []
+        self.scheduler_restarts = 0
 
     # ------------------------------------------------------------------------------------------------ helpers
     def say(self, line: str) -> None:
@@ -129,7 +130,8 @@ class RealNode:
                 f"http://127.0.0.1:{self.healthz_port}/healthz", timeout=2).read() == b"ok", 120)
 
     def _wait(self, what: str, check, timeout: float = 120) -> None:
-        wait_until(what, check, timeout, self.procs, self.log_tail, "\n" + "\n".join(self.lines[-40:]))
+        watched = {n: p for n, p in self.procs.items() if n != "kube-scheduler"}  # restarted when it exits
+        wait_until(what, check, timeout, watched, self.log_tail, "\n" + "\n".join(self.lines[-40:]))
 
     def ctr(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
         return _run("ctr", "--address", str(self.sock), "--namespace", "k8s.io", *args, check=check,
@@ -249,8 +251,29 @@ state = "{self.run / 'state'}"
         self._wait("CoreDNS", lambda: _dns_answers(GATEWAY), 60)
 
     def _scheduler(self) -> None:
+        """kube-scheduler, restarted when it exits, as the kubelet restarts its static pod (or systemd its unit) on
+        a real control-plane node: after the API server came back from a restart it once exited with 1, silently
+        ("Scheduler cache is corrupted" its last line), and every later pod stayed Pending."""
+        import threading
+
         self._spawn("kube-scheduler", [str(BIN / "bin" / "kube-scheduler"), f"--kubeconfig={self.cp.kubeconfig}",
                                        "--leader-elect=false", "--secure-port=0", "--v=1"])
+        self._keep = threading.Event()
+
+        def keep_running():
+            while not self._keep.wait(1.0):
+                p = self.procs["kube-scheduler"]
+                if p.poll() is not None and not self._keep.is_set():
+                    self.say(f"kube-scheduler exited with {p.returncode}: started again")
+                    self.scheduler_restarts += 1
+                    self._spawn("kube-scheduler", *self._argv["kube-scheduler"])
+        self._keeper = threading.Thread(target=keep_running, daemon=True, name="kube-scheduler-keeper")
+        self._keeper.start()
+
+    def _stop_keeper(self) -> None:
+        if getattr(self, "_keeper", None) is not None:
+            self._keep.set()
+            self._keeper.join(timeout=10)
 
     def _cgroup_root(self) -> None:
         """The kubelet's cgroup root, made in every v1 hierarchy (the kubelet refuses a root with missing paths);
@@ -329,7 +352,7 @@ state = "{self.run / 'state'}"
     # ------------------------------------------------------------------------------------------------ teardown
     def stop(self) -> None:
         """Everything ``start()`` made, taken away; each step runs even when an earlier one fails."""
-        steps = [self._drain, lambda: self._stop_proc("kubelet", 30), self._kill_containers,
+        steps = [self._stop_keeper, self._drain, lambda: self._stop_proc("kubelet", 30), self._kill_containers,
                  lambda: self._stop_proc("containerd", 20), self._kill_shims,
                  lambda: self._stop_proc("kube-scheduler", 10), lambda: self._stop_proc("coredns", 10),
                  self._unmount, self._remove_netns, self._remove_cgroups, self._remove_network, self._remove_files]
