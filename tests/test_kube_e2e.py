@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from dcv2_k8s.checkpoint import CheckpointManager
+from dcv2_k8s.k8s.kinds import PYTORCHJOB, TRAINJOB, JobKind
 from dcv2_k8s.k8s.launcher import JobLauncher
 from dcv2_k8s.k8s.local import replica_envs
 from dcv2_k8s.k8s.validate import validate_pytorchjob
@@ -138,11 +139,11 @@ def tiny_job(name: str, ckpt: str, *extra: str) -> dict:
     return job
 
 
-def _pods(cluster, ns: str, job: str):
+def _pods(cluster, ns: str, job: str, kind: JobKind = PYTORCHJOB):
+    """The pods of ``job`` by the label its kind's controller puts on them."""
     from kubernetes import client
 
-    return client.CoreV1Api(cluster.api_client()).list_namespaced_pod(
-        ns, label_selector=f"training.kubeflow.org/job-name={job}").items
+    return client.CoreV1Api(cluster.api_client()).list_namespaced_pod(ns, label_selector=kind.job_selector(job)).items
 
 
 def _events(cluster, ns: str, name: str):
@@ -171,14 +172,14 @@ def _assert_same_weights(got_uri: str, want_uri: str) -> None:
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got), (got_uri, want_uri)
 
 
-def _launcher(cluster, ns: str, lines: list) -> JobLauncher:
+def _launcher(cluster, ns: str, lines: list, kind: JobKind = PYTORCHJOB) -> JobLauncher:
     """The pipeline's launcher, authenticated as the dcv2-launcher service account (impersonation: the API server
     authorizes each call as that account, so manifests/rbac-launcher.yaml is what allows or denies it)."""
     from kubernetes import client
 
     api = cluster.api_client(impersonate=f"system:serviceaccount:{ns}:{LAUNCHER_SA}")
     return JobLauncher(client.CustomObjectsApi(api), client.CoreV1Api(api), ns, poll_seconds=1.0,
-                       log=lines.append, own_pod="")
+                       log=lines.append, own_pod="", kind=kind)
 
 
 def _message(err: Exception) -> str:
@@ -856,13 +857,12 @@ def _watch(user: dict, line: str, until: tuple[str, ...], timeout: float, cluste
 
 
 def _doc_commands(doc: str, first: str) -> list[str]:
-    """The commands of the ```bash block of docs/``doc`` that contains ``first``, parsed as
-    tests/test_doc_commands.py parses every block (comments dropped)."""
-    from tests.test_doc_commands import _commands
+    """The commands of the ```bash block of docs/``doc`` that contains ``first``, as tests/test_doc_commands.py reads
+    and parses every block (comments dropped)."""
+    from tests.test_doc_commands import BLOCKS, _commands
 
-    text = (ROOT / "docs" / doc).read_text()
-    for block in re.findall(r"^```bash\n(.*?)^```", text, re.S | re.M):
-        if first in block:
+    for where, block in BLOCKS:
+        if where.startswith(f"docs/{doc}:") and first in block:
             return _commands(block)
     raise AssertionError(f"docs/{doc} has no bash block with {first!r}")
 
@@ -890,15 +890,8 @@ def tiny_trainjob(name: str, ckpt: str, *extra: str) -> tuple[dict, dict]:
     return rt, tj
 
 
-def _jobset_pods(cluster, ns: str, name: str):
-    from kubernetes import client
-
-    return client.CoreV1Api(cluster.api_client()).list_namespaced_pod(
-        ns, label_selector=f"jobset.sigs.k8s.io/jobset-name={name}").items
-
-
 def _index(pod) -> str:
-    return (pod.metadata.annotations or {}).get("batch.kubernetes.io/job-completion-index", "")
+    return (pod.metadata.annotations or {}).get(TRAINJOB.index_annotation, "")
 
 
 @pytest.fixture(scope="module")
@@ -918,7 +911,7 @@ def trained(cluster, bucket, finished, tmp_path_factory):
     applied = [_sh(user, docs[0]), _sh(user, docs[1])]
     watched = _watch(user, docs[2], ("Complete", "Failed"), 480, cluster)
     yield {"ns": ns, "user": user, "docs": docs, "applied": applied, "watched": watched, "history": history,
-           "seconds": time.time() - t0, "pods": _jobset_pods(cluster, ns, "dcv2-r50")}
+           "seconds": time.time() - t0, "pods": _pods(cluster, ns, "dcv2-r50", TRAINJOB)}
     history.stop()
 
 
@@ -972,11 +965,7 @@ def test_trainjob_r50_runs_to_complete_on_trainer_and_jobset(cluster, trained):
     for log in (rank0, other):  # each node stages its own copy before it starts its ranks: the last progress line
         assert "stage: 240/240 objects, 240 files" in log, log[-2000:]
     # the pipeline's launcher finds rank 0's pod the same way
-    from dcv2_k8s.k8s.kinds import TRAINJOB
-
-    lx = JobLauncher(None, __import__("kubernetes").client.CoreV1Api(cluster.api_client()), trained["ns"],
-                     kind=TRAINJOB, own_pod="")
-    assert lx.lead_pod("dcv2-r50").metadata.name == pods[0].metadata.name
+    assert _launcher(cluster, trained["ns"], [], TRAINJOB).lead_pod("dcv2-r50").metadata.name == pods[0].metadata.name
 
 
 def test_trainjob_deleted_pod_is_retried_and_the_run_resumes_bitwise(cluster, bucket, trained):
@@ -987,23 +976,19 @@ def test_trainjob_deleted_pod_is_retried_and_the_run_resumes_bitwise(cluster, bu
     TrainJob ends Complete with weights bitwise equal to the uninterrupted run's."""
     from kubernetes import client
 
-    from dcv2_k8s.k8s.kinds import TRAINJOB
-
     ns, name = trained["ns"], "dcv2-r50-del"
     ckpt = f"s3://ckpt/{name}"
     lines: list[str] = []
-    api = cluster.api_client(impersonate=f"system:serviceaccount:{ns}:{LAUNCHER_SA}")
-    launcher = JobLauncher(client.CustomObjectsApi(api), client.CoreV1Api(api), ns, poll_seconds=1.0,
-                           log=lines.append, own_pod="", kind=TRAINJOB)
+    launcher = _launcher(cluster, ns, lines, TRAINJOB)
     _, job = tiny_trainjob(name, ckpt)
     assert launcher.launch(job) == launcher.launch(job) == name
     assert any("exists already (a retried step): attaching to it" in ln for ln in lines), lines
     mgr = CheckpointManager(ckpt)
     first = _wait_for("a first committed checkpoint", lambda: mgr.latest(), 300, cluster, poll=0.3)
-    victim = next(p for p in _jobset_pods(cluster, ns, name) if _index(p) == "1")
+    victim = next(p for p in _pods(cluster, ns, name, TRAINJOB) if _index(p) == "1")
     client.CoreV1Api(cluster.api_client()).delete_namespaced_pod(victim.metadata.name, ns)
     _wait_for("a new pod of index 1 made by the Job controller", lambda: any(
-        _index(p) == "1" and p.metadata.uid != victim.metadata.uid for p in _jobset_pods(cluster, ns, name)),
+        _index(p) == "1" and p.metadata.uid != victim.metadata.uid for p in _pods(cluster, ns, name, TRAINJOB)),
         180, cluster)
     assert launcher.wait(name, timeout_seconds=480) == "Complete", "\n".join(lines[-50:])
     codes = trained["history"].exit_codes(victim.metadata.uid, "node")
@@ -1013,7 +998,7 @@ def test_trainjob_deleted_pod_is_retried_and_the_run_resumes_bitwise(cluster, bu
     assert 1 <= (job.status.failed or 0) <= 3, job.status
     core = client.CoreV1Api(cluster.api_client())
     assert len(trained["history"].uids(f"{name}-node-0-0-")) >= 2  # node 0's pod ended too and was recreated
-    newest = max((p for p in _jobset_pods(cluster, ns, name) if _index(p) == "0"),
+    newest = max((p for p in _pods(cluster, ns, name, TRAINJOB) if _index(p) == "0"),
                  key=lambda p: p.metadata.creation_timestamp)
     rank0 = core.read_namespaced_pod_log(newest.metadata.name, ns)
     assert "resumed from" in rank0, rank0[-3000:]
@@ -1044,7 +1029,7 @@ def test_trainjob_pipeline_steps_config_mistake_fails_at_once_and_is_cleaned_up(
     failure = out[out.index(f"TrainJob {ns}/{name} failed"):] if f"TrainJob {ns}/{name} failed" in out else ""
     assert code != 0 and f"last lines of the log of {name}-node-0-" in failure, out[-3000:]
     assert "num_epochs" in failure.split("last lines of the log of", 1)[1], failure[-3000:]
-    pods = _jobset_pods(cluster, ns, name)
+    pods = _pods(cluster, ns, name, TRAINJOB)
     codes = [c.state.terminated.exit_code for p in pods for c in p.status.container_statuses or []
              if c.state.terminated]
     assert codes and set(codes) <= {2}, codes  # the Job controller may delete the slower pod once the Job fails
@@ -1062,7 +1047,7 @@ def test_trainjob_pipeline_steps_config_mistake_fails_at_once_and_is_cleaned_up(
     assert _pipeline_step(kubeconfig, step="cleanup", state="COMPLETE", **run)[1] == "[]"
     assert _pipeline_step(kubeconfig, step="cleanup", state="FAILED", **run)[1] == f'["{name}"]'
     assert _pipeline_step(kubeconfig, step="cleanup", state="FAILED", **run)[1] == "[]"
-    _wait_for("the garbage collector deletes the JobSet's pods", lambda: not _jobset_pods(cluster, ns, name), 60,
+    _wait_for("the garbage collector deletes the JobSet's pods", lambda: not _pods(cluster, ns, name, TRAINJOB), 60,
               cluster)
 
 
@@ -1089,7 +1074,7 @@ def test_kubeflow_sdk_trainer_client_runs_our_runtime(cluster, trained):
     assert name == "dcv2-sdk"
     job = tc.wait_for_job_status(name, status={"Complete"}, timeout=300, polling_interval=2)
     assert job.status == "Complete" and [s.name for s in job.steps] == ["node-0"], job
-    pod = _jobset_pods(cluster, ns, name)[0]
+    pod = _pods(cluster, ns, name, TRAINJOB)[0]
     assert {e.name: e.value for e in pod.spec.containers[0].env}["PET_NPROC_PER_NODE"] == "1"
     log = "\n".join(tc.get_job_logs(name))
     assert "1 process x batch 16" in log and "training finished: 1 epochs, 15 steps" in log, log[-2000:]

@@ -327,14 +327,7 @@ class ControlPlane:
         from kubernetes import client
 
         api = self.api_client()
-        crd = yaml.safe_load((BIN / "operator" / "kubeflow.org_pytorchjobs.yaml").read_text())
-        self.apply(crd)
-        ext = client.ApiextensionsV1Api(api)
-
-        def established():
-            c = ext.read_custom_resource_definition(crd["metadata"]["name"])
-            return any(x.type == "Established" and x.status == "True" for x in (c.status.conditions or []))
-        self._wait("PyTorchJob CRD", established, 60)
+        self._crds(BIN / "operator" / "kubeflow.org_pytorchjobs.yaml")
         self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NS}})
         self.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": WEBHOOK_SECRET,
                                                                         "namespace": OPERATOR_NS}})
@@ -419,13 +412,14 @@ class ControlPlane:
                 h["clientConfig"]["caBundle"] = bundle
             self.apply(doc)
 
-    def _crds(self, *files: str) -> None:
+    def _crds(self, *files: Path) -> None:
+        """The CRDs in ``files`` applied, and waited for until the API server serves them (Established)."""
         from kubernetes import client
 
         ext = client.ApiextensionsV1Api(self.api_client())
         names = []
         for f in files:
-            crd = yaml.safe_load((BIN / "trainer" / f).read_text())
+            crd = yaml.safe_load(f.read_text())
             self.apply(crd)
             names.append(crd["metadata"]["name"])
 
@@ -443,7 +437,7 @@ class ControlPlane:
         server off and its probe and webhook ports free ones. ``pod_address``: an address of this machine the pods
         reach (the node's bridge), where Trainer's status server is found by its Service's name; without it the
         Service points at this machine's address for the API server only."""
-        self._crds("jobset.x-k8s.io_jobsets.yaml")
+        self._crds(BIN / "trainer" / "jobset.x-k8s.io_jobsets.yaml")
         for ns in (JOBSET_NS, TRAINER_NS):
             self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
         # JobSet: apis/config/v1alpha1 Configuration (webhook.certDir, internalCertManagement); flags win over it
@@ -469,8 +463,8 @@ class ControlPlane:
         # mount namespace of its own where its certificates are bound over that directory and its service account's
         # token and namespace lie at /var/run/secrets/kubernetes.io/serviceaccount, as in its pod: nothing of
         # that is seen (or left) on this machine.
-        self._crds("trainer.kubeflow.org_trainjobs.yaml", "trainer.kubeflow.org_trainingruntimes.yaml",
-                   "trainer.kubeflow.org_clustertrainingruntimes.yaml")
+        self._crds(*(BIN / "trainer" / f"trainer.kubeflow.org_{k}.yaml"
+                     for k in ("trainjobs", "trainingruntimes", "clustertrainingruntimes")))
         from kubernetes import client
 
         core = client.CoreV1Api(self.api_client())
