@@ -6,7 +6,8 @@ webhooks, all built by ``make controlplane`` and ``make trainer`` from the Go mo
 ``CONTROLPLANE_DIR``).
 
 Test infrastructure only. The node (kubelet, containerd, CNI, CoreDNS, kube-scheduler) is ``node.py``.
-Every process is started by this module and stopped by PID (SIGTERM, then SIGKILL) in ``stop()``.
+Every process is started by this module and stopped by PID (SIGTERM, then SIGKILL) in ``stop()``, or, if its
+pytest dies first, by the next start (``reclaim()``, from the ledger ``remains.py`` keeps).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import urllib.request
 from pathlib import Path
 
 import yaml
+
+from tests.kube import remains
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("CONTROLPLANE_DIR", ROOT / "build" / "controlplane"))
@@ -65,6 +68,29 @@ def host_ip() -> str:
         if not (ip.is_loopback or ip.is_link_local):
             return addr
     raise RuntimeError("no non-loopback IPv4 address on this machine: the operator's webhook needs one")
+
+
+def reclaim() -> list[str]:
+    """Take away what test control planes left when their pytest died without ``stop()`` (``remains.py``): their
+    processes, and the files and directories they made outside their work directory. Returns what was there."""
+    gone, out = remains.dead("controlplane")
+    for ledger in gone:
+        paths = ledger.data["made"].get("paths", [])
+        out += [f"{p} of {ledger.owner}" for p in paths if os.path.lexists(p)]
+        _remove_paths(paths)
+        ledger.drop()
+    return out
+
+
+def _remove_paths(paths: list[str]) -> None:
+    """Files and then (empty) directories, deepest first; a directory someone else filled stays."""
+    for p in sorted(paths, key=len, reverse=True):
+        try:
+            os.rmdir(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            pass   # not empty: files in it are not ours
 
 
 def wait_until(what: str, check, timeout: float, procs: dict, log_tail, context: str = "") -> None:
@@ -145,6 +171,9 @@ class ControlPlane:
         self.webhook_port = free_port()
         self.host_ip = host_ip()  # where the API server reaches the operator's webhook
         self._clients: dict[str, object] = {}
+        self.ledger: remains.Ledger | None = None
+        self.reclaimed: list[str] = []
+        self._made: list[str] = []   # paths outside workdir made here (CERT_DIR's), deepest last
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _write_certs(self) -> None:
@@ -189,6 +218,17 @@ class ControlPlane:
         self.procs[name] = subprocess.Popen([*wrap, str(BIN / "bin" / name.split(":")[0]), *args],
                                             stdout=log.open("a"), stderr=subprocess.STDOUT,
                                             env={**os.environ, **(env or {})}, cwd=self.dir, start_new_session=True)
+        if self.ledger is not None:
+            self.ledger.process(name, self.procs[name].pid)
+
+    def _make(self, *paths: Path) -> None:
+        """Directories or files about to be made outside the work directory, written down first (the ledger):
+        ``stop()`` removes them, or the next start does if this process dies before."""
+        new = [str(p) for p in paths if not p.exists() and str(p) not in self._made]
+        if new:
+            self._made += new
+            if self.ledger is not None:
+                self.ledger.made(paths=self._made)
 
     def _stop_one(self, name: str) -> None:
         p = self.procs[name]
@@ -240,6 +280,12 @@ class ControlPlane:
         if missing:
             raise RuntimeError(f"control-plane binaries missing in {BIN / 'bin'}: {missing}; run `make controlplane "
                                "trainer`")
+        self.reclaimed = reclaim()
+        if self.reclaimed:
+            import warnings
+
+            warnings.warn("took away what a test control plane left when its pytest died: " + "; ".join(self.reclaimed))
+        self.ledger = remains.Ledger("controlplane")
         self._write_certs()
         etcd_port, peer_port = free_port(), free_port()
         etcd_url = f"http://127.0.0.1:{etcd_port}"
@@ -350,6 +396,7 @@ class ControlPlane:
             data = core.read_namespaced_secret(WEBHOOK_SECRET, OPERATOR_NS).data or {}
             if not {"tls.crt", "tls.key", "ca.crt"} <= set(data):
                 return False
+            self._make(CERT_DIR.parent, CERT_DIR, *(CERT_DIR / k for k in ("tls.crt", "tls.key", "ca.crt")))
             CERT_DIR.mkdir(parents=True, exist_ok=True)
             for k in ("tls.crt", "tls.key", "ca.crt"):
                 (CERT_DIR / k).write_bytes(base64.b64decode(data[k]))
@@ -496,6 +543,7 @@ class ControlPlane:
             "statusServer": {"port": self.trainer_status_port},
             "featureGates": {"TrainJobStatus": True}}))
         self._webhooks(BIN / "trainer" / "trainer-webhooks.yaml", TRAINER_NS, TRAINER_SERVICE, tr_port, ca)
+        self._make(CERT_DIR.parent)
         CERT_DIR.parent.mkdir(parents=True, exist_ok=True)  # the mount point (the operator's directory)
         own_mounts = ("set -e; mount --bind \"$1\" \"$3\"; mount -t tmpfs -o size=1m,mode=0755 dcv2-trainer /run; "
                       "d=/run/secrets/kubernetes.io/serviceaccount; mkdir -p $d; cp \"$2/token\" \"$2/namespace\" $d/; "
@@ -511,6 +559,10 @@ class ControlPlane:
     def stop(self) -> None:
         for name in reversed(list(self.procs)):
             self._stop_one(name)
+        _remove_paths(self._made)
+        self._made = []
+        if self.ledger is not None:
+            self.ledger.drop()
 
     def dump(self) -> str:
         """The tail of every component's log (for a failing test's message)."""

@@ -9,7 +9,8 @@ for a resource without a device plugin: nothing on this machine is a GPU).
 
 Test infrastructure only. It leaves the machine as it found it: every process it started is stopped by PID (and
 the runtime's shims and containers with it), and the mounts, network namespaces, links, iptables rules, cgroups,
-log links and state directories it made are removed in ``stop()``. Nothing is routed off the machine: the bridge
+log links and state directories it made are removed in ``stop()``; if its pytest dies first, the next start takes
+them away (``reclaim()``, from the ledger ``remains.py`` keeps). Nothing is routed off the machine: the bridge
 is not a gateway (``ip_forward`` is left as it is), pods reach only each other and the bridge's own address, where
 CoreDNS and the test's S3 endpoint listen.
 """
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from tests.kube import remains
 from tests.kube.controlplane import BIN, _cert, _key, _pem_cert, _pem_key, free_port, wait_until
 
 GPU = "nvidia.com/gpu"
@@ -43,6 +45,9 @@ STORE = Path("/var/lib/dcv2-k8s-test/containerd")  # containerd's image store, k
 CGROUP_ROOT = "dcv2-node"                    # the kubelet's cgroup root: everything it makes lies under it
 NODE_BINARIES = ("kubelet", "kube-scheduler", "coredns")
 HOST_TOOLS = ("containerd", "containerd-shim-runc-v2", "runc", "ctr", "iptables", "ip")
+# frames between pods on the bridge pass iptables' FORWARD chain when br_netfilter is loaded, and a Docker daemon
+# sets that chain's policy to DROP: the pod bridge's own traffic is accepted, and nothing else
+FORWARD_RULE = ["FORWARD", "-i", BRIDGE, "-o", BRIDGE, "-j", "ACCEPT"]
 
 
 def _normalized(image: str) -> str:
@@ -91,6 +96,8 @@ class RealNode:
         self._chains_before: set[tuple[str, str, str]] = set()
         self._lines: list[str] = []
         self.scheduler_restarts = 0
+        self.ledger: remains.Ledger | None = None
+        self.reclaimed: list[str] = []
 
     # ------------------------------------------------------------------------------------------------ helpers
     def say(self, line: str) -> None:
@@ -114,6 +121,8 @@ class RealNode:
         self._argv[name] = (argv, env)
         self.procs[name] = subprocess.Popen(argv, stdout=log.open("a"), stderr=subprocess.STDOUT, cwd=self.dir,
                                             env={**os.environ, **(env or {})}, start_new_session=True)
+        if self.ledger is not None:
+            self.ledger.process(name, self.procs[name].pid)
 
     def restart(self, name: str) -> None:
         """Stop ``kubelet`` or ``containerd`` by its PID (SIGTERM) and start it again with the same arguments, as a
@@ -142,7 +151,15 @@ class RealNode:
         gaps = missing()
         if gaps:
             raise RuntimeError("the real node cannot start; missing: " + "; ".join(gaps))
-        self._netns_before = set(os.listdir("/var/run/netns")) if os.path.isdir("/var/run/netns") else set()
+        self.reclaimed = reclaim()
+        if self.reclaimed:
+            import warnings
+
+            warnings.warn("took away what a test node left when its pytest died: " + "; ".join(self.reclaimed))
+        self.ledger = remains.Ledger("node")
+        self.ledger.made(dir=str(self.dir), run=str(self.run), kubelet_root=str(self.kubelet_root),
+                         pod_logs=str(self.pod_logs))
+        self._netns_before = _netns()
         self._chains_before = _kube_chains()
         self.run.mkdir(parents=True, exist_ok=True)
         self._network()
@@ -157,17 +174,20 @@ class RealNode:
     def _network(self) -> None:
         """The pod bridge with its address, made here so CoreDNS and S3 can listen on it before any pod exists."""
         if _run("ip", "link", "show", BRIDGE, check=False).returncode == 0:
-            raise RuntimeError(f"network link {BRIDGE} already exists: another test node is running, or one was "
-                               f"left behind (remove it with `ip link del {BRIDGE}`)")
+            others = [led.owner for led in remains.live("node") if led.path != self.ledger.path]
+            if others:
+                raise RuntimeError(f"network link {BRIDGE} already exists: another test node is running "
+                                   f"({', '.join(others)}); wait for it to end, or stop that process")
+            raise RuntimeError(f"network link {BRIDGE} already exists and no test node of ours owns it; if nothing "
+                               f"else uses it, remove it with `ip link del {BRIDGE}`")
+        # written down before it is made: a kill between the two leaves nothing the next start does not know of
+        self.ledger.made(bridge=True, iptables=[FORWARD_RULE])
         _run("ip", "link", "add", BRIDGE, "type", "bridge")
         self._made_bridge = True
         _run("ip", "addr", "add", f"{GATEWAY}/{POD_NET.prefixlen}", "dev", BRIDGE)
         _run("ip", "link", "set", BRIDGE, "up")
-        # frames between pods on the bridge pass iptables' FORWARD chain when br_netfilter is loaded, and a Docker
-        # daemon sets that chain's policy to DROP: accept the pod bridge's own traffic, and nothing else
-        rule = ["FORWARD", "-i", BRIDGE, "-o", BRIDGE, "-j", "ACCEPT"]
-        _run("iptables", "-I", *rule)
-        self._iptables.append(rule)
+        _run("iptables", "-I", *FORWARD_RULE)
+        self._iptables.append(FORWARD_RULE)
         cni = self.run / "cni"
         cni.mkdir(exist_ok=True)
         (cni / "10-dcv2.conflist").write_text(json.dumps({
@@ -353,7 +373,7 @@ state = "{self.run / 'state'}"
     def stop(self) -> None:
         """Everything ``start()`` made, taken away; each step runs even when an earlier one fails."""
         steps = [self._stop_keeper, self._drain, lambda: self._stop_proc("kubelet", 30), self._kill_containers,
-                 lambda: self._stop_proc("containerd", 20), self._kill_shims,
+                 lambda: self._stop_proc("containerd", 20), self._kill_shims, self._kill_cgroup_tasks,
                  lambda: self._stop_proc("kube-scheduler", 10), lambda: self._stop_proc("coredns", 10),
                  self._unmount, self._remove_netns, self._remove_cgroups, self._remove_network, self._remove_files]
         errors = []
@@ -363,7 +383,9 @@ state = "{self.run / 'state'}"
             except Exception as e:  # keep cleaning
                 errors.append(f"{getattr(step, '__name__', 'step')}: {e}")
         if errors:
-            raise RuntimeError("real node teardown: " + "; ".join(errors))
+            raise RuntimeError("real node teardown: " + "; ".join(errors))   # the ledger stays for the next start
+        if self.ledger is not None:
+            self.ledger.drop()
 
     def _drain(self) -> None:
         """Every pod deleted at once, and the kubelet given a moment to stop their sandboxes (network torn down by
@@ -424,6 +446,20 @@ state = "{self.run / 'state'}"
                 except ProcessLookupError:
                     pass
 
+    def _kill_cgroup_tasks(self) -> None:
+        """Whatever still runs in the kubelet's cgroups (containers whose shim is gone), killed: only this node's
+        pods live there."""
+        for _ in range(20):
+            pids = {int(x) for f in _cgroup_files("cgroup.procs") for x in _read(f).split()}
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.5)
+
     def _unmount(self) -> None:
         ours = (str(self.run), str(self.kubelet_root), str(STORE))
         for m in sorted((m for m in _mounts() if m.startswith(ours)), key=len, reverse=True):
@@ -436,7 +472,7 @@ state = "{self.run / 'state'}"
     def _remove_netns(self) -> None:
         d = Path("/var/run/netns")
         if d.is_dir():
-            for name in set(os.listdir(d)) - self._netns_before:
+            for name in _netns() - self._netns_before:
                 if name.startswith("cni-"):
                     _run("ip", "netns", "del", name, check=False)
                     (d / name).unlink(missing_ok=True)
@@ -485,6 +521,34 @@ state = "{self.run / 'state'}"
         shutil.rmtree(self.run, ignore_errors=True)
         shutil.rmtree(self.kubelet_root, ignore_errors=True)
 
+    @classmethod
+    def _remains_of(cls, ledger: remains.Ledger) -> "RealNode":
+        """A node object for what a dead pytest's node made (its ledger), to be taken away by the teardown's own
+        steps: its network namespaces are those behind the bridge's ports, the only ones it can have made."""
+        made = ledger.data["made"]
+        n = cls.__new__(cls)
+        n.dir, n.run = Path(made["dir"]), Path(made["run"])
+        n.sock, n.kubelet_root, n.pod_logs = n.run / "containerd.sock", Path(made["kubelet_root"]), Path(made["pod_logs"])
+        n.procs, n._lines, n.ledger = {}, [], ledger
+        n._made_bridge = bool(made.get("bridge"))
+        n._iptables = [list(r) for r in made.get("iptables", [])]
+        n._netns_before = _netns() - (_bridge_netns() if n._made_bridge else set())
+        n._chains_before = _kube_chains()   # KUBE-* chains cannot be told apart by owner: left as they are
+        return n
+
+    def _what_remains(self) -> list[str]:
+        out = [f"mount {m}" for m in _mounts() if m.startswith((str(self.run), str(self.kubelet_root)))]
+        out += [f"network namespace {n}" for n in sorted(_netns() - self._netns_before)]
+        out += [f"process {pid} in the pods' cgroups" for pid in
+                sorted({int(x) for f in _cgroup_files("cgroup.procs") for x in _read(f).split()})]
+        if self._made_bridge and _run("ip", "link", "show", BRIDGE, check=False).returncode == 0:
+            out.append(f"link {BRIDGE}")
+        out += [f"iptables rule {' '.join(r)}" for r in self._iptables
+                if _run("iptables", "-C", *r, check=False).returncode == 0]
+        if self.run.exists():
+            out.append(f"directory {self.run}")
+        return out
+
     def leftovers(self) -> list[str]:
         """What of this node is still on the machine after ``stop()`` (empty when the teardown was complete)."""
         out = []
@@ -498,6 +562,51 @@ state = "{self.run / 'state'}"
             out.append(f"directory {self.run}")
         out += [f"iptables chain {' '.join(c)}" for c in sorted(_kube_chains() - self._chains_before)]
         return out
+
+
+def reclaim() -> list[str]:
+    """Take away what test nodes left on this machine when their pytest died without ``stop()`` (see
+    ``remains.py``): their processes, the containers in the kubelet's cgroups and the shims of their socket, mounts,
+    network namespaces, cgroups, the bridge and its iptables rule, state directories. Returns what was there."""
+    if remains.live("node"):
+        return []   # a node runs: it shares the bridge, the cgroup root and the store; start() says who it is
+    gone, out = remains.dead("node")
+    for ledger in gone:
+        n = RealNode._remains_of(ledger)
+        found = n._what_remains()
+        for step in (n._kill_shims, n._kill_cgroup_tasks, n._unmount, n._remove_netns, n._remove_cgroups,
+                     n._remove_network, n._remove_files):
+            step()
+        out += [f"{x} of {ledger.owner}" for x in found]
+        ledger.drop()
+    return out
+
+
+def _netns() -> set[str]:
+    d = Path("/var/run/netns")
+    return set(os.listdir(d)) if d.is_dir() else set()
+
+
+def _bridge_netns() -> set[str]:
+    """The named network namespaces at the other end of the bridge's ports (a pod's veth pair)."""
+    ports = json.loads(_run("ip", "-j", "link", "show", "master", BRIDGE, check=False).stdout or "[]")
+    ids = {p["link_netnsid"] for p in ports if "link_netnsid" in p}
+    named = json.loads(_run("ip", "-j", "netns", "list", check=False).stdout or "[]")
+    return {n["name"] for n in named if n.get("id") in ids}
+
+
+def _cgroup_files(name: str) -> list[Path]:
+    """File ``name`` of every cgroup under the kubelet's root, in each hierarchy."""
+    root = Path("/sys/fs/cgroup")
+    return [f for hier in (root.iterdir() if root.is_dir() else ()) if (hier / CGROUP_ROOT).is_dir()
+            for f in (hier / CGROUP_ROOT).rglob(name)]
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 def _kube_chains() -> set[tuple[str, str, str]]:

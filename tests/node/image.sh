@@ -149,6 +149,9 @@ on_exit() {
   stop_containerd
   stop_dockerd
   remove_rootfs
+  rm -rf --one-file-system "$DOCKER_CONFIG"
+  rm -f "$RUNDIR/docker-daemon.json"
+  rmdir "$RUNDIR" 2>/dev/null || true   # what else is in it is not ours
   if [ "$rc" -eq 130 ] || [ "$rc" -eq 143 ]; then
     echo "image.sh: INTERRUPTED in step '${STEP:-?}' (exit $rc, after $(( $(date +%s) - T0 ))s)" >&2
   elif [ "$rc" -ne 0 ]; then
