@@ -78,7 +78,8 @@ NODE = """
     subprocess.run(["ip", "link", "add", "dcv2t0", "type", "veth", "peer", "name", "eth0", "netns", ns], check=True)
     subprocess.run(["ip", "link", "set", "dcv2t0", "master", N.BRIDGE, "up"], check=True)
     # a container whose shim is gone: a process in a pod cgroup under the kubelet's root
-    hier = next(h for h in (Path("/sys/fs/cgroup") / x for x in ("pids", "memory", "cpu", "")) if (h / N.CGROUP_ROOT).is_dir())
+    hier = next(h for h in (Path("/sys/fs/cgroup") / x for x in ("pids", "memory", "cpu", ""))
+                if (h / N.CGROUP_ROOT).is_dir())
     pod_cg = hier / N.CGROUP_ROOT / "podtest"
     pod_cg.mkdir()
     c = subprocess.Popen(["sleep", "600"], start_new_session=True)
