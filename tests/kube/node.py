@@ -42,6 +42,7 @@ CNI_BIN = Path("/usr/lib/cni")               # Debian's containernetworking-plug
 IMAGE = "dcv2-k8s:test"                      # `make image`: docker/Dockerfile on the test base image
 PAUSE_IMAGE = "dcv2-k8s-test/pause:1"        # `make image`: our static pause binary (none can be pulled)
 STORE = Path("/var/lib/dcv2-k8s-test/containerd")  # containerd's image store, kept between runs like a cache
+OPT = Path("/opt/containerd")                # containerd's default directory for its "opt" plugin (not used here)
 CGROUP_ROOT = "dcv2-node"                    # the kubelet's cgroup root: everything it makes lies under it
 NODE_BINARIES = ("kubelet", "kube-scheduler", "coredns")
 HOST_TOOLS = ("containerd", "containerd-shim-runc-v2", "runc", "ctr", "iptables", "ip")
@@ -94,6 +95,7 @@ class RealNode:
         self._made_bridge = False
         self._netns_before: set[str] = set()
         self._chains_before: set[tuple[str, str, str]] = set()
+        self._opt_before = True
         self._lines: list[str] = []
         self.scheduler_restarts = 0
         self.ledger: remains.Ledger | None = None
@@ -161,6 +163,7 @@ class RealNode:
                          pod_logs=str(self.pod_logs))
         self._netns_before = _netns()
         self._chains_before = _kube_chains()
+        self._opt_before = OPT.exists()
         self.run.mkdir(parents=True, exist_ok=True)
         self._network()
         self._containerd()
@@ -210,6 +213,9 @@ state = "{self.run / 'state'}"
   address = "{self.sock}"
 [metrics]
   address = ""
+[plugins."io.containerd.internal.v1.opt"]
+  # its default, /opt/containerd, would be made on the machine and left there
+  path = "{self.run / 'opt'}"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{_normalized(PAUSE_IMAGE)}"
   # the machine forbids a negative oom_score_adj (no CAP_SYS_RESOURCE): keep each container's at least the runtime's
@@ -562,6 +568,8 @@ state = "{self.run / 'state'}"
         if self.run.exists():
             out.append(f"directory {self.run}")
         out += [f"iptables chain {' '.join(c)}" for c in sorted(_kube_chains() - self._chains_before)]
+        if OPT.exists() and not self._opt_before:
+            out.append(f"directory {OPT}")
         return out
 
 
