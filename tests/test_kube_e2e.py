@@ -489,7 +489,9 @@ def test_prometheus_scrapes_the_pods_through_the_podmonitor(cluster, bucket, fin
     port = free_port()
     proc = subprocess.Popen([prom, f"--config.file={tmp_path / 'prometheus.yml'}",
                              f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"))
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"),
+                            start_new_session=True)
+    cluster.ledger.process("prometheus", proc.pid)   # stopped by the next start if this pytest is killed
     api = cluster.api_client()
     core = client.CoreV1Api(api)
 

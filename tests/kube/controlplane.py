@@ -72,25 +72,36 @@ def host_ip() -> str:
 
 def reclaim() -> list[str]:
     """Take away what test control planes left when their pytest died without ``stop()`` (``remains.py``): their
-    processes, and the files and directories they made outside their work directory. Returns what was there."""
-    gone, out = remains.dead("controlplane")
-    for ledger in gone:
-        paths = ledger.data["made"].get("paths", [])
+    processes, and the files and directories they made outside their work directory. Returns what was there;
+    ``remains.Busy`` while a test control plane runs."""
+    return remains.under_claim("controlplane", _reclaim_held)
+
+
+def _reclaim_held(claim: remains.Claim) -> list[str]:
+    ledgers, out, bad = remains.dead(claim)
+    for ledger in ledgers:
+        paths = [p for p in ledger.data["made"].get("paths", []) if isinstance(p, str)]
         out += [f"{p} of {ledger.owner}" for p in paths if os.path.lexists(p)]
-        _remove_paths(paths)
-        ledger.drop()
-    return out
+        left = _remove_paths(paths)
+        if left:
+            bad.append(f"{ledger.path} ({', '.join(left)} not removed)")
+        else:
+            ledger.drop()
+    return out + [f"ledger {b}: left in place, not all taken away" for b in bad]
 
 
-def _remove_paths(paths: list[str]) -> None:
-    """Files and then (empty) directories, deepest first; a directory someone else filled stays."""
+def _remove_paths(paths: list[str]) -> list[str]:
+    """Files, then (empty) directories, deepest first. Returns those still there: a directory someone else put
+    files in stays."""
     for p in sorted(paths, key=len, reverse=True):
         try:
-            os.rmdir(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
-        except FileNotFoundError:
-            pass
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.rmdir(p)
+            else:
+                os.unlink(p)
         except OSError:
-            pass   # not empty: files in it are not ours
+            pass   # gone already, or not empty
+    return [p for p in paths if os.path.lexists(p)]
 
 
 def wait_until(what: str, check, timeout: float, procs: dict, log_tail, context: str = "") -> None:
@@ -171,6 +182,7 @@ class ControlPlane:
         self.webhook_port = free_port()
         self.host_ip = host_ip()  # where the API server reaches the operator's webhook
         self._clients: dict[str, object] = {}
+        self.claim: remains.Claim | None = None
         self.ledger: remains.Ledger | None = None
         self.reclaimed: list[str] = []
         self._made: list[str] = []   # paths outside workdir made here (CERT_DIR's), deepest last
@@ -221,6 +233,15 @@ class ControlPlane:
         if self.ledger is not None:
             self.ledger.process(name, self.procs[name].pid)
 
+    def _claim(self) -> None:
+        """The control plane's claim on this machine (``remains.Busy`` while another test control plane runs: the
+        operator's certificate directory is the same for both), what dead runs left taken away, and this control
+        plane's ledger begun."""
+        self.claim = remains.Claim("controlplane").take()
+        self.reclaimed = _reclaim_held(self.claim)
+        remains.report("control plane", self.reclaimed)
+        self.ledger = remains.Ledger.new("controlplane")
+
     def _make(self, *paths: Path) -> None:
         """Directories or files about to be made outside the work directory, written down first (the ledger):
         ``stop()`` removes them, or the next start does if this process dies before."""
@@ -229,6 +250,13 @@ class ControlPlane:
             self._made += new
             if self.ledger is not None:
                 self.ledger.made(paths=self._made)
+
+    def _operator_cert_files(self, data: dict) -> None:
+        """The operator's certificate files from its Secret's ``data``, in its fixed directory."""
+        self._make(CERT_DIR.parent, CERT_DIR, *(CERT_DIR / k for k in ("tls.crt", "tls.key", "ca.crt")))
+        CERT_DIR.mkdir(parents=True, exist_ok=True)
+        for k in ("tls.crt", "tls.key", "ca.crt"):
+            (CERT_DIR / k).write_bytes(base64.b64decode(data[k]))
 
     def _stop_one(self, name: str) -> None:
         p = self.procs[name]
@@ -280,12 +308,7 @@ class ControlPlane:
         if missing:
             raise RuntimeError(f"control-plane binaries missing in {BIN / 'bin'}: {missing}; run `make controlplane "
                                "trainer`")
-        self.reclaimed = reclaim()
-        if self.reclaimed:
-            import warnings
-
-            warnings.warn("took away what a test control plane left when its pytest died: " + "; ".join(self.reclaimed))
-        self.ledger = remains.Ledger("controlplane")
+        self._claim()
         self._write_certs()
         etcd_port, peer_port = free_port(), free_port()
         etcd_url = f"http://127.0.0.1:{etcd_port}"
@@ -396,10 +419,7 @@ class ControlPlane:
             data = core.read_namespaced_secret(WEBHOOK_SECRET, OPERATOR_NS).data or {}
             if not {"tls.crt", "tls.key", "ca.crt"} <= set(data):
                 return False
-            self._make(CERT_DIR.parent, CERT_DIR, *(CERT_DIR / k for k in ("tls.crt", "tls.key", "ca.crt")))
-            CERT_DIR.mkdir(parents=True, exist_ok=True)
-            for k in ("tls.crt", "tls.key", "ca.crt"):
-                (CERT_DIR / k).write_bytes(base64.b64decode(data[k]))
+            self._operator_cert_files(data)
             return True
         self._wait("operator webhook certificate", cert_files, 120)
         adm = client.AdmissionregistrationV1Api(api)
@@ -557,12 +577,18 @@ class ControlPlane:
 
     # -------------------------------------------------------------------------------------------- teardown
     def stop(self) -> None:
-        for name in reversed(list(self.procs)):
-            self._stop_one(name)
-        _remove_paths(self._made)
-        self._made = []
-        if self.ledger is not None:
-            self.ledger.drop()
+        """Every process stopped and what was made outside the work directory removed. A control plane that never
+        got the claim started and made nothing."""
+        if self.claim is None or not self.claim.held:
+            return
+        try:
+            for name in reversed(list(self.procs)):
+                self._stop_one(name)
+            left = _remove_paths(self._made)
+            if self.ledger is not None and not left and all(p.poll() is not None for p in self.procs.values()):
+                self.ledger.drop()
+        finally:
+            self.claim.release()
 
     def dump(self) -> str:
         """The tail of every component's log (for a failing test's message)."""

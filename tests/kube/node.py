@@ -98,6 +98,7 @@ class RealNode:
         self._opt_before = True
         self._lines: list[str] = []
         self.scheduler_restarts = 0
+        self.claim: remains.Claim | None = None
         self.ledger: remains.Ledger | None = None
         self.reclaimed: list[str] = []
 
@@ -153,14 +154,7 @@ class RealNode:
         gaps = missing()
         if gaps:
             raise RuntimeError("the real node cannot start; missing: " + "; ".join(gaps))
-        self.reclaimed = reclaim()
-        if self.reclaimed:
-            import warnings
-
-            warnings.warn("took away what a test node left when its pytest died: " + "; ".join(self.reclaimed))
-        self.ledger = remains.Ledger("node")
-        self.ledger.made(dir=str(self.dir), run=str(self.run), kubelet_root=str(self.kubelet_root),
-                         pod_logs=str(self.pod_logs))
+        self._claim()
         self._netns_before = _netns()
         self._chains_before = _kube_chains()
         self._opt_before = OPT.exists()
@@ -174,23 +168,32 @@ class RealNode:
         self._kubelet()
         return self
 
+    def _claim(self) -> None:
+        """The node's claim on this machine (``remains.Busy`` while another test node runs), what dead runs left
+        taken away, and this node's ledger begun."""
+        self.claim = remains.Claim("node").take()
+        self.reclaimed = _reclaim_held(self.claim)
+        remains.report("node", self.reclaimed)
+        self.ledger = remains.Ledger.new("node")
+        self.ledger.made(dir=str(self.dir), run=str(self.run), kubelet_root=str(self.kubelet_root),
+                         pod_logs=str(self.pod_logs))
+
     def _network(self) -> None:
         """The pod bridge with its address, made here so CoreDNS and S3 can listen on it before any pod exists."""
         if _run("ip", "link", "show", BRIDGE, check=False).returncode == 0:
-            others = [led.owner for led in remains.live("node") if led.path != self.ledger.path]
-            if others:
-                raise RuntimeError(f"network link {BRIDGE} already exists: another test node is running "
-                                   f"({', '.join(others)}); wait for it to end, or stop that process")
-            raise RuntimeError(f"network link {BRIDGE} already exists and no test node of ours owns it; if nothing "
-                               f"else uses it, remove it with `ip link del {BRIDGE}`")
-        # written down before it is made: a kill between the two leaves nothing the next start does not know of
-        self.ledger.made(bridge=True, iptables=[FORWARD_RULE])
+            # no test node runs (this one holds the claim) and no dead one's ledger named it
+            raise RuntimeError(f"network link {BRIDGE} already exists and no test node owns it; if nothing else "
+                               f"uses it, remove it with `ip link del {BRIDGE}`")
+        # the bridge is written down before it is made (a kill between the two leaves nothing unknown); the rule
+        # after, as an identical rule made by someone else could be there before it
+        self.ledger.made(bridge=True)
         _run("ip", "link", "add", BRIDGE, "type", "bridge")
         self._made_bridge = True
         _run("ip", "addr", "add", f"{GATEWAY}/{POD_NET.prefixlen}", "dev", BRIDGE)
         _run("ip", "link", "set", BRIDGE, "up")
         _run("iptables", "-I", *FORWARD_RULE)
         self._iptables.append(FORWARD_RULE)
+        self.ledger.made(iptables=[FORWARD_RULE])
         cni = self.run / "cni"
         cni.mkdir(exist_ok=True)
         (cni / "10-dcv2.conflist").write_text(json.dumps({
@@ -377,7 +380,16 @@ state = "{self.run / 'state'}"
 
     # ------------------------------------------------------------------------------------------------ teardown
     def stop(self) -> None:
-        """Everything ``start()`` made, taken away; each step runs even when an earlier one fails."""
+        """Everything ``start()`` made, taken away; each step runs even when an earlier one fails. A node that never
+        got the claim made nothing, and touches nothing another node may own."""
+        if self.claim is None or not self.claim.held:
+            return
+        try:
+            self._teardown()
+        finally:
+            self.claim.release()
+
+    def _teardown(self) -> None:
         steps = [self._stop_keeper, self._drain, lambda: self._stop_proc("kubelet", 30), self._kill_containers,
                  lambda: self._stop_proc("containerd", 20), self._kill_shims, self._kill_cgroup_tasks,
                  lambda: self._stop_proc("kube-scheduler", 10), lambda: self._stop_proc("coredns", 10),
@@ -390,7 +402,7 @@ state = "{self.run / 'state'}"
                 errors.append(f"{getattr(step, '__name__', 'step')}: {e}")
         if errors:
             raise RuntimeError("real node teardown: " + "; ".join(errors))   # the ledger stays for the next start
-        if self.ledger is not None:
+        if self.ledger is not None and not self.leftovers():
             self.ledger.drop()
 
     def _drain(self) -> None:
@@ -456,7 +468,7 @@ state = "{self.run / 'state'}"
         """Whatever still runs in the kubelet's cgroups (containers whose shim is gone), killed: only this node's
         pods live there."""
         for _ in range(20):
-            pids = {int(x) for f in _cgroup_files("cgroup.procs") for x in _read(f).split()}
+            pids = _cgroup_pids()
             if not pids:
                 return
             for pid in pids:
@@ -467,8 +479,8 @@ state = "{self.run / 'state'}"
             time.sleep(0.5)
 
     def _unmount(self) -> None:
-        ours = (str(self.run), str(self.kubelet_root), str(STORE))
-        for m in sorted((m for m in _mounts() if m.startswith(ours)), key=len, reverse=True):
+        for m in sorted((m for m in _mounts() if _under(m, self.run, self.kubelet_root, STORE)), key=len,
+                        reverse=True):
             _run("umount", "-l", m, check=False)
         for m in _mounts():
             if m.startswith("/run/netns/cni-") or m.startswith("/var/run/netns/cni-"):
@@ -544,10 +556,9 @@ state = "{self.run / 'state'}"
         return n
 
     def _what_remains(self) -> list[str]:
-        out = [f"mount {m}" for m in _mounts() if m.startswith((str(self.run), str(self.kubelet_root)))]
+        out = [f"mount {m}" for m in _mounts() if _under(m, self.run, self.kubelet_root)]
         out += [f"network namespace {n}" for n in sorted(_netns() - self._netns_before)]
-        out += [f"process {pid} in the pods' cgroups" for pid in
-                sorted({int(x) for f in _cgroup_files("cgroup.procs") for x in _read(f).split()})]
+        out += [f"process {pid} in the pods' cgroups" for pid in sorted(_cgroup_pids())]
         if self._made_bridge and _run("ip", "link", "show", BRIDGE, check=False).returncode == 0:
             out.append(f"link {BRIDGE}")
         out += [f"iptables rule {' '.join(r)}" for r in self._iptables
@@ -561,8 +572,7 @@ state = "{self.run / 'state'}"
         out = []
         if _run("ip", "link", "show", BRIDGE, check=False).returncode == 0:
             out.append(f"link {BRIDGE}")
-        ours = (str(self.run), str(self.kubelet_root))
-        out += [f"mount {m}" for m in _mounts() if m.startswith(ours)]
+        out += [f"mount {m}" for m in _mounts() if _under(m, self.run, self.kubelet_root)]
         out += [f"process {n} ({p.pid})" for n, p in self.procs.items() if p.poll() is None]
         out += [f"cgroup {h}/{CGROUP_ROOT}" for h in Path("/sys/fs/cgroup").iterdir() if (h / CGROUP_ROOT).exists()]
         if self.run.exists():
@@ -576,19 +586,42 @@ state = "{self.run / 'state'}"
 def reclaim() -> list[str]:
     """Take away what test nodes left on this machine when their pytest died without ``stop()`` (see
     ``remains.py``): their processes, the containers in the kubelet's cgroups and the shims of their socket, mounts,
-    network namespaces, cgroups, the bridge and its iptables rule, state directories. Returns what was there."""
-    if remains.live("node"):
-        return []   # a node runs: it shares the bridge, the cgroup root and the store; start() says who it is
-    gone, out = remains.dead("node")
-    for ledger in gone:
-        n = RealNode._remains_of(ledger)
-        found = n._what_remains()
+    network namespaces, cgroups, the bridge and its iptables rule, state directories. Returns what was there;
+    ``remains.Busy`` while a test node runs."""
+    return remains.under_claim("node", _reclaim_held)
+
+
+def _reclaim_held(claim: remains.Claim) -> list[str]:
+    ledgers, out, bad = remains.dead(claim)
+    for ledger in ledgers:
+        errors = []
+        try:
+            n = RealNode._remains_of(ledger)
+            found = n._what_remains()
+        except (KeyError, TypeError, OSError, ValueError) as e:
+            bad.append(f"{ledger.path} ({e!r})")
+            continue
         for step in (n._kill_shims, n._kill_cgroup_tasks, n._unmount, n._remove_netns, n._remove_cgroups,
                      n._remove_network, n._remove_files):
-            step()
+            try:
+                step()
+            except Exception as e:  # keep taking away
+                errors.append(f"{step.__name__}: {e}")
         out += [f"{x} of {ledger.owner}" for x in found]
-        ledger.drop()
-    return out
+        if errors:
+            bad.append(f"{ledger.path} ({'; '.join(errors)})")
+        else:
+            ledger.drop()
+    return out + [f"ledger {b}: left in place, not all taken away" for b in bad]
+
+
+def _under(path: str, *dirs) -> bool:
+    return any(path == str(d) or path.startswith(f"{d}/") for d in dirs)
+
+
+def _cgroup_pids() -> set[int]:
+    """The processes in the kubelet's cgroups (in any hierarchy)."""
+    return {int(x) for f in _cgroup_files("cgroup.procs") for x in _read(f).split()}
 
 
 def _netns() -> set[str]:

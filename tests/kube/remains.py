@@ -3,26 +3,46 @@ out-of-memory kill, a machine's session ended mid-run), and taking it away when 
 
 Every component the control plane (``controlplane.py``) and the node (``node.py``) start runs in a session of its
 own, so it outlives a killed pytest; the node's bridge, iptables rule, mounts, network namespaces and cgroups
-outlive every process. Each of the two therefore keeps a ledger, a JSON file in ``LEDGERS`` named after its pytest's
-PID: that process's identity (PID, start time, boot), what it started (name -> PID and start time) and what it made.
-A clean ``stop()`` removes the ledger. ``dead()`` returns the ledgers whose pytest is gone, after stopping the
-processes they name that are still the same processes (same PID *and* start time, so a reused PID is never hit);
-the caller takes away the rest and then ``Ledger.drop()`` s it. A ledger whose pytest still runs is never touched:
-that cluster is alive.
+outlive every process. So each role ("controlplane", "node") has:
 
-Test infrastructure only.
+- a claim: an exclusive ``flock`` on ``DIR/<role>.lock``, taken at the start of ``start()`` and let go at the end of
+  ``stop()``. The kernel lets it go when the process dies, so while it is held a cluster of that role is alive,
+  and a second one refuses to start (``Busy``) instead of sharing the machine-wide bridge, cgroups and files;
+- ledgers: ``DIR/<pytest PID>-<role>.json``, what a cluster started (name -> PID and start time) and made. A clean
+  ``stop()`` removes its ledger. Whoever holds the claim knows every other ledger of the role is a dead run's: it
+  stops the processes they name that are still the same processes (same PID *and* start time, so a reused PID is
+  never hit), takes away what they made, and drops them.
+
+``DIR`` is ``/run/dcv2-kube`` for root (cleared on reboot, as the processes and links are), made mode 0700 and
+refused when it belongs to someone else. Test infrastructure only.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import tempfile
+import threading
 import time
+import warnings
 from pathlib import Path
 
-LEDGERS = Path(tempfile.gettempdir()) / "dcv2-kube-ledgers"
+DIR = Path("/run/dcv2-kube") if os.geteuid() == 0 else Path(tempfile.gettempdir()) / f"dcv2-kube-{os.geteuid()}"
+
+
+class Busy(RuntimeError):
+    """A live cluster of the role holds the claim."""
+
+
+def _dir() -> Path:
+    DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = DIR.lstat()
+    if not DIR.is_dir() or DIR.is_symlink() or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise RuntimeError(f"{DIR} is not a directory of this user's that only it can write; remove it "
+                           f"(`rm -rf {DIR}`) and start again")
+    return DIR
 
 
 def boot_id() -> str:
@@ -47,48 +67,107 @@ def same_process(pid: int, start: int | None) -> bool:
     return start is not None and started(pid) == start
 
 
-class Ledger:
-    """The ledger of ``role`` ("controlplane", "node") for this pytest process."""
+class Claim:
+    """The machine-wide claim of ``role``: ``take()`` or ``Busy``; ``release()``."""
 
-    def __init__(self, role: str, path: Path | None = None, data: dict | None = None):
-        self.path = path or LEDGERS / f"{os.getpid()}-{role}.json"
-        self.data = data or {"role": role, "pid": os.getpid(), "start": started(os.getpid()), "boot": boot_id(),
-                             "procs": {}, "made": {}}
+    def __init__(self, role: str):
+        self.role = role
+        self.path = DIR / f"{role}.lock"
+        self._fd: int | None = None
+
+    def take(self) -> "Claim":
+        for _ in range(10):
+            fd = os.open(_dir() / self.path.name, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise Busy(f"another test {self.role} is running (pytest PID {holder}, holding {self.path}); wait "
+                           f"for it to end, or stop that process") from None
+            try:
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break   # the file that is there: not one its last holder removed meanwhile
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        else:
+            raise RuntimeError(f"could not lock {self.path}: it was removed under us ten times")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        return self
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Let the claim go; its file (and the directory, when nothing else is in it) is removed first, while it is
+        still held, so nothing of it stays on the machine."""
+        if self._fd is None:
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self._fd)   # lets the flock go
+        self._fd = None
+        try:
+            DIR.rmdir()
+        except OSError:
+            pass   # a dead run's ledger, or another role's claim, is still in it
+
+
+def under_claim(role: str, fn):
+    """``fn(claim)`` with ``role``'s claim taken for it (``Busy`` while a live cluster holds it)."""
+    claim = Claim(role).take()
+    try:
+        return fn(claim)
+    finally:
+        claim.release()
+
+
+class Ledger:
+    """A cluster's record of what it started and made; ``new(role)`` for this process, or read from ``path``."""
+
+    def __init__(self, path: Path, data: dict):
+        self.path, self.data = path, data
+        self._lock = threading.Lock()   # the scheduler keeper thread records restarts too
+
+    @classmethod
+    def new(cls, role: str) -> "Ledger":
+        led = cls(_dir() / f"{os.getpid()}-{role}.json",
+                  {"role": role, "pid": os.getpid(), "start": started(os.getpid()), "boot": boot_id(),
+                   "procs": {}, "made": {}})
+        led._write()
+        return led
 
     def _write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.path)
+        with self._lock:
+            tmp = self.path.with_name(f"{self.path.name}.{threading.get_ident()}.tmp")
+            tmp.write_text(json.dumps(self.data, indent=1))
+            os.replace(tmp, self.path)
 
     def process(self, name: str, pid: int) -> None:
-        """``name`` was started as ``pid`` (a session leader: its process group is stopped with it)."""
-        self.data["procs"][name] = [pid, started(pid)]
+        """``name`` was started as ``pid``, a session leader: its process group is stopped with it."""
+        with self._lock:
+            self.data["procs"][name] = [pid, started(pid)]
         self._write()
 
     def made(self, **what) -> None:
-        """Paths and objects made on the machine, for the reclaimer of the role to take away."""
-        self.data["made"].update(what)
+        """What was made on the machine, for the reclaimer of the role to take away."""
+        with self._lock:
+            self.data["made"].update(what)
         self._write()
 
     def drop(self) -> None:
         self.path.unlink(missing_ok=True)
-        try:
-            self.path.parent.rmdir()
-        except OSError:
-            pass   # other ledgers, or already gone
 
     @property
     def owner(self) -> str:
         return f"pytest PID {self.data.get('pid')}"
 
-    def alive(self) -> bool:
-        """True while the pytest process that wrote it still runs (on this boot)."""
-        return self.data.get("boot") == boot_id() and same_process(self.data.get("pid", -1), self.data.get("start"))
-
     def stop_processes(self, grace: float = 10) -> list[str]:
-        """Stop, by process group, each recorded process that is still the one recorded: SIGTERM, then SIGKILL after
-        ``grace`` seconds. Returns what was stopped."""
+        """Stop each recorded process that is still the one recorded, with its process group: SIGTERM, then SIGKILL
+        after ``grace`` seconds. Returns what was stopped."""
         if self.data.get("boot") != boot_id():
             return []   # a reboot took them all
         out = []
@@ -97,36 +176,51 @@ class Ledger:
                 continue
             out.append(f"process {name} ({pid})")
             for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
-                try:
-                    os.killpg(pid, sig)
-                except ProcessLookupError:
-                    break
-                except PermissionError:
-                    os.kill(pid, sig)
+                _signal(pid, start, sig)
                 deadline = time.monotonic() + wait
                 while same_process(pid, start) and time.monotonic() < deadline:
                     time.sleep(0.2)
-                if not same_process(pid, start):
-                    break
         return out
 
 
-def ledgers(role: str) -> list[Ledger]:
-    out = []
-    for p in sorted(LEDGERS.glob(f"*-{role}.json")):
+def _signal(pid: int, start: int, sig: int) -> None:
+    """``sig`` to the process group ``pid`` leads (what is left of it), and to ``pid`` itself while it is the
+    recorded process."""
+    try:
+        os.killpg(pid, sig)
+    except OSError:
+        pass   # no group left
+    if same_process(pid, start):
         try:
-            out.append(Ledger(role, p, json.loads(p.read_text())))
-        except (OSError, ValueError):
-            continue   # being written (tmp file renamed in place) or not ours
-    return out
+            os.kill(pid, sig)
+        except OSError:
+            pass
 
 
-def dead(role: str) -> tuple[list[Ledger], list[str]]:
-    """The ledgers of ``role`` whose pytest is gone, their processes already stopped, and what was stopped."""
-    gone = [led for led in ledgers(role) if not led.alive()]
-    stopped = [f"{s} of {led.owner}" for led in gone for s in led.stop_processes()]
-    return gone, stopped
+def dead(claim: Claim) -> tuple[list[Ledger], list[str], list[str]]:
+    """Every ledger of the claim's role (all dead runs': the claim is held), after stopping their processes.
+    Returns the ledgers, what was stopped, and the files that could not be read as a ledger (left in place)."""
+    assert claim.held, "reclaiming needs the role's claim"
+    out, stopped, bad = [], [], []
+    for p in sorted(DIR.glob(f"*-{claim.role}.json")):
+        try:
+            data = json.loads(p.read_text())
+            if not (isinstance(data, dict) and isinstance(data.get("procs"), dict)
+                    and isinstance(data.get("made"), dict)):
+                raise ValueError("not a ledger")
+        except (OSError, ValueError) as e:
+            bad.append(f"{p} ({e})")
+            continue
+        led = Ledger(p, data)
+        try:
+            stopped += [f"{s} of {led.owner}" for s in led.stop_processes()]
+        except (TypeError, ValueError) as e:   # a malformed entry: the rest is still taken away
+            bad.append(f"{p} ({e})")
+        out.append(led)
+    return out, stopped, bad
 
 
-def live(role: str) -> list[Ledger]:
-    return [led for led in ledgers(role) if led.alive()]
+def report(role: str, lines: list[str]) -> None:
+    """What was taken away, as a warning in the run's summary."""
+    if lines:
+        warnings.warn(f"took away what a test {role} left when its pytest died: " + "; ".join(lines))

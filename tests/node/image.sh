@@ -88,6 +88,7 @@ logged() {  # logged NAME CMD...: CMD's output into $LOGS/NAME.log (its tail is 
 DOCKERD_PID=""
 CTRD_PID=""
 OPT_CONTAINERD_MADE=""
+OWN_RUNDIR=""
 alive() { [ -n "$1" ] && [ -r "/proc/$1/stat" ] && ! grep -q '^[0-9]* (.*) Z ' "/proc/$1/stat" 2>/dev/null; }
 stop_pid() {  # stop_pid NAME PID: SIGTERM, up to 30 s, then SIGKILL
   local name=$1 pid=$2 i
@@ -149,9 +150,11 @@ on_exit() {
   stop_containerd
   stop_dockerd
   remove_rootfs
-  rm -rf --one-file-system "$DOCKER_CONFIG"
-  rm -f "$RUNDIR/docker-daemon.json"
-  rmdir "$RUNDIR" 2>/dev/null || true   # what else is in it is not ours
+  if [ -n "$OWN_RUNDIR" ]; then   # not when another run of this script is using it
+    rm -rf --one-file-system "$DOCKER_CONFIG"
+    rm -f "$RUNDIR/docker-daemon.json"
+    rmdir "$RUNDIR" 2>/dev/null || true   # what else is in it is not ours
+  fi
   if [ "$rc" -eq 130 ] || [ "$rc" -eq 143 ]; then
     echo "image.sh: INTERRUPTED in step '${STEP:-?}' (exit $rc, after $(( $(date +%s) - T0 ))s)" >&2
   elif [ "$rc" -ne 0 ]; then
@@ -179,6 +182,7 @@ if [ -S "$CTRD_SOCK" ] && "$CTR" --address "$CTRD_SOCK" version >/dev/null 2>&1;
   exit 1
 fi
 rm -f "$DOCKER_PIDFILE"
+OWN_RUNDIR=1
 
 step "pause binary (go build)"
 mkdir -p build/node
