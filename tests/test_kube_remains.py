@@ -199,7 +199,10 @@ def test_a_live_claim_keeps_other_starts_and_reclaims_off(tmp_path):
         p = subprocess.Popen(["sleep", "600"], start_new_session=True, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
         led.process("etcd", p.pid)
-        print(json.dumps({"pid": os.getpid(), "etcd": [p.pid, remains.started(p.pid)], "ledger": str(led.path)}))
+        node = remains.Ledger.new("node")           # a node killed before it made anything
+        (node.path.parent / (node.path.name + ".1.tmp")).write_text("{")   # and a write the kill cut short
+        print(json.dumps({"pid": os.getpid(), "etcd": [p.pid, remains.started(p.pid)], "ledger": str(led.path),
+                          "node": str(node.path)}))
     """)
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -219,17 +222,20 @@ def test_a_live_claim_keeps_other_starts_and_reclaims_off(tmp_path):
         cp.stop()
         node.stop()   # neither got the claim: both touch nothing
         assert not cp.procs and not node.procs and not node.run.exists()
-        assert _alive(*dead["etcd"]) and Path(dead["ledger"]).is_file()
+        assert _alive(*dead["etcd"]) and Path(dead["ledger"]).is_file() and Path(dead["node"]).is_file()
         for c in claims:
             c.release()
         found = reclaim_controlplane()   # the claim let go: the dead run's remains go now
         assert f"process etcd ({dead['etcd'][0]}) of pytest PID {dead['pid']}" in found, found
         assert not _still_there_after(*dead["etcd"]) and not Path(dead["ledger"]).exists()
+        assert reclaim_node() == [] and not Path(dead["node"]).exists()
+        assert not list(remains.DIR.glob(f"{dead['pid']}-*"))
     finally:
         for c in claims:
             c.release()
         _kill(dead["etcd"])
-        Path(dead["ledger"]).unlink(missing_ok=True)
+        for f in remains.DIR.glob(f"{dead['pid']}-*"):
+            f.unlink()
 
 
 def test_a_reused_pid_is_not_taken_for_the_recorded_process(tmp_path):

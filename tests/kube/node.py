@@ -594,6 +594,9 @@ def reclaim() -> list[str]:
 def _reclaim_held(claim: remains.Claim) -> list[str]:
     ledgers, out, bad = remains.dead(claim)
     for ledger in ledgers:
+        if "run" not in ledger.data["made"]:
+            ledger.drop()   # killed before it made anything; its processes (if any) are stopped
+            continue
         errors = []
         try:
             n = RealNode._remains_of(ledger)

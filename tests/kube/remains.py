@@ -202,6 +202,8 @@ def dead(claim: Claim) -> tuple[list[Ledger], list[str], list[str]]:
     Returns the ledgers, what was stopped, and the files that could not be read as a ledger (left in place)."""
     assert claim.held, "reclaiming needs the role's claim"
     out, stopped, bad = [], [], []
+    for t in DIR.glob(f"*-{claim.role}.json.*.tmp"):
+        t.unlink(missing_ok=True)   # a write cut short by the kill; the ledger before it is whole
     for p in sorted(DIR.glob(f"*-{claim.role}.json")):
         try:
             data = json.loads(p.read_text())
