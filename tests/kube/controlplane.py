@@ -184,7 +184,6 @@ class ControlPlane:
         self._clients: dict[str, object] = {}
         self.claim: remains.Claim | None = None
         self.ledger: remains.Ledger | None = None
-        self.reclaimed: list[str] = []
         self._made: list[str] = []   # paths outside workdir made here (CERT_DIR's), deepest last
 
     # ------------------------------------------------------------------------------------------------ set-up
@@ -238,8 +237,7 @@ class ControlPlane:
         operator's certificate directory is the same for both), what dead runs left taken away, and this control
         plane's ledger begun."""
         self.claim = remains.Claim("controlplane").take()
-        self.reclaimed = _reclaim_held(self.claim)
-        remains.report("control plane", self.reclaimed)
+        remains.report("control plane", _reclaim_held(self.claim))
         self.ledger = remains.Ledger.new("controlplane")
 
     def _make(self, *paths: Path) -> None:

@@ -100,7 +100,6 @@ class RealNode:
         self.scheduler_restarts = 0
         self.claim: remains.Claim | None = None
         self.ledger: remains.Ledger | None = None
-        self.reclaimed: list[str] = []
 
     # ------------------------------------------------------------------------------------------------ helpers
     def say(self, line: str) -> None:
@@ -172,8 +171,7 @@ class RealNode:
         """The node's claim on this machine (``remains.Busy`` while another test node runs), what dead runs left
         taken away, and this node's ledger begun."""
         self.claim = remains.Claim("node").take()
-        self.reclaimed = _reclaim_held(self.claim)
-        remains.report("node", self.reclaimed)
+        remains.report("node", _reclaim_held(self.claim))
         self.ledger = remains.Ledger.new("node")
         self.ledger.made(dir=str(self.dir), run=str(self.run), kubelet_root=str(self.kubelet_root),
                          pod_logs=str(self.pod_logs))
