@@ -101,6 +101,8 @@ class CheckpointManager:
                  keep_every_epochs: int = 0, background: bool = True, commit_timeout: float = 600.0,
                  retry_seconds: float = 300.0):
         self.store = open_storage(root)
+        if hasattr(self.store, "lock_wait"):  # a stuck writer's lock: one clear error before the peers' collectives
+            self.store.lock_wait = min(self.store.lock_wait, max(1.0, commit_timeout / 2))  # time out on it
         self.root = root
         self.rank, self.world_size = rank, world_size
         self.keep_last, self.keep_every_epochs = keep_last, keep_every_epochs

@@ -88,11 +88,38 @@ def size_text(n: int) -> str:
     return f"{n} bytes"
 
 
-class LocalStorage:
-    """A directory tree on a local or mounted filesystem."""
+def lock_holder(f) -> str:
+    """Who holds the ``flock`` on the open file ``f``, from ``/proc/locks``: ``process PID (its command line,
+    stopped)``; ``another writer`` when that is not to be read (another PID namespace, a network filesystem's
+    lock taken on another host)."""
+    st = os.fstat(f.fileno())
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as locks:
+            rows = [line.split() for line in locks]
+    except OSError:
+        return "another writer"
+    pid = next((r[4] for r in rows if len(r) > 5 and "->" not in r and r[1] == "FLOCK" and r[5] == key), "")
+    if not pid.isdigit() or pid == str(os.getpid()) or int(pid) <= 0:
+        return "another writer"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as c:
+            cmd = c.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        with open(f"/proc/{pid}/stat") as c:
+            state = c.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return f"process {pid}"
+    cmd = cmd if len(cmd) <= 80 else cmd[:77] + "..."
+    return f"process {pid} ({cmd}{', stopped' if state in ('T', 't') else ''})"
 
-    def __init__(self, root: str):
+
+class LocalStorage:
+    """A directory tree on a local or mounted filesystem. ``lock_wait``: the seconds :meth:`put_if` waits for the
+    lock of a file that another writer holds (held for milliseconds by a writer that runs)."""
+
+    def __init__(self, root: str, lock_wait: float = 60.0):
         self.root = root
+        self.lock_wait = lock_wait
 
     def join(self, *parts: str) -> str:
         return os.path.join(self.root, *parts)
@@ -160,13 +187,28 @@ class LocalStorage:
         :meth:`read_versioned` or an earlier ``put_if``; None: only if ``path`` does not exist). Returns the new
         tag, or None when the precondition failed. Writers serialise on an exclusive ``flock`` of
         ``.NAME.lock`` beside the file: atomic between processes on a local filesystem, and on NFSv4 and CephFS,
-        which take it as a server-side lock."""
+        which take it as a server-side lock. A writer that keeps the lock (stopped, frozen or hung inside this
+        section) is waited for ``lock_wait`` seconds at most; then a transient :class:`StorageError` names it (a
+        retry succeeds once it is gone, or once a network filesystem's lease on its lock lapses)."""
         import fcntl
         import hashlib
 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        lock_path = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
+        with open(lock_path, "a") as lock:
+            deadline = time.monotonic() + self.lock_wait
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise StorageError(
+                            f"{path}: {lock_holder(lock)} holds {lock_path} and did not let go in "
+                            f"{self.lock_wait:.0f} s: a writer of this directory is stopped or hung; stop it (or "
+                            "let a network filesystem's lease on its lock lapse) and run again; nothing was "
+                            "changed", transient=True) from None
+                    time.sleep(0.05)
             try:
                 cur = self.read_versioned(path)
                 if (cur[1] if cur else None) != match:

@@ -258,11 +258,78 @@ def test_killed_owner_then_a_third_writer(tmp_path, s3, where):
           f"{len(seen)} reads of latest.json, none A's or B's")
 
 
+def lock_is_free(path: Path) -> bool:
+    """Whether no process holds the ``flock`` of ``path`` (the lock ``LocalStorage.put_if`` takes)."""
+    import fcntl
+
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return True
+
+
+def freeze(pid: int, lock: Path) -> None:
+    """SIGSTOP ``pid`` and everything below it at a moment when none of it holds ``lock``. A partitioned node's
+    lock on a network filesystem lapses with its lease; a frozen local process keeps its ``flock`` for good, so a
+    freeze inside the few milliseconds of a commit's compare-and-swap is retried."""
+    from dcv2_k8s.k8s.local import kill_tree
+
+    for _ in range(200):
+        kill_tree(pid, signal.SIGSTOP)  # torchrun's workers have sessions of their own: the whole tree
+        if lock_is_free(lock):
+            return
+        kill_tree(pid, signal.SIGCONT)
+        time.sleep(random.uniform(0.0, 0.05))
+    raise AssertionError(f"{lock} was held at each of 200 freezes")
+
+
+def test_a_writer_stopped_holding_the_lock_is_named_not_waited_for(tmp_path):
+    """A writer stopped inside ``put_if`` (SIGSTOP between its ``flock`` and the release) keeps the lock. The next
+    writer waits ``lock_wait`` seconds, no longer, and fails with one transient error naming the holder's PID and
+    that it is stopped; once the holder is gone, the same write succeeds."""
+    from dcv2_k8s.storage import LocalStorage, StorageError
+
+    store = LocalStorage(str(tmp_path), lock_wait=1.0)
+    ptr = store.join("latest.json")
+    lock = tmp_path / ".latest.json.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)",
+                               str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        os.kill(holder.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(StorageError) as e:
+            store.put_if(ptr, b"{}", None)
+        assert 1.0 <= time.monotonic() - t0 < 30
+        assert e.value.transient and exitcodes.classify(e.value) == exitcodes.RETRYABLE
+        text = str(e.value)
+        assert f"process {holder.pid} (" in text and ", stopped)" in text and str(lock) in text, text
+        assert "\n" not in text and not os.path.exists(ptr)
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(30)
+    assert store.put_if(ptr, b"{}", None) is not None and store.read_versioned(ptr)[0] == b"{}"
+
+
+def test_the_lock_wait_stays_under_the_collective_timeout(tmp_path):
+    """Rank 0 takes the directory over while its peers wait in a collective bounded by DISTRIBUTED.TIMEOUT_SECONDS
+    (the checkpoint manager's ``commit_timeout``): a held lock must fail rank 0 with its own line first."""
+    from dcv2_k8s.checkpoint import CheckpointManager
+
+    assert CheckpointManager(str(tmp_path), commit_timeout=600).store.lock_wait == 60
+    assert CheckpointManager(str(tmp_path), commit_timeout=30).store.lock_wait == 15
+
+
 @pytest.mark.slow
 def test_two_dcv2_train_runs_on_one_directory(synth_data, tmp_path):
-    """The real thing: run A (2 processes) commits, then freezes (SIGSTOP of all its processes: a partitioned node);
-    run B starts on the same directory, takes it over and resumes; A wakes up (SIGCONT) and trains on. A's next
-    commit is refused: its container's code is 3 with one line saying so, and B's checkpoints are the latest."""
+    """The real thing: run A (2 processes) commits, then freezes (SIGSTOP of all its processes: a partitioned node)
+    outside its compare-and-swap (``freeze``); run B starts on the same directory, takes it over and resumes; A wakes
+    up (SIGCONT) and trains on. A's next commit is refused: its container's code is 3 with one line saying so, and
+    B's checkpoints are the latest."""
     from dcv2_k8s.checkpoint import CheckpointManager
     from dcv2_k8s.k8s.local import kill_tree
     from dcv2_k8s.weights import read_file
@@ -280,7 +347,7 @@ def test_two_dcv2_train_runs_on_one_directory(synth_data, tmp_path):
         while CheckpointManager(str(ckpt)).latest() is None:
             assert a.poll() is None and time.time() < end, logs["A"].read_text()[-3000:]
             time.sleep(0.1)
-        kill_tree(a.pid, signal.SIGSTOP)  # torchrun's workers have sessions of their own: the whole tree
+        freeze(a.pid, ckpt / ".latest.json.lock")
         time.sleep(1.0)  # a commit in flight when the signal came lands (or not) before B reads the directory
         resumed = CheckpointManager(str(ckpt)).latest()["global_step"]
         b = subprocess.Popen([sys.executable, "-m", "dcv2_k8s", "train", *tokens,
